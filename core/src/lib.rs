@@ -1,0 +1,1 @@
+//! pgrx-free logic of identity_sync.
