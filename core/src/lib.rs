@@ -9,3 +9,4 @@
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod text;
+pub mod path;
