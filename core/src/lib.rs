@@ -8,5 +8,8 @@
 
 #![forbid(unsafe_op_in_unsafe_fn)]
 
-pub mod text;
+pub mod backoff;
 pub mod path;
+pub mod text;
+pub mod threshold;
+pub mod webhook;

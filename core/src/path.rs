@@ -295,7 +295,11 @@ impl AttrPath {
                     s.push_str(u);
                     s.push(':');
                 }
-                format!("{s}{}[{f} and {sub} eq {}]", self.attr, filter_literal(value))
+                format!(
+                    "{s}{}[{f} and {sub} eq {}]",
+                    self.attr,
+                    filter_literal(value)
+                )
             }
             _ => format!("{self} eq {}", filter_literal(value)),
         }
@@ -360,8 +364,11 @@ pub fn filter_literal(value: &Value) -> String {
 
 /// Case-insensitive key lookup: SCIM attribute names are case-insensitive (RFC 7643 §2.1).
 fn get_ci<'a>(map: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    map.get(key)
-        .or_else(|| map.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v))
+    map.get(key).or_else(|| {
+        map.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v)
+    })
 }
 
 /// The existing key matching `key` case-insensitively, or `key` itself.
@@ -401,9 +408,7 @@ pub fn build_resource(flat: &Map<String, Value>) -> Result<Value, PathError> {
         let container: &mut Map<String, Value> = match &p.urn {
             Some(u) => {
                 let k = key_ci(&root, u);
-                let slot = root
-                    .entry(k)
-                    .or_insert_with(|| Value::Object(Map::new()));
+                let slot = root.entry(k).or_insert_with(|| Value::Object(Map::new()));
                 match slot.as_object_mut() {
                     Some(m) => m,
                     None => return Err(conflict(&owners, u)),
@@ -508,17 +513,26 @@ mod tests {
     #[test]
     fn parses_the_documented_forms() {
         let p = parse_path("userName").unwrap();
-        assert_eq!((p.attr.as_str(), p.urn, p.filter, p.sub_attr), ("userName", None, None, None));
+        assert_eq!(
+            (p.attr.as_str(), p.urn, p.filter, p.sub_attr),
+            ("userName", None, None, None)
+        );
         let p = parse_path("name.givenName").unwrap();
         assert_eq!(p.sub_attr.as_deref(), Some("givenName"));
         let p = parse_path(r#"emails[type eq "work"].value"#).unwrap();
         assert_eq!(
             p.filter,
-            Some(ValueFilter { attr: "type".into(), value: json!("work") })
+            Some(ValueFilter {
+                attr: "type".into(),
+                value: json!("work")
+            })
         );
         assert_eq!(p.to_string(), r#"emails[type eq "work"].value"#);
         let p = parse_path(&format!("{ENT}:department")).unwrap();
-        assert_eq!((p.urn.as_deref(), p.attr.as_str()), (Some(ENT), "department"));
+        assert_eq!(
+            (p.urn.as_deref(), p.attr.as_str()),
+            (Some(ENT), "department")
+        );
         let p = parse_path(&format!("{ENT}:manager.value")).unwrap();
         assert_eq!(p.sub_attr.as_deref(), Some("value"));
         assert_eq!(p.to_string(), format!("{ENT}:manager.value"));
@@ -536,13 +550,22 @@ mod tests {
             ("", "attribute path is empty"),
             ("1abc", "invalid attribute name \"1abc\" in path \"1abc\""),
             ("name.", "invalid attribute name \"\" in path \"name.\""),
-            ("name.given.x", "only one level of sub-attributes is allowed"),
+            (
+                "name.given.x",
+                "only one level of sub-attributes is allowed",
+            ),
             ("emails[type eq \"work\"", "missing \"]\""),
-            ("emails[type co \"w\"].value", "operator \"co\" is not supported"),
+            (
+                "emails[type co \"w\"].value",
+                "operator \"co\" is not supported",
+            ),
             ("emails[type eq work].value", "is not a quoted string"),
             ("emails[type eq \"w\"]", "must name a sub-attribute"),
             ("emails[type eq \"w\"]x", "unexpected \"x\""),
-            ("id", "attribute \"id\" is assigned by the target and cannot be mapped"),
+            (
+                "id",
+                "attribute \"id\" is assigned by the target and cannot be mapped",
+            ),
             ("urn:", "invalid schema urn"),
             ("urn:a::b:attr", "invalid schema urn \"urn:a::b\""),
             ("user name", "invalid attribute name"),
@@ -593,7 +616,10 @@ mod tests {
             format!("{ENT}:manager.value"): "1",
             "urn:example:ext:1.0:User:x": null,
         }));
-        assert_eq!(schemas_for(&f).unwrap(), vec![CORE_USER_SCHEMA.to_string(), ENT.to_string()]);
+        assert_eq!(
+            schemas_for(&f).unwrap(),
+            vec![CORE_USER_SCHEMA.to_string(), ENT.to_string()]
+        );
     }
 
     #[test]
@@ -616,6 +642,8 @@ mod tests {
         let res = json!({"emails": [{"type": "Work", "value": "v"}]});
         assert_eq!(p.get(&res), Some(&json!("v")));
         assert!(p.element_exists(&res));
-        assert!(!parse_path(r#"emails[type eq "home"].value"#).unwrap().element_exists(&res));
+        assert!(!parse_path(r#"emails[type eq "home"].value"#)
+            .unwrap()
+            .element_exists(&res));
     }
 }

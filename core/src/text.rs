@@ -153,8 +153,8 @@ pub fn slug(input: &str) -> String {
 /// `Da`) stays whole.
 pub const FAMILY_NAME_PREFIXES: &[&str] = &[
     "van", "von", "de", "der", "den", "des", "het", "'t", "te", "ter", "ten", "in", "op", "la",
-    "le", "les", "du", "di", "da", "do", "das", "dos", "del", "della", "dei", "degli", "zu",
-    "zum", "zur", "vom", "auf",
+    "le", "les", "du", "di", "da", "do", "das", "dos", "del", "della", "dei", "degli", "zu", "zum",
+    "zur", "vom", "auf",
 ];
 
 /// Elided prefixes written joined to the name with an apostrophe (`d'Artagnan`, `l'Estrange`),
@@ -289,7 +289,10 @@ fn join_prefix(words: &[String]) -> String {
 
 /// A slug with its separators removed too, for the compact `vanderberg` form.
 fn compact_slug(s: &str) -> String {
-    slug(s).chars().filter(|c| c.is_ascii_alphanumeric()).collect()
+    slug(s)
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect()
 }
 
 #[cfg(test)]
@@ -298,9 +301,18 @@ mod tests {
 
     #[test]
     fn diacritics_from_the_brief() {
-        assert_eq!(normalize_diacritics("Zoë Ångström-Çelik"), "Zoe Angstrom-Celik");
-        assert_eq!(normalize_diacritics("ß ø Ø ł Ł ı İ æ œ đ þ"), "ss o O l L i I ae oe d th");
-        assert_eq!(normalize_diacritics("Đorđe Þór Æsa ÆRØ"), "Dorde Thor Aesa AERO");
+        assert_eq!(
+            normalize_diacritics("Zoë Ångström-Çelik"),
+            "Zoe Angstrom-Celik"
+        );
+        assert_eq!(
+            normalize_diacritics("ß ø Ø ł Ł ı İ æ œ đ þ"),
+            "ss o O l L i I ae oe d th"
+        );
+        assert_eq!(
+            normalize_diacritics("Đorđe Þór Æsa ÆRØ"),
+            "Dorde Thor Aesa AERO"
+        );
     }
 
     #[test]
@@ -331,7 +343,13 @@ mod tests {
 
     #[test]
     fn slug_output_alphabet() {
-        for s in ["Ævar Þór Ørn", "Σωκράτης", "a\u{0}b\tc\n", "😀 x", "...---___"] {
+        for s in [
+            "Ævar Þór Ørn",
+            "Σωκράτης",
+            "a\u{0}b\tc\n",
+            "😀 x",
+            "...---___",
+        ] {
             let out = slug(s);
             assert!(out
                 .chars()
@@ -344,10 +362,7 @@ mod tests {
     #[test]
     fn prefixes() {
         let v = name_variants(None, "van der Berg");
-        assert_eq!(
-            (v.prefix.as_str(), v.core.as_str()),
-            ("van der", "Berg")
-        );
+        assert_eq!((v.prefix.as_str(), v.core.as_str()), ("van der", "Berg"));
         assert_eq!(v.sort_key, "Berg, van der");
         assert_eq!(v.family, "van der Berg");
         assert_eq!(v.display, "van der Berg");
