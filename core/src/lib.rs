@@ -6,9 +6,11 @@
 //! Standard Webhooks signatures ([`webhook`]) and the HTTP delivery thread of the background
 //! worker ([`deliver`]).
 
+#![warn(missing_docs)]
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod backoff;
+pub mod deliver;
 pub mod path;
 pub mod text;
 pub mod threshold;

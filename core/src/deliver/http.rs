@@ -1,0 +1,501 @@
+//! Per-target HTTP state: client, concurrency limit, authentication, and turning responses and
+//! transport errors into outcomes.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::{Method, RequestBuilder};
+use serde_json::Value;
+use tokio::sync::{Mutex, OnceCell, Semaphore};
+
+use super::{Auth, Job, Outcome, TargetConfig, TargetKind};
+use crate::backoff::parse_retry_after;
+
+/// Responses larger than this are cut: error texts only need their start, and a target must
+/// not be able to make the worker buffer unbounded data.
+const MAX_BODY: usize = 1 << 20;
+/// Error texts quoted from a response are cut to this many characters.
+const MAX_ERROR_TEXT: usize = 300;
+
+/// What a SCIM service says it supports (RFC 7643 §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ServiceProviderConfig {
+    pub patch: bool,
+    pub filter: bool,
+    pub bulk: bool,
+    pub etag: bool,
+}
+
+impl ServiceProviderConfig {
+    /// Assumed when a service does not publish its configuration: PATCH and filters are what
+    /// every major SCIM service implements.
+    pub const ASSUMED: Self = ServiceProviderConfig {
+        patch: true,
+        filter: true,
+        bulk: false,
+        etag: false,
+    };
+
+    fn from_json(v: &Value) -> Self {
+        let supported = |k: &str, default: bool| {
+            v.get(k)
+                .and_then(|o| o.get("supported"))
+                .and_then(Value::as_bool)
+                .unwrap_or(default)
+        };
+        ServiceProviderConfig {
+            patch: supported("patch", true),
+            filter: supported("filter", true),
+            bulk: supported("bulk", false),
+            etag: supported("etag", false),
+        }
+    }
+}
+
+struct CachedToken {
+    value: String,
+    refresh_at: Instant,
+}
+
+/// A target's live state, shared by the tasks delivering to it.
+pub(crate) struct Target {
+    pub config: TargetConfig,
+    client: Result<reqwest::Client, String>,
+    semaphore: Semaphore,
+    token: Mutex<Option<CachedToken>>,
+    spc: OnceCell<ServiceProviderConfig>,
+    /// Group displayName → id; the lock is held while a group is looked up or created, so two
+    /// grants cannot create the same group twice.
+    pub groups: Mutex<HashMap<String, String>>,
+}
+
+/// A response, read whole (up to [`MAX_BODY`]).
+pub(crate) struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub retry_after: Option<Duration>,
+}
+
+impl Reply {
+    pub fn ok(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    pub fn json(&self) -> Option<Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+
+    /// The SCIM error `scimType`, if the body is a SCIM error.
+    pub fn scim_type(&self) -> Option<String> {
+        self.json()?.get("scimType")?.as_str().map(str::to_string)
+    }
+
+    /// The server's explanation: SCIM `detail` (with `scimType`), OAuth `error` /
+    /// `error_description`, or a bounded excerpt of the body.
+    pub fn error_text(&self) -> String {
+        if let Some(v) = self.json() {
+            let s = |k: &str| v.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
+            if let Some(detail) = s("detail") {
+                return match s("scimType") {
+                    Some(t) => excerpt(&format!("{t}: {detail}")),
+                    None => excerpt(detail),
+                };
+            }
+            if let Some(err) = s("error") {
+                return match s("error_description") {
+                    Some(d) => excerpt(&format!("{err}: {d}")),
+                    None => excerpt(err),
+                };
+            }
+        }
+        let text = excerpt(&String::from_utf8_lossy(&self.body));
+        if text.is_empty() {
+            reqwest::StatusCode::from_u16(self.status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("no response body")
+                .to_lowercase()
+        } else {
+            text
+        }
+    }
+
+    /// The outcome for a response the caller does not handle itself: 408, 429 and 5xx are
+    /// transient, everything else (other 4xx, unexpected 3xx or 2xx) needs an operator.
+    pub fn failure(&self, event_id: i64, what: &str) -> Outcome {
+        let error = format!("{what}: HTTP {}: {}", self.status, self.error_text());
+        if self.status == 408 || self.status == 429 || self.status >= 500 {
+            Outcome::Retry {
+                event_id,
+                error,
+                http_status: Some(self.status),
+                retry_after: self.retry_after,
+            }
+        } else {
+            Outcome::Failed {
+                event_id,
+                error,
+                http_status: Some(self.status),
+            }
+        }
+    }
+}
+
+/// Whitespace collapsed, cut to [`MAX_ERROR_TEXT`] characters.
+fn excerpt(s: &str) -> String {
+    let collapsed = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if collapsed.chars().count() <= MAX_ERROR_TEXT {
+        return collapsed;
+    }
+    let mut out: String = collapsed.chars().take(MAX_ERROR_TEXT).collect();
+    out.push('…');
+    out
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters (for path segments and
+/// query values; spaces become `%20`, which every server decodes, unlike `+`).
+pub(crate) fn pct(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The text of a transport error, without the URL (which could carry credentials) and
+/// without anything from the request.
+fn transport_error(e: &reqwest::Error, timeout: Duration) -> String {
+    if e.is_timeout() {
+        return format!("request timed out after {}", human(timeout));
+    }
+    let mut causes = Vec::new();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !causes.contains(&text) {
+            causes.push(text);
+        }
+        src = s.source();
+    }
+    let kind = if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_decode() {
+        "reading the response failed"
+    } else {
+        "request failed"
+    };
+    if causes.is_empty() {
+        kind.to_string()
+    } else {
+        excerpt(&format!("{kind}: {}", causes.join(": ")))
+    }
+}
+
+fn human(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+impl Target {
+    pub fn new(config: TargetConfig) -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout)
+            // A redirect would re-send a POST as GET, or send credentials elsewhere: report
+            // it instead.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("identity_sync/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| {
+                format!(
+                    "cannot create the HTTP client: {}",
+                    transport_error(&e, config.timeout)
+                )
+            });
+        let permits = config.max_concurrency.clamp(1, Semaphore::MAX_PERMITS);
+        Target {
+            config,
+            client,
+            semaphore: Semaphore::new(permits),
+            token: Mutex::new(None),
+            spc: OnceCell::new(),
+            groups: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Delivers one job under the target's concurrency limit.
+    pub async fn deliver(&self, job: &Job) -> Outcome {
+        let Ok(_permit) = self.semaphore.acquire().await else {
+            return Outcome::retry(job.event_id, "target is being reconfigured");
+        };
+        match self.config.kind {
+            TargetKind::Scim => super::scim::deliver(self, job).await,
+            TargetKind::Webhook => super::webhook::deliver(self, job).await,
+        }
+    }
+
+    /// The base URL without a trailing slash.
+    pub fn base(&self) -> &str {
+        self.config.url.trim_end_matches('/')
+    }
+
+    /// Sends one request with authentication and `Idempotency-Key`, and reads the reply.
+    /// With OAuth2, a 401 fetches a fresh token and the request is sent once more.
+    pub async fn send(
+        &self,
+        event_id: i64,
+        method: Method,
+        url: &str,
+        body: Option<(&'static str, Vec<u8>)>,
+        headers: &[(&'static str, String)],
+    ) -> Result<Reply, Outcome> {
+        let client = self
+            .client
+            .as_ref()
+            .map_err(|e| Outcome::failed(event_id, e.clone()))?;
+        let mut used_token: Option<String> = None;
+        for attempt in 0..2 {
+            let mut rb = client
+                .request(method.clone(), url)
+                .header("Idempotency-Key", event_id.to_string())
+                .header(
+                    ACCEPT,
+                    HeaderValue::from_static("application/scim+json, application/json"),
+                );
+            for (k, v) in headers {
+                rb = rb.header(*k, v.as_str());
+            }
+            if let Some((ct, bytes)) = &body {
+                rb = rb.header(CONTENT_TYPE, *ct).body(bytes.clone());
+            }
+            let (rb, token) = self.authorize(rb, event_id, used_token.as_deref()).await?;
+            used_token = token;
+            let reply = self.execute(rb, event_id).await?;
+            if reply.status == 401 && attempt == 0 && used_token.is_some() {
+                continue; // the token may have been revoked or expired early: fetch a new one
+            }
+            return Ok(reply);
+        }
+        Err(Outcome::failed(event_id, "unreachable: retry loop ended"))
+    }
+
+    async fn execute(&self, rb: RequestBuilder, event_id: i64) -> Result<Reply, Outcome> {
+        let mut resp = rb
+            .send()
+            .await
+            .map_err(|e| Outcome::retry(event_id, transport_error(&e, self.config.timeout)))?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let mut body = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = MAX_BODY.saturating_sub(body.len());
+                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    if body.len() >= MAX_BODY {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(Outcome::Retry {
+                        event_id,
+                        error: transport_error(&e, self.config.timeout),
+                        http_status: Some(status),
+                        retry_after,
+                    })
+                }
+            }
+        }
+        Ok(Reply {
+            status,
+            body,
+            retry_after,
+        })
+    }
+
+    /// Adds the `Authorization` header. For OAuth2 returns the token used, so that a 401 can
+    /// replace exactly that token (and not one another task has just fetched).
+    async fn authorize(
+        &self,
+        rb: RequestBuilder,
+        event_id: i64,
+        stale: Option<&str>,
+    ) -> Result<(RequestBuilder, Option<String>), Outcome> {
+        Ok(match &self.config.auth {
+            Auth::None => (rb, None),
+            Auth::Bearer { token } => (rb.bearer_auth(token), None),
+            Auth::Basic { username, password } => (rb.basic_auth(username, Some(password)), None),
+            Auth::OAuth2 { .. } => {
+                let token = self.oauth_token(event_id, stale).await?;
+                (rb.bearer_auth(&token), Some(token))
+            }
+        })
+    }
+
+    async fn oauth_token(&self, event_id: i64, stale: Option<&str>) -> Result<String, Outcome> {
+        let Auth::OAuth2 {
+            token_url,
+            client_id,
+            client_secret,
+            scope,
+        } = &self.config.auth
+        else {
+            return Err(Outcome::failed(event_id, "target does not use oauth2"));
+        };
+        let mut cached = self.token.lock().await;
+        if let Some(t) = cached.as_ref() {
+            if Instant::now() < t.refresh_at && stale != Some(t.value.as_str()) {
+                return Ok(t.value.clone());
+            }
+        }
+        let client = self
+            .client
+            .as_ref()
+            .map_err(|e| Outcome::failed(event_id, e.clone()))?;
+        let mut form = vec![
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id.as_str()),
+            ("client_secret", client_secret.as_str()),
+        ];
+        if let Some(s) = scope {
+            form.push(("scope", s.as_str()));
+        }
+        let rb = client
+            .post(token_url)
+            .header(ACCEPT, "application/json")
+            .form(&form);
+        let reply = self.execute(rb, event_id).await.map_err(|o| match o {
+            Outcome::Retry {
+                event_id,
+                error,
+                http_status,
+                retry_after,
+            } => Outcome::Retry {
+                event_id,
+                error: format!("oauth2 token request: {error}"),
+                http_status,
+                retry_after,
+            },
+            other => other,
+        })?;
+        if !reply.ok() {
+            return Err(reply.failure(event_id, "oauth2 token request"));
+        }
+        let json = reply.json().unwrap_or(Value::Null);
+        let Some(token) = json.get("access_token").and_then(Value::as_str) else {
+            return Err(Outcome::failed(
+                event_id,
+                "oauth2 token response has no access_token",
+            ));
+        };
+        let lifetime = json
+            .get("expires_in")
+            .and_then(|v| v.as_u64().or_else(|| v.as_str()?.trim().parse().ok()))
+            .map_or(Duration::from_secs(300), Duration::from_secs);
+        // Refresh a little early so a token does not expire between our check and its use.
+        let margin = (lifetime / 10).min(Duration::from_secs(60));
+        *cached = Some(CachedToken {
+            value: token.to_string(),
+            refresh_at: Instant::now() + lifetime - margin,
+        });
+        Ok(token.to_string())
+    }
+
+    /// The service's ServiceProviderConfig, read once and cached. A service without one (404)
+    /// gets [`ServiceProviderConfig::ASSUMED`]; errors are not cached.
+    pub async fn service_provider_config(
+        &self,
+        event_id: i64,
+    ) -> Result<ServiceProviderConfig, Outcome> {
+        self.spc
+            .get_or_try_init(|| async {
+                let url = format!("{}/ServiceProviderConfig", self.base());
+                let reply = self.send(event_id, Method::GET, &url, None, &[]).await?;
+                match reply.status {
+                    200..=299 => Ok(reply.json().map_or(ServiceProviderConfig::ASSUMED, |v| {
+                        ServiceProviderConfig::from_json(&v)
+                    })),
+                    404 | 501 => Ok(ServiceProviderConfig::ASSUMED),
+                    _ => Err(reply.failure(event_id, "GET /ServiceProviderConfig")),
+                }
+            })
+            .await
+            .copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(status: u16, body: &str) -> Reply {
+        Reply {
+            status,
+            body: body.as_bytes().to_vec(),
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn error_texts() {
+        assert_eq!(
+            reply(
+                409,
+                r#"{"status":"409","scimType":"uniqueness","detail":"taken"}"#
+            )
+            .error_text(),
+            "uniqueness: taken"
+        );
+        assert_eq!(
+            reply(
+                401,
+                r#"{"error":"invalid_client","error_description":"bad"}"#
+            )
+            .error_text(),
+            "invalid_client: bad"
+        );
+        assert_eq!(reply(404, "").error_text(), "not found");
+        assert_eq!(reply(400, "  a\n\n b ").error_text(), "a b");
+        let long = "x".repeat(5000);
+        assert_eq!(
+            reply(400, &long).error_text().chars().count(),
+            MAX_ERROR_TEXT + 1
+        );
+    }
+
+    #[test]
+    fn classification() {
+        for s in [408, 429, 500, 502, 503, 599] {
+            assert!(
+                matches!(reply(s, "").failure(1, "x"), Outcome::Retry { .. }),
+                "{s}"
+            );
+        }
+        for s in [400, 401, 403, 404, 409, 422, 302] {
+            assert!(
+                matches!(reply(s, "").failure(1, "x"), Outcome::Failed { .. }),
+                "{s}"
+            );
+        }
+    }
+
+    #[test]
+    fn percent_encoding() {
+        assert_eq!(pct(r#"userName eq "a b""#), "userName%20eq%20%22a%20b%22");
+        assert_eq!(pct("ü/"), "%C3%BC%2F");
+    }
+}

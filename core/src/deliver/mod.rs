@@ -1,0 +1,626 @@
+//! The HTTP side of the background worker: delivers provisioning events to SCIM and webhook
+//! targets on a tokio runtime in a thread of its own.
+//!
+//! PostgreSQL may only be called from the worker's main thread, so the split is: the main
+//! thread claims events with SQL and [`Dispatcher::submit`]s them as [`Job`]s; the delivery
+//! thread sends them, pushes [`Outcome`]s and calls the `notify` callback; the main thread then
+//! [`Dispatcher::take_outcomes`] and records them in a short transaction. No call on the
+//! dispatcher blocks on the network.
+//!
+//! Guarantees:
+//! - jobs of one (target, person) are never in flight together and complete in submission
+//!   order; when one does not succeed, the later queued jobs of that person are handed back as
+//!   [`Outcome::Retry`] without being sent (the design's "later events wait");
+//! - at most `max_concurrency` requests per target are in flight;
+//! - every request carries `Idempotency-Key: <event_id>`;
+//! - secrets never appear in an outcome's error text or in `Debug` output.
+
+mod http;
+mod scim;
+mod webhook;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use http::Target;
+
+/// What protocol a target speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    /// SCIM 2.0 (RFC 7643/7644); the URL is the service's base, e.g. `https://h/scim/v2`.
+    Scim,
+    /// JSON POSTed to the URL, signed per Standard Webhooks when a signing secret is set.
+    Webhook,
+}
+
+/// How requests authenticate. `Debug` shows the kind and non-secret fields only.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub enum Auth {
+    /// No `Authorization` header.
+    #[default]
+    None,
+    /// `Authorization: Bearer <token>`.
+    Bearer {
+        /// The static token.
+        token: String,
+    },
+    /// HTTP basic authentication.
+    Basic {
+        /// The user name.
+        username: String,
+        /// The password.
+        password: String,
+    },
+    /// OAuth 2.0 client credentials grant (RFC 6749 §4.4). The client authenticates with
+    /// `client_id` and `client_secret` in the form body (`client_secret_post`); the token is
+    /// cached until shortly before it expires and fetched again once when a request gets 401.
+    OAuth2 {
+        /// The token endpoint.
+        token_url: String,
+        /// The client id.
+        client_id: String,
+        /// The client secret.
+        client_secret: String,
+        /// The requested scope, if any.
+        scope: Option<String>,
+    },
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Auth::None => f.write_str("None"),
+            Auth::Bearer { .. } => f.write_str("Bearer { token: <redacted> }"),
+            Auth::Basic { username, .. } => f
+                .debug_struct("Basic")
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish(),
+            Auth::OAuth2 {
+                token_url,
+                client_id,
+                scope,
+                ..
+            } => f
+                .debug_struct("OAuth2")
+                .field("token_url", token_url)
+                .field("client_id", client_id)
+                .field("client_secret", &"<redacted>")
+                .field("scope", scope)
+                .finish(),
+        }
+    }
+}
+
+/// One target as the delivery thread needs it.
+#[derive(Clone, PartialEq)]
+pub struct TargetConfig {
+    /// The target's id in `identity_sync`.
+    pub id: i32,
+    /// The target's name, for messages and the webhook payload.
+    pub name: String,
+    /// SCIM or webhook.
+    pub kind: TargetKind,
+    /// SCIM base URL (without a trailing `/Users`) or the webhook URL.
+    pub url: String,
+    /// Authentication.
+    pub auth: Auth,
+    /// Standard Webhooks secret (`whsec_<base64>`); webhooks only.
+    pub signing_secret: Option<String>,
+    /// Whole-request timeout (connect, send, receive).
+    pub timeout: Duration,
+    /// Requests in flight for this target at most (0 is taken as 1).
+    pub max_concurrency: usize,
+    /// SCIM: attribute path looked up before a create to link an existing account.
+    pub correlate_on: Option<String>,
+    /// SCIM: create a group that does not exist on grant.
+    pub create_groups: bool,
+}
+
+impl fmt::Debug for TargetConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TargetConfig")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("url", &self.url)
+            .field("auth", &self.auth)
+            .field(
+                "signing_secret",
+                &self.signing_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("timeout", &self.timeout)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("correlate_on", &self.correlate_on)
+            .field("create_groups", &self.create_groups)
+            .finish()
+    }
+}
+
+/// The kind of a provisioning event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// Create the account (or link it by correlation).
+    Create,
+    /// Change attributes.
+    Update,
+    /// Set `active` to true.
+    Enable,
+    /// Set `active` to false.
+    Disable,
+    /// Delete the account.
+    Delete,
+    /// Add the account to a group.
+    Grant,
+    /// Remove the account from a group.
+    Revoke,
+}
+
+impl EventKind {
+    /// The lower-case word used in `identity_sync.event.kind` and the webhook `type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Create => "create",
+            EventKind::Update => "update",
+            EventKind::Enable => "enable",
+            EventKind::Disable => "disable",
+            EventKind::Delete => "delete",
+            EventKind::Grant => "grant",
+            EventKind::Revoke => "revoke",
+        }
+    }
+}
+
+impl std::str::FromStr for EventKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "create" => EventKind::Create,
+            "update" => EventKind::Update,
+            "enable" => EventKind::Enable,
+            "disable" => EventKind::Disable,
+            "delete" => EventKind::Delete,
+            "grant" => EventKind::Grant,
+            "revoke" => EventKind::Revoke,
+            other => return Err(format!("unknown event kind \"{other}\"")),
+        })
+    }
+}
+
+/// One event to deliver.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// `identity_sync.event` id; also the idempotency key and the webhook id.
+    pub event_id: i64,
+    /// The target to send to.
+    pub target_id: i32,
+    /// The person; jobs of one (target, person) are delivered one at a time, in order.
+    pub person_key: String,
+    /// What to do.
+    pub kind: EventKind,
+    /// The target's id for this account, when known (required for SCIM update, enable,
+    /// disable, grant and revoke).
+    pub account_id: Option<String>,
+    /// The full desired flat `{path → value}` map; for a create it includes the on-create-only
+    /// attributes; may contain `active`.
+    pub attributes: Map<String, Value>,
+    /// Update: only the changed paths; null means remove.
+    pub changed: Map<String, Value>,
+    /// The values last applied (used to tell whether a multi-valued element exists).
+    pub previous: Map<String, Value>,
+    /// Grant/revoke: the group's `displayName`.
+    pub group: Option<String>,
+    /// Every desired group, for webhooks.
+    pub groups: Vec<String>,
+    /// When the event happened, RFC 3339.
+    pub occurred_at: String,
+    /// Which attempt this is: 1 for the first try (0 is taken as 1). A SCIM create with
+    /// attempt ≥ 2 first looks for an account with its `externalId`, so a create whose reply
+    /// was lost is linked rather than created twice.
+    pub attempt: u32,
+}
+
+/// The result of one job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Delivered.
+    Done {
+        /// The event.
+        event_id: i64,
+        /// The target's id for the account (from the create, the correlation, or the job).
+        account_id: Option<String>,
+        /// The create linked an existing account instead of creating one.
+        correlated: bool,
+        /// The status of the last HTTP response, if a request was sent.
+        http_status: Option<u16>,
+    },
+    /// Transient failure: connection error, timeout, 408, 429 or 5xx.
+    Retry {
+        /// The event.
+        event_id: i64,
+        /// What went wrong.
+        error: String,
+        /// The HTTP status, if a response came.
+        http_status: Option<u16>,
+        /// The target's `Retry-After`, if it sent one.
+        retry_after: Option<Duration>,
+    },
+    /// Permanent failure (other 4xx, or an invalid job): needs an operator.
+    Failed {
+        /// The event.
+        event_id: i64,
+        /// What went wrong, with the target's error text.
+        error: String,
+        /// The HTTP status, if a response came.
+        http_status: Option<u16>,
+    },
+    /// SCIM 409 `uniqueness` on create: the planner can pick the next unique value.
+    Conflict {
+        /// The event.
+        event_id: i64,
+        /// The target's error text.
+        error: String,
+    },
+}
+
+impl Outcome {
+    /// The event this outcome is for.
+    pub fn event_id(&self) -> i64 {
+        match self {
+            Outcome::Done { event_id, .. }
+            | Outcome::Retry { event_id, .. }
+            | Outcome::Failed { event_id, .. }
+            | Outcome::Conflict { event_id, .. } => *event_id,
+        }
+    }
+
+    pub(crate) fn failed(event_id: i64, error: impl Into<String>) -> Self {
+        Outcome::Failed {
+            event_id,
+            error: error.into(),
+            http_status: None,
+        }
+    }
+
+    pub(crate) fn retry(event_id: i64, error: impl Into<String>) -> Self {
+        Outcome::Retry {
+            event_id,
+            error: error.into(),
+            http_status: None,
+            retry_after: None,
+        }
+    }
+}
+
+/// State shared between the caller's thread and the delivery thread.
+struct Shared {
+    outcomes: Mutex<Vec<Outcome>>,
+    in_flight: AtomicUsize,
+    notify: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Shared {
+    fn outcomes(&self) -> MutexGuard<'_, Vec<Outcome>> {
+        // A panic while holding this lock cannot leave the Vec half-updated; keep going.
+        self.outcomes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, outcomes: Vec<Outcome>) {
+        if outcomes.is_empty() {
+            return;
+        }
+        let n = outcomes.len();
+        self.outcomes().extend(outcomes);
+        self.in_flight.fetch_sub(n, Ordering::SeqCst);
+        (self.notify)();
+    }
+}
+
+enum Command {
+    Targets(Vec<TargetConfig>),
+    Submit(Vec<Job>),
+    Shutdown(Instant),
+}
+
+/// Runs deliveries on one background thread with a tokio runtime. See the module docs.
+pub struct Dispatcher {
+    shared: Arc<Shared>,
+    tx: mpsc::UnboundedSender<Command>,
+    done: std::sync::mpsc::Receiver<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("in_flight", &self.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dispatcher {
+    /// Starts the delivery thread (named `identity_sync http`) with a current-thread tokio
+    /// runtime. `notify` is called from that thread whenever outcomes are ready; keep it cheap
+    /// (setting a latch).
+    ///
+    /// All signals are blocked in the new thread and in every thread it starts (the resolver's
+    /// blocking pool), so PostgreSQL's signal handlers only ever run on the backend's own
+    /// thread; the caller's signal mask is left as it was.
+    pub fn start(notify: Arc<dyn Fn() + Send + Sync>) -> io::Result<Self> {
+        let shared = Arc::new(Shared {
+            outcomes: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
+            notify,
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(4)
+            .thread_name("identity_sync http blocking")
+            .build()?;
+        let thread_shared = Arc::clone(&shared);
+        let thread = with_signals_blocked(|| {
+            std::thread::Builder::new()
+                .name("identity_sync http".to_string())
+                .spawn(move || {
+                    runtime.block_on(run(thread_shared, rx));
+                    // Requests still running were aborted by `run`; don't wait for blocking
+                    // resolver threads either.
+                    runtime.shutdown_background();
+                    let _ = done_tx.send(());
+                })
+        })?;
+        Ok(Dispatcher {
+            shared,
+            tx,
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    /// Replaces the set of targets (on configuration reload). Targets whose configuration is
+    /// unchanged keep their HTTP client (and its open connections), OAuth token, cached
+    /// ServiceProviderConfig and group ids; jobs already running finish with the old settings.
+    pub fn set_targets(&self, targets: Vec<TargetConfig>) {
+        let _ = self.tx.send(Command::Targets(targets));
+    }
+
+    /// Queues jobs for delivery; returns at once. A job for a target that is not configured
+    /// comes back as [`Outcome::Retry`].
+    pub fn submit(&self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let n = jobs.len();
+        self.shared.in_flight.fetch_add(n, Ordering::SeqCst);
+        if self.tx.send(Command::Submit(jobs)).is_err() {
+            // The delivery thread is gone (it only stops on shutdown): nothing will send them.
+            self.shared.in_flight.fetch_sub(n, Ordering::SeqCst);
+        }
+    }
+
+    /// Takes the outcomes ready so far; never blocks on the network.
+    pub fn take_outcomes(&self) -> Vec<Outcome> {
+        std::mem::take(&mut *self.shared.outcomes())
+    }
+
+    /// Jobs submitted whose outcome has not been produced yet (queued or being sent).
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Stops the delivery thread and returns the outcomes not yet taken.
+    ///
+    /// Requests in flight get until about three quarters of `grace` to finish; then they are
+    /// abandoned (their events stay `sending` and are picked up again after a restart, which
+    /// the idempotency key makes safe). Returns within `grace`, even if the thread is stuck.
+    pub fn shutdown(mut self, grace: Duration) -> Vec<Outcome> {
+        let start = Instant::now();
+        let deadline = start + grace;
+        let _ = self.tx.send(Command::Shutdown(start + grace.mul_f64(0.75)));
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if self.done.recv_timeout(wait).is_ok() {
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        } else {
+            // Leave the thread behind rather than block the worker's exit.
+            self.thread.take();
+        }
+        self.take_outcomes()
+    }
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        if self.thread.take().is_some() {
+            let _ = self.tx.send(Command::Shutdown(Instant::now()));
+        }
+    }
+}
+
+/// Runs `f` with every signal blocked in the calling thread, so that threads it spawns
+/// inherit a fully blocked mask; restores the previous mask afterwards.
+#[cfg(unix)]
+fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sigfillset/pthread_sigmask only write the sigset_t values we own here.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        let blocked = libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) == 0;
+        let out = f();
+        if blocked {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        }
+        out
+    }
+}
+
+#[cfg(not(unix))]
+fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    f()
+}
+
+type PersonKey = (i32, String);
+
+/// The delivery thread's loop: owns the targets, the per-person queues and the tasks.
+async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Command>) {
+    let mut targets: HashMap<i32, Arc<Target>> = HashMap::new();
+    // A key is present while a job of that person is running; the deque holds those waiting.
+    let mut queues: HashMap<PersonKey, VecDeque<Job>> = HashMap::new();
+    let mut tasks: JoinSet<(PersonKey, Outcome)> = JoinSet::new();
+    let mut running: HashMap<tokio::task::Id, (PersonKey, i64)> = HashMap::new();
+
+    loop {
+        tokio::select! {
+            cmd = rx.recv() => match cmd {
+                Some(Command::Targets(configs)) => {
+                    let mut next = HashMap::new();
+                    for c in configs {
+                        let t = match targets.get(&c.id) {
+                            Some(old) if old.config == c => Arc::clone(old),
+                            _ => Arc::new(Target::new(c)),
+                        };
+                        next.insert(t.config.id, t);
+                    }
+                    targets = next;
+                }
+                Some(Command::Submit(jobs)) => {
+                    for job in jobs {
+                        let key = (job.target_id, job.person_key.clone());
+                        match queues.get_mut(&key) {
+                            Some(q) => q.push_back(job),
+                            None => {
+                                queues.insert(key.clone(), VecDeque::new());
+                                spawn_job(&mut tasks, &mut running, &targets, key, job);
+                            }
+                        }
+                    }
+                }
+                Some(Command::Shutdown(deadline)) => {
+                    drain_until(&shared, &mut tasks, &mut running, deadline).await;
+                    tasks.abort_all();
+                    break;
+                }
+                // The Dispatcher was dropped without shutdown: nobody will read outcomes.
+                None => {
+                    tasks.abort_all();
+                    break;
+                }
+            },
+            Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                let (key, outcome) = finished(&mut running, joined);
+                let mut out = vec![outcome];
+                let succeeded = matches!(out[0], Outcome::Done { .. });
+                let account_id = match &out[0] {
+                    Outcome::Done { account_id, .. } => account_id.clone(),
+                    _ => None,
+                };
+                let failed_event = out[0].event_id();
+                if let Some(mut q) = queues.remove(&key) {
+                    if succeeded {
+                        if let Some(mut job) = q.pop_front() {
+                            // A create queued ahead of this job just told us the account id.
+                            if job.account_id.is_none() {
+                                job.account_id = account_id;
+                            }
+                            spawn_job(&mut tasks, &mut running, &targets, key.clone(), job);
+                            queues.insert(key, q);
+                        }
+                    } else {
+                        out.extend(q.into_iter().map(|j| Outcome::retry(
+                            j.event_id,
+                            format!("not sent: earlier event {failed_event} of this person did not succeed"),
+                        )));
+                    }
+                }
+                shared.push(out);
+            }
+        }
+    }
+}
+
+/// Waits for running tasks to finish until `deadline`, recording their outcomes.
+async fn drain_until(
+    shared: &Shared,
+    tasks: &mut JoinSet<(PersonKey, Outcome)>,
+    running: &mut HashMap<tokio::task::Id, (PersonKey, i64)>,
+    deadline: Instant,
+) {
+    let sleep = tokio::time::sleep_until(deadline.into());
+    tokio::pin!(sleep);
+    while !tasks.is_empty() {
+        tokio::select! {
+            _ = &mut sleep => return,
+            Some(joined) = tasks.join_next_with_id() => {
+                let (_, outcome) = finished(running, joined);
+                shared.push(vec![outcome]);
+            }
+        }
+    }
+}
+
+/// Turns a joined task into its outcome; a panicked task becomes a retry.
+fn finished(
+    running: &mut HashMap<tokio::task::Id, (PersonKey, i64)>,
+    joined: Result<(tokio::task::Id, (PersonKey, Outcome)), tokio::task::JoinError>,
+) -> (PersonKey, Outcome) {
+    match joined {
+        Ok((id, result)) => {
+            running.remove(&id);
+            result
+        }
+        Err(e) => {
+            let (key, event_id) = running
+                .remove(&e.id())
+                .unwrap_or_else(|| ((0, String::new()), 0));
+            let why = if e.is_panic() {
+                "panicked"
+            } else {
+                "was cancelled"
+            };
+            (
+                key,
+                Outcome::retry(event_id, format!("internal error: delivery task {why}")),
+            )
+        }
+    }
+}
+
+fn spawn_job(
+    tasks: &mut JoinSet<(PersonKey, Outcome)>,
+    running: &mut HashMap<tokio::task::Id, (PersonKey, i64)>,
+    targets: &HashMap<i32, Arc<Target>>,
+    key: PersonKey,
+    job: Job,
+) {
+    let target = targets.get(&job.target_id).cloned();
+    let event_id = job.event_id;
+    let task_key = key.clone();
+    let handle = tasks.spawn(async move {
+        let outcome = match target {
+            None => Outcome::retry(
+                job.event_id,
+                format!(
+                    "target {} is not configured in the delivery thread",
+                    job.target_id
+                ),
+            ),
+            Some(t) => t.deliver(&job).await,
+        };
+        (task_key, outcome)
+    });
+    running.insert(handle.id(), (key, event_id));
+}

@@ -1,0 +1,671 @@
+//! SCIM 2.0 delivery (RFC 7644): users, their `active` flag, and group memberships.
+
+use std::collections::BTreeMap;
+
+use reqwest::Method;
+use serde_json::{json, Map, Value};
+
+use super::http::{pct, Reply, ServiceProviderConfig, Target};
+use super::{EventKind, Job, Outcome};
+use crate::path::{build_resource, parse_path, schemas_for, AttrPath, PathError};
+
+const SCIM_JSON: &str = "application/scim+json";
+const PATCH_OP: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
+const GROUP_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:Group";
+
+type Step<T> = Result<T, Outcome>;
+
+/// Delivers one SCIM job.
+pub(crate) async fn deliver(t: &Target, job: &Job) -> Outcome {
+    match run(t, job).await {
+        Ok(o) | Err(o) => o,
+    }
+}
+
+async fn run(t: &Target, job: &Job) -> Step<Outcome> {
+    let spc = t.service_provider_config(job.event_id).await?;
+    match job.kind {
+        EventKind::Create => create(t, spc, job).await,
+        EventKind::Update => update(t, spc, job).await,
+        EventKind::Enable | EventKind::Disable => {
+            let id = account_id(job)?;
+            let active = job.kind == EventKind::Enable;
+            let mut desired = Map::new();
+            desired.insert("active".to_string(), Value::Bool(active));
+            let status = if spc.patch {
+                let ops = vec![json!({"op": "replace", "path": "active", "value": active})];
+                patch_user(t, job, id, ops).await?
+            } else {
+                let mut attrs = job.attributes.clone();
+                attrs.insert("active".to_string(), Value::Bool(active));
+                put_user(t, job, id, &attrs).await?
+            };
+            Ok(done(job, Some(id.to_string()), false, Some(status)))
+        }
+        EventKind::Delete => {
+            let Some(id) = job.account_id.as_deref() else {
+                // Never created in the target: there is nothing to delete.
+                return Ok(done(job, None, false, None));
+            };
+            let url = format!("{}/Users/{}", t.base(), pct(id));
+            let reply = t
+                .send(job.event_id, Method::DELETE, &url, None, &[])
+                .await?;
+            if reply.ok() || reply.status == 404 {
+                Ok(done(job, Some(id.to_string()), false, Some(reply.status)))
+            } else {
+                Err(reply.failure(job.event_id, "DELETE /Users"))
+            }
+        }
+        EventKind::Grant | EventKind::Revoke => membership(t, spc, job).await,
+    }
+}
+
+fn done(job: &Job, account_id: Option<String>, correlated: bool, status: Option<u16>) -> Outcome {
+    Outcome::Done {
+        event_id: job.event_id,
+        account_id,
+        correlated,
+        http_status: status,
+    }
+}
+
+fn account_id(job: &Job) -> Step<&str> {
+    job.account_id.as_deref().ok_or_else(|| {
+        Outcome::failed(
+            job.event_id,
+            format!(
+                "no account id is known for person \"{}\" in this target, so the {} cannot be sent",
+                job.person_key,
+                job.kind.as_str()
+            ),
+        )
+    })
+}
+
+fn mapping_error(job: &Job, e: PathError) -> Outcome {
+    Outcome::failed(job.event_id, format!("invalid attribute mapping: {e}"))
+}
+
+/// The user resource for POST/PUT: nested attributes plus `schemas`.
+fn user_resource(job: &Job, attrs: &Map<String, Value>) -> Step<Map<String, Value>> {
+    let mut res = match build_resource(attrs).map_err(|e| mapping_error(job, e))? {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    let schemas = schemas_for(attrs).map_err(|e| mapping_error(job, e))?;
+    res.insert("schemas".to_string(), json!(schemas));
+    Ok(res)
+}
+
+async fn create(t: &Target, spc: ServiceProviderConfig, job: &Job) -> Step<Outcome> {
+    // On a retried create, the first attempt may have succeeded with its reply lost: look the
+    // account up by externalId so it is linked instead of created twice.
+    let correlate_on = t.config.correlate_on.clone().or_else(|| {
+        (job.attempt >= 2
+            && job
+                .attributes
+                .get("externalId")
+                .is_some_and(|v| !v.is_null()))
+        .then(|| "externalId".to_string())
+    });
+    if let Some(attr) = correlate_on {
+        if let Some(value) = job.attributes.get(&attr).filter(|v| !v.is_null()) {
+            let path = parse_path(&attr).map_err(|e| mapping_error(job, e))?;
+            if !spc.filter {
+                return Err(Outcome::failed(
+                    job.event_id,
+                    format!(
+                        "target \"{}\" does not support filters, which correlate_on needs",
+                        t.config.name
+                    ),
+                ));
+            }
+            let found = find(t, job, "Users", &path.filter_expr(value), None).await?;
+            match found.as_slice() {
+                [] => {}
+                [existing] => return link(t, spc, job, existing).await,
+                many => return Err(Outcome::failed(
+                    job.event_id,
+                    format!(
+                        "correlation is ambiguous: {} accounts in the target have {attr} = {value}",
+                        many.len()
+                    ),
+                )),
+            }
+        }
+    }
+
+    let mut res = user_resource(job, &job.attributes)?;
+    if !res.keys().any(|k| k.eq_ignore_ascii_case("active")) {
+        res.insert("active".to_string(), Value::Bool(true));
+    }
+    let url = format!("{}/Users", t.base());
+    let body = serde_json::to_vec(&Value::Object(res)).unwrap_or_default();
+    let reply = t
+        .send(
+            job.event_id,
+            Method::POST,
+            &url,
+            Some((SCIM_JSON, body)),
+            &[],
+        )
+        .await?;
+    if reply.status == 409 && reply.scim_type().as_deref() == Some("uniqueness") {
+        return Err(Outcome::Conflict {
+            event_id: job.event_id,
+            error: format!("POST /Users: HTTP 409: {}", reply.error_text()),
+        });
+    }
+    if !reply.ok() {
+        return Err(reply.failure(job.event_id, "POST /Users"));
+    }
+    match resource_id(&reply) {
+        Some(id) => Ok(done(job, Some(id), false, Some(reply.status))),
+        None => Err(Outcome::Failed {
+            event_id: job.event_id,
+            error: "POST /Users: the target accepted the user but returned no id".to_string(),
+            http_status: Some(reply.status),
+        }),
+    }
+}
+
+fn resource_id(reply: &Reply) -> Option<String> {
+    match reply.json()?.get("id")? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Links an account found by correlation and brings it up to date with the desired values.
+async fn link(
+    t: &Target,
+    spc: ServiceProviderConfig,
+    job: &Job,
+    existing: &Value,
+) -> Step<Outcome> {
+    let id = match existing.get("id") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => {
+            return Err(Outcome::failed(
+                job.event_id,
+                "correlation found an account without an id",
+            ))
+        }
+    };
+    let mut changes = Map::new();
+    for (raw, want) in &job.attributes {
+        let path = parse_path(raw).map_err(|e| mapping_error(job, e))?;
+        let have = path.get(existing);
+        let differs = match (have, want) {
+            (None, Value::Null) => false,
+            (Some(h), w) => !same_value(h, w),
+            (None, _) => true,
+        };
+        if differs {
+            changes.insert(raw.clone(), want.clone());
+        }
+    }
+    let mut status = None;
+    if !changes.is_empty() {
+        status = Some(if spc.patch {
+            let ops = patch_ops(&changes, existing, true).map_err(|e| mapping_error(job, e))?;
+            patch_user(t, job, &id, ops).await?
+        } else {
+            put_user(t, job, &id, &job.attributes).await?
+        });
+    }
+    Ok(done(job, Some(id), true, status))
+}
+
+/// Strings compare case-sensitively except that a service may re-case nothing else; numbers
+/// compare by value so `1` and `1.0` are not a change.
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        _ => a == b,
+    }
+}
+
+async fn update(t: &Target, spc: ServiceProviderConfig, job: &Job) -> Step<Outcome> {
+    let id = account_id(job)?;
+    if job.changed.is_empty() {
+        return Ok(done(job, Some(id.to_string()), false, None));
+    }
+    if !spc.patch {
+        let status = put_user(t, job, id, &job.attributes).await?;
+        return Ok(done(job, Some(id.to_string()), false, Some(status)));
+    }
+    let previous = build_resource(&job.previous).unwrap_or_else(|_| json!({}));
+    let ops = patch_ops(&job.changed, &previous, false).map_err(|e| mapping_error(job, e))?;
+    if ops.is_empty() {
+        return Ok(done(job, Some(id.to_string()), false, None));
+    }
+    let status = match patch_user_raw(t, job, id, ops).await? {
+        reply if reply.ok() => reply.status,
+        // What we last applied is not what the target holds (an element we thought was there
+        // is not, or the other way round): read the account and compute the operations again.
+        reply if reply.status == 400 && reply.scim_type().as_deref() == Some("noTarget") => {
+            let current = get_user(t, job, id).await?;
+            let ops = patch_ops(&job.changed, &current, true).map_err(|e| mapping_error(job, e))?;
+            patch_user(t, job, id, ops).await?
+        }
+        reply => return Err(reply.failure(job.event_id, "PATCH /Users")),
+    };
+    Ok(done(job, Some(id.to_string()), false, Some(status)))
+}
+
+/// PATCH operations that move `current` to the values in `changes` (null = remove).
+///
+/// Plain paths become `replace` (or `remove`). A filtered path such as
+/// `emails[type eq "work"].value` needs its element: when `current` has it, the value is
+/// replaced in place; when not, the element is added whole with `add` on `emails` (a `replace`
+/// would fail with `noTarget`, RFC 7644 §3.5.2.3); when every value of an element becomes null,
+/// the element is removed. With `authoritative` (current is the target's own copy), removing a
+/// value it does not have is skipped.
+fn patch_ops(
+    changes: &Map<String, Value>,
+    current: &Value,
+    authoritative: bool,
+) -> Result<Vec<Value>, PathError> {
+    let mut ops = Vec::new();
+    let mut elements: BTreeMap<String, (AttrPath, Vec<(String, Value)>)> = BTreeMap::new();
+    for (raw, value) in changes {
+        let p = parse_path(raw)?;
+        if p.filter.is_some() {
+            let sub = p.sub_attr.clone().unwrap_or_default();
+            elements
+                .entry(p.element_path())
+                .or_insert_with(|| (p.clone(), Vec::new()))
+                .1
+                .push((sub, value.clone()));
+            continue;
+        }
+        if value.is_null() {
+            if !authoritative || p.get(current).is_some() {
+                ops.push(json!({"op": "remove", "path": p.to_string()}));
+            }
+        } else {
+            ops.push(json!({"op": "replace", "path": p.to_string(), "value": value}));
+        }
+    }
+    for (element_path, (p, subs)) in elements {
+        let filter = p.filter.clone();
+        if p.element_exists(current) {
+            // Values the element keeps: those in current not being changed, plus new ones.
+            let remaining = element_values(&p, current)
+                .into_iter()
+                .filter(|(k, _)| !subs.iter().any(|(s, _)| s.eq_ignore_ascii_case(k)))
+                .count()
+                + subs.iter().filter(|(_, v)| !v.is_null()).count();
+            if remaining == 0 {
+                ops.push(json!({"op": "remove", "path": element_path}));
+                continue;
+            }
+            for (sub, value) in subs {
+                let path = format!("{element_path}.{sub}");
+                if value.is_null() {
+                    ops.push(json!({"op": "remove", "path": path}));
+                } else {
+                    ops.push(json!({"op": "replace", "path": path, "value": value}));
+                }
+            }
+        } else {
+            let mut el = Map::new();
+            if let Some(f) = &filter {
+                el.insert(f.attr.clone(), f.value.clone());
+            }
+            let mut any = false;
+            for (sub, value) in subs {
+                if !value.is_null() {
+                    el.insert(sub, value);
+                    any = true;
+                }
+            }
+            if any {
+                let target = match &p.urn {
+                    Some(u) => format!("{u}:{}", p.attr),
+                    None => p.attr.clone(),
+                };
+                ops.push(json!({"op": "add", "path": target, "value": [Value::Object(el)]}));
+            }
+        }
+    }
+    Ok(ops)
+}
+
+/// The non-null values of the element a filtered path selects, except the filter attribute.
+fn element_values(p: &AttrPath, current: &Value) -> Vec<(String, Value)> {
+    let Some(f) = &p.filter else {
+        return Vec::new();
+    };
+    let container = match &p.urn {
+        Some(u) => current.get(u),
+        None => Some(current),
+    };
+    container
+        .and_then(|c| c.as_object())
+        .and_then(|o| {
+            o.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(&p.attr))
+                .map(|(_, v)| v)
+        })
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().find(|e| f.matches(e)))
+        .and_then(Value::as_object)
+        .map(|el| {
+            el.iter()
+                .filter(|(k, v)| !v.is_null() && !k.eq_ignore_ascii_case(&f.attr))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn patch_body(ops: Vec<Value>) -> Vec<u8> {
+    serde_json::to_vec(&json!({"schemas": [PATCH_OP], "Operations": ops})).unwrap_or_default()
+}
+
+async fn patch_user_raw(t: &Target, job: &Job, id: &str, ops: Vec<Value>) -> Step<Reply> {
+    let url = format!("{}/Users/{}", t.base(), pct(id));
+    t.send(
+        job.event_id,
+        Method::PATCH,
+        &url,
+        Some((SCIM_JSON, patch_body(ops))),
+        &[],
+    )
+    .await
+}
+
+/// PATCHes a user; 200 with a body and 204 without are both success.
+async fn patch_user(t: &Target, job: &Job, id: &str, ops: Vec<Value>) -> Step<u16> {
+    if ops.is_empty() {
+        return Ok(204);
+    }
+    let reply = patch_user_raw(t, job, id, ops).await?;
+    if reply.ok() {
+        Ok(reply.status)
+    } else {
+        Err(reply.failure(job.event_id, "PATCH /Users"))
+    }
+}
+
+/// Replaces the whole user, for services without PATCH.
+async fn put_user(t: &Target, job: &Job, id: &str, attrs: &Map<String, Value>) -> Step<u16> {
+    let mut res = user_resource(job, attrs)?;
+    res.insert("id".to_string(), Value::String(id.to_string()));
+    let url = format!("{}/Users/{}", t.base(), pct(id));
+    let body = serde_json::to_vec(&Value::Object(res)).unwrap_or_default();
+    let reply = t
+        .send(
+            job.event_id,
+            Method::PUT,
+            &url,
+            Some((SCIM_JSON, body)),
+            &[],
+        )
+        .await?;
+    if reply.ok() {
+        Ok(reply.status)
+    } else {
+        Err(reply.failure(job.event_id, "PUT /Users"))
+    }
+}
+
+async fn get_user(t: &Target, job: &Job, id: &str) -> Step<Value> {
+    let url = format!("{}/Users/{}", t.base(), pct(id));
+    let reply = t.send(job.event_id, Method::GET, &url, None, &[]).await?;
+    if !reply.ok() {
+        return Err(reply.failure(job.event_id, "GET /Users"));
+    }
+    reply
+        .json()
+        .ok_or_else(|| Outcome::failed(job.event_id, "GET /Users: the response is not JSON"))
+}
+
+/// `GET /{endpoint}?filter=…`: the resources found.
+async fn find(
+    t: &Target,
+    job: &Job,
+    endpoint: &str,
+    filter: &str,
+    excluded: Option<&str>,
+) -> Step<Vec<Value>> {
+    let mut url = format!("{}/{endpoint}?filter={}", t.base(), pct(filter));
+    if let Some(x) = excluded {
+        url.push_str(&format!("&excludedAttributes={}", pct(x)));
+    }
+    let reply = t.send(job.event_id, Method::GET, &url, None, &[]).await?;
+    let what = format!("GET /{endpoint}?filter");
+    if !reply.ok() {
+        return Err(reply.failure(job.event_id, &what));
+    }
+    let json = reply.json().ok_or_else(|| {
+        Outcome::failed(job.event_id, format!("{what}: the response is not JSON"))
+    })?;
+    Ok(json
+        .get("Resources")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default())
+}
+
+async fn membership(t: &Target, spc: ServiceProviderConfig, job: &Job) -> Step<Outcome> {
+    let Some(group) = job.group.as_deref() else {
+        return Err(Outcome::failed(
+            job.event_id,
+            format!("{} event has no group", job.kind.as_str()),
+        ));
+    };
+    let user = account_id(job)?;
+    let grant = job.kind == EventKind::Grant;
+    for round in 0..2 {
+        let Some(gid) = resolve_group(t, spc, job, group, grant && t.config.create_groups).await?
+        else {
+            if grant {
+                return Err(Outcome::failed(
+                    job.event_id,
+                    format!(
+                        "group \"{group}\" does not exist in target \"{}\" (set create_groups to create it)",
+                        t.config.name
+                    ),
+                ));
+            }
+            // No such group: the account is not a member of it.
+            return Ok(done(job, Some(user.to_string()), false, None));
+        };
+        let url = format!("{}/Groups/{}", t.base(), pct(&gid));
+        let reply = if spc.patch {
+            let op = if grant {
+                json!({"op": "add", "path": "members", "value": [{"value": user}]})
+            } else {
+                let filter = format!("members[value eq {}]", Value::String(user.to_string()));
+                json!({"op": "remove", "path": filter})
+            };
+            t.send(
+                job.event_id,
+                Method::PATCH,
+                &url,
+                Some((SCIM_JSON, patch_body(vec![op]))),
+                &[],
+            )
+            .await?
+        } else {
+            put_membership(t, job, &url, user, grant).await?
+        };
+        if reply.ok() {
+            return Ok(done(job, Some(user.to_string()), false, Some(reply.status)));
+        }
+        if reply.status == 404 && round == 0 {
+            // The group was deleted (or recreated) since we cached its id: look it up again.
+            t.groups.lock().await.remove(group);
+            continue;
+        }
+        return Err(reply.failure(job.event_id, "PATCH /Groups"));
+    }
+    Err(Outcome::failed(job.event_id, "group lookup did not settle"))
+}
+
+/// Membership change for services without PATCH: read the group, edit, PUT it back.
+async fn put_membership(t: &Target, job: &Job, url: &str, user: &str, grant: bool) -> Step<Reply> {
+    let reply = t.send(job.event_id, Method::GET, url, None, &[]).await?;
+    if !reply.ok() {
+        return Ok(reply);
+    }
+    let mut group = reply
+        .json()
+        .and_then(|v| v.as_object().cloned())
+        .ok_or_else(|| Outcome::failed(job.event_id, "GET /Groups: the response is not JSON"))?;
+    let mut members: Vec<Value> = group
+        .get("members")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let is_user = |m: &Value| m.get("value").and_then(Value::as_str) == Some(user);
+    if grant {
+        if !members.iter().any(is_user) {
+            members.push(json!({"value": user}));
+        }
+    } else {
+        members.retain(|m| !is_user(m));
+    }
+    group.insert("members".to_string(), Value::Array(members));
+    group.remove("meta");
+    let body = serde_json::to_vec(&Value::Object(group)).unwrap_or_default();
+    t.send(job.event_id, Method::PUT, url, Some((SCIM_JSON, body)), &[])
+        .await
+}
+
+/// The id of the group with this displayName: cached, looked up, or created.
+async fn resolve_group(
+    t: &Target,
+    spc: ServiceProviderConfig,
+    job: &Job,
+    name: &str,
+    create: bool,
+) -> Step<Option<String>> {
+    let mut cache = t.groups.lock().await;
+    if let Some(id) = cache.get(name) {
+        return Ok(Some(id.clone()));
+    }
+    if !spc.filter {
+        return Err(Outcome::failed(
+            job.event_id,
+            format!(
+                "target \"{}\" does not support filters, which group lookups need",
+                t.config.name
+            ),
+        ));
+    }
+    let filter = format!("displayName eq {}", Value::String(name.to_string()));
+    for round in 0..2 {
+        let found = find(t, job, "Groups", &filter, Some("members")).await?;
+        // displayName is not unique in SCIM; prefer an exact (case-sensitive) match.
+        let pick = found
+            .iter()
+            .find(|g| g.get("displayName").and_then(Value::as_str) == Some(name))
+            .or_else(|| found.first());
+        if let Some(id) = pick.and_then(|g| g.get("id")).and_then(Value::as_str) {
+            cache.insert(name.to_string(), id.to_string());
+            return Ok(Some(id.to_string()));
+        }
+        if !create || round > 0 {
+            return Ok(None);
+        }
+        let url = format!("{}/Groups", t.base());
+        let body = serde_json::to_vec(&json!({"schemas": [GROUP_SCHEMA], "displayName": name}))
+            .unwrap_or_default();
+        let reply = t
+            .send(
+                job.event_id,
+                Method::POST,
+                &url,
+                Some((SCIM_JSON, body)),
+                &[],
+            )
+            .await?;
+        if reply.ok() {
+            if let Some(id) = resource_id(&reply) {
+                cache.insert(name.to_string(), id.clone());
+                return Ok(Some(id));
+            }
+        } else if reply.status != 409 {
+            // 409: someone else created it meanwhile; the second lookup finds it.
+            return Err(reply.failure(job.event_id, "POST /Groups"));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn ops_for_plain_and_filtered_paths() {
+        let current = json!({"emails": [{"type": "work", "value": "old@x"}], "title": "a"});
+        let ops = patch_ops(
+            &m(json!({
+                "name.givenName": "Zoë",
+                "title": null,
+                "emails[type eq \"work\"].value": "new@x",
+                "emails[type eq \"home\"].value": "h@x",
+                "emails[type eq \"home\"].primary": false,
+            })),
+            &current,
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            ops,
+            vec![
+                json!({"op": "replace", "path": "name.givenName", "value": "Zoë"}),
+                json!({"op": "remove", "path": "title"}),
+                json!({"op": "add", "path": "emails", "value": [{"type": "home", "value": "h@x", "primary": false}]}),
+                json!({"op": "replace", "path": "emails[type eq \"work\"].value", "value": "new@x"}),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_emptied_element_is_removed_whole() {
+        let current = json!({"emails": [{"type": "work", "value": "old@x"}]});
+        let ops = patch_ops(
+            &m(json!({"emails[type eq \"work\"].value": null})),
+            &current,
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            ops,
+            vec![json!({"op": "remove", "path": "emails[type eq \"work\"]"})]
+        );
+        // Nothing to remove where there is no element, or no value on the target's own copy.
+        let ops = patch_ops(
+            &m(json!({"emails[type eq \"home\"].value": null, "title": null})),
+            &current,
+            true,
+        )
+        .unwrap();
+        assert!(ops.is_empty(), "{ops:?}");
+    }
+
+    #[test]
+    fn extension_elements_are_added_under_their_urn() {
+        let urn = "urn:example:ext:1.0:User";
+        let ops = patch_ops(
+            &m(json!({format!("{urn}:badges[kind eq \"a\"].value"): "1"})),
+            &json!({}),
+            false,
+        )
+        .unwrap();
+        assert_eq!(ops[0]["path"], json!(format!("{urn}:badges")));
+    }
+}
