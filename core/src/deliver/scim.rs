@@ -125,13 +125,15 @@ async fn create(t: &Target, spc: ServiceProviderConfig, job: &Job) -> Step<Outco
             match found.as_slice() {
                 [] => {}
                 [existing] => return link(t, spc, job, existing).await,
-                many => return Err(Outcome::failed(
-                    job.event_id,
-                    format!(
+                many => {
+                    return Err(Outcome::failed(
+                        job.event_id,
+                        format!(
                         "correlation is ambiguous: {} accounts in the target have {attr} = {value}",
                         many.len()
                     ),
-                )),
+                    ))
+                }
             }
         }
     }
