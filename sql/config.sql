@@ -1,0 +1,662 @@
+-- Configuration: sources, targets, mappings, rules, secrets.
+--
+-- Every function here is SECURITY DEFINER with a fixed search_path, executable by
+-- identity_sync_admin only (see finalize.sql), and records what it did in the audit log.
+-- Identifiers from users are quoted with %I or taken as regclass; mapping and rule expressions
+-- are the one place where user text becomes SQL, and only admins can write them.
+
+CREATE FUNCTION identity_sync._audit(action text, object text, old jsonb, new jsonb)
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO identity_sync._audit (action, object, old, new) VALUES ($1, $2, $3, $4)
+$$;
+
+-- "Now" for planning: the stored clock if set (tests, replays, what-if), else real time.
+CREATE FUNCTION identity_sync._now() RETURNS timestamptz
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce((SELECT clock FROM identity_sync._settings), now())
+$$;
+
+CREATE FUNCTION identity_sync._today() RETURNS date
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT identity_sync._now()::date
+$$;
+
+-- The type of a column, or an error naming the relation and listing its columns.
+CREATE FUNCTION identity_sync._column_type(rel regclass, col text, what text)
+RETURNS regtype LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t regtype;
+BEGIN
+    SELECT a.atttypid::regtype INTO t
+      FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+    IF t IS NULL THEN
+        RAISE EXCEPTION 'column "%" of relation % does not exist', col, rel
+            USING ERRCODE = 'undefined_column',
+                  DETAIL = format('It was given as the %s column.', what),
+                  HINT = format('Columns of %s: %s.', rel,
+                      (SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum)
+                         FROM pg_attribute WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped));
+    END IF;
+    RETURN t;
+END
+$$;
+
+CREATE FUNCTION identity_sync._check_relation(rel regclass) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    k "char";
+BEGIN
+    SELECT relkind INTO k FROM pg_class WHERE oid = rel;
+    IF NOT has_table_privilege(session_user, rel, 'SELECT') THEN
+        RAISE EXCEPTION 'permission denied for relation %', rel USING ERRCODE = 'insufficient_privilege',
+            HINT = 'The role registering a source must be able to read it.';
+    END IF;
+    IF EXISTS (SELECT FROM identity_sync.source WHERE relation = rel) THEN
+        RAISE EXCEPTION 'relation % is already a source', rel USING ERRCODE = 'duplicate_object',
+            HINT = format('Drop it first with identity_sync.drop_source(%L).', rel::text);
+    END IF;
+    RETURN CASE WHEN k IN ('r', 'p') THEN 'trigger'
+                WHEN k IN ('v', 'm', 'f') THEN 'snapshot'
+                ELSE NULL END;
+END
+$$;
+
+CREATE FUNCTION identity_sync._person_source() RETURNS identity_sync.source
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM identity_sync.source WHERE role = 'person'
+$$;
+
+CREATE FUNCTION identity_sync._contract_source() RETURNS identity_sync.source
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM identity_sync.source WHERE role = 'contract'
+$$;
+
+CREATE FUNCTION identity_sync.add_person_source(relation regclass, key text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    capture text := identity_sync._check_relation(relation);
+    src identity_sync.source;
+BEGIN
+    IF capture IS NULL THEN
+        RAISE EXCEPTION '% cannot be a source', relation USING ERRCODE = 'wrong_object_type',
+            HINT = 'Sources are tables, partitioned tables, views, materialized views or foreign tables.';
+    END IF;
+    IF (identity_sync._person_source()).id IS NOT NULL THEN
+        RAISE EXCEPTION 'a person source is already registered: %', (identity_sync._person_source()).relation
+            USING ERRCODE = 'duplicate_object',
+                  HINT = 'There is one person source; drop it first with identity_sync.drop_source().';
+    END IF;
+    PERFORM identity_sync._column_type(relation, key, 'person key');
+    IF capture = 'trigger' AND NOT EXISTS (
+        SELECT FROM pg_index i
+         WHERE i.indrelid = relation AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL
+           AND i.indkey[0] = (SELECT attnum FROM pg_attribute WHERE attrelid = relation AND attname = key))
+    THEN
+        RAISE EXCEPTION 'person key "%" of % is not backed by a primary key or unique index', key, relation
+            USING ERRCODE = 'invalid_table_definition',
+                  DETAIL = 'Every person must be one row, found by its key.',
+                  HINT = format('CREATE UNIQUE INDEX ON %s (%I);', relation, key);
+    END IF;
+    INSERT INTO identity_sync.source (relation, role, key_column, capture, snapshot_interval)
+    VALUES (relation, 'person', key, capture, CASE WHEN capture = 'snapshot' THEN interval '1 minute' END)
+    RETURNING * INTO src;
+    PERFORM identity_sync._install_capture(src.id);
+    PERFORM identity_sync._recompile_all();
+    PERFORM identity_sync._audit('add_person_source', relation::text, NULL, to_jsonb(src));
+END
+$$;
+
+CREATE FUNCTION identity_sync.add_contract_source(relation regclass, person_key text, starts text, ends text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    capture text := identity_sync._check_relation(relation);
+    src identity_sync.source;
+    t regtype;
+BEGIN
+    IF capture IS NULL THEN
+        RAISE EXCEPTION '% cannot be a source', relation USING ERRCODE = 'wrong_object_type',
+            HINT = 'Sources are tables, partitioned tables, views, materialized views or foreign tables.';
+    END IF;
+    IF (identity_sync._contract_source()).id IS NOT NULL THEN
+        RAISE EXCEPTION 'a contract source is already registered: %', (identity_sync._contract_source()).relation
+            USING ERRCODE = 'duplicate_object',
+                  HINT = 'There is one contract source; drop it first with identity_sync.drop_source(), or register a view that unions your contract tables.';
+    END IF;
+    PERFORM identity_sync._column_type(relation, person_key, 'person key');
+    FOREACH t IN ARRAY ARRAY[identity_sync._column_type(relation, starts, 'starts'),
+                             identity_sync._column_type(relation, ends, 'ends')] LOOP
+        IF t NOT IN ('date'::regtype, 'timestamp'::regtype, 'timestamptz'::regtype) THEN
+            RAISE EXCEPTION 'contract dates must be of type date or timestamp, not %', t
+                USING ERRCODE = 'datatype_mismatch',
+                      DETAIL = format('starts is %s, ends is %s.',
+                                      identity_sync._column_type(relation, starts, 'starts'),
+                                      identity_sync._column_type(relation, ends, 'ends'));
+        END IF;
+    END LOOP;
+    INSERT INTO identity_sync.source (relation, role, key_column, starts_column, ends_column, capture, snapshot_interval)
+    VALUES (relation, 'contract', person_key, starts, ends, capture,
+            CASE WHEN capture = 'snapshot' THEN interval '1 minute' END)
+    RETURNING * INTO src;
+    IF capture = 'trigger' THEN
+        -- The date-boundary check finds contracts starting or ending on a day by index.
+        EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s (%I)',
+                       left(format('%s_%s_identity_sync', (SELECT relname FROM pg_class WHERE oid = relation), starts), 63),
+                       relation, starts);
+        EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s (%I)',
+                       left(format('%s_%s_identity_sync', (SELECT relname FROM pg_class WHERE oid = relation), ends), 63),
+                       relation, ends);
+    END IF;
+    PERFORM identity_sync._install_capture(src.id);
+    PERFORM identity_sync._recompile_all();
+    PERFORM identity_sync._audit('add_contract_source', relation::text, NULL, to_jsonb(src));
+END
+$$;
+
+CREATE FUNCTION identity_sync.add_related_source(relation regclass, affected text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    capture text := identity_sync._check_relation(relation);
+    src identity_sync.source;
+    ncols int;
+BEGIN
+    IF capture IS DISTINCT FROM 'trigger' THEN
+        RAISE EXCEPTION 'related source % must be a table', relation USING ERRCODE = 'wrong_object_type',
+            HINT = 'Related sources are captured by statement triggers; views and foreign tables cannot carry them.';
+    END IF;
+    -- The affected query must return exactly one column (any type casts to text).
+    BEGIN
+        EXECUTE format('CREATE TEMP VIEW _identity_sync_probe AS WITH changed AS (SELECT * FROM %s LIMIT 0) %s',
+                       relation, affected);
+    EXCEPTION WHEN OTHERS THEN
+        RAISE EXCEPTION 'invalid affected query: %', SQLERRM USING ERRCODE = 'invalid_parameter_value',
+            DETAIL = affected,
+            HINT = 'Write a query over the rows that changed, called "changed", returning person keys, e.g. SELECT emp_no FROM dept_emp JOIN changed USING (dept_no).';
+    END;
+    SELECT count(*) INTO ncols FROM pg_attribute
+     WHERE attrelid = 'pg_temp._identity_sync_probe'::regclass AND attnum > 0;
+    DROP VIEW pg_temp._identity_sync_probe;
+    IF ncols <> 1 THEN
+        RAISE EXCEPTION 'the affected query returns % columns, not one', ncols USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Return just the person key.';
+    END IF;
+    INSERT INTO identity_sync.source (relation, role, affected, capture)
+    VALUES (relation, 'related', affected, 'trigger') RETURNING * INTO src;
+    PERFORM identity_sync._install_capture(src.id);
+    PERFORM identity_sync._audit('add_related_source', relation::text, NULL, to_jsonb(src));
+END
+$$;
+
+CREATE FUNCTION identity_sync.drop_source(relation regclass)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    src identity_sync.source;
+BEGIN
+    SELECT * INTO src FROM identity_sync.source s WHERE s.relation = drop_source.relation;
+    IF src.id IS NULL THEN
+        RAISE EXCEPTION 'relation % is not a source', relation USING ERRCODE = 'undefined_object',
+            HINT = 'SELECT relation, role FROM identity_sync.source; lists the sources.';
+    END IF;
+    PERFORM identity_sync._uninstall_capture(src.id);
+    DELETE FROM identity_sync.source WHERE id = src.id;
+    PERFORM identity_sync._recompile_all();
+    PERFORM identity_sync._audit('drop_source', relation::text, to_jsonb(src), NULL);
+END
+$$;
+
+CREATE FUNCTION identity_sync.set_primary_contract(order_by text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    old text := (SELECT primary_contract_order FROM identity_sync._settings);
+BEGIN
+    UPDATE identity_sync._settings SET primary_contract_order = nullif(btrim(order_by), '');
+    PERFORM identity_sync._recompile_all();   -- validates: an error rolls the change back
+    PERFORM identity_sync._audit('set_primary_contract', NULL, to_jsonb(old), to_jsonb(order_by));
+END
+$$;
+
+CREATE FUNCTION identity_sync.set_clock(at timestamptz)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    old timestamptz := (SELECT clock FROM identity_sync._settings);
+BEGIN
+    UPDATE identity_sync._settings SET clock = at;
+    PERFORM identity_sync._audit('set_clock', NULL, to_jsonb(old), to_jsonb(at));
+    PERFORM identity_sync._wake_at_commit();
+END
+$$;
+
+------------------------------------------------------------------------------------------------
+-- The person document: person row, all contracts, the primary contract, activity on a day.
+------------------------------------------------------------------------------------------------
+
+-- SQL text of the FROM clause that binds the names person, contract, contracts, today and
+-- iteration for one target (NULL: neutral lifecycle). $1 = keys (text[]), $2 = day, $3 = iteration.
+CREATE FUNCTION identity_sync._from_clause(opts jsonb DEFAULT '{}')
+RETURNS text LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    p identity_sync.source := identity_sync._person_source();
+    c identity_sync.source := identity_sync._contract_source();
+    keytype regtype;
+    ord text := (SELECT primary_contract_order FROM identity_sync._settings);
+    create_before text := quote_literal(coalesce(opts->>'create_before', '0'));
+    enable_before text := quote_literal(coalesce(opts->>'enable_before', '0'));
+    disable_after text := quote_literal(coalesce(opts->>'disable_after', '0'));
+    delete_after  text := CASE WHEN opts->>'delete_after' IS NULL THEN 'NULL' ELSE quote_literal(opts->>'delete_after') END;
+    sql text;
+BEGIN
+    IF p.id IS NULL THEN
+        RAISE EXCEPTION 'no person source is registered' USING ERRCODE = 'object_not_in_prerequisite_state',
+            HINT = 'Register one first: SELECT identity_sync.add_person_source(''hr.employee'', ''emp_no'');';
+    END IF;
+    keytype := identity_sync._column_type(p.relation, p.key_column, 'person key');
+    sql := format('FROM %s AS person CROSS JOIN LATERAL (SELECT $2::date AS today, $3::int AS iteration) AS _p ', p.relation);
+    IF c.id IS NULL THEN
+        sql := sql || 'CROSS JOIN LATERAL (SELECT NULL::record AS contract, NULL::record[] AS contracts, true AS _exists, true AS _enabled) AS _c ';
+    ELSE
+        ord := coalesce(ord, format(
+            '(contract.%1$I <= today AND (contract.%2$I IS NULL OR contract.%2$I >= today)) DESC, contract.%2$I DESC NULLS FIRST, contract.%1$I DESC',
+            c.starts_column, c.ends_column));
+        sql := sql || format(
+            'LEFT JOIN LATERAL (SELECT array_agg(c ORDER BY c.%2$I, c.%3$I) AS contracts, '
+            || 'coalesce(bool_or(c.%2$I::date - %5$s::interval <= today AND (%8$s::interval IS NULL OR c.%3$I IS NULL OR today <= c.%3$I::date + %8$s::interval)), false) AS _exists, '
+            || 'coalesce(bool_or(c.%2$I::date - %6$s::interval <= today AND (c.%3$I IS NULL OR today <= c.%3$I::date + %7$s::interval)), false) AS _enabled '
+            || 'FROM %1$s AS c WHERE c.%4$I = person.%9$I) AS _cs ON true '
+            || 'LEFT JOIN LATERAL (SELECT * FROM %1$s AS contract WHERE contract.%4$I = person.%9$I ORDER BY %10$s LIMIT 1) AS contract ON true ',
+            c.relation, c.starts_column, c.ends_column, c.key_column,
+            create_before, enable_before, disable_after, delete_after, p.key_column, ord);
+    END IF;
+    sql := sql || format('WHERE person.%I = ANY ($1::text[]::%s[])', p.key_column, keytype);
+    RETURN sql;
+END
+$$;
+
+CREATE FUNCTION identity_sync._person_key_expr() RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format('person.%I::text', (identity_sync._person_source()).key_column)
+$$;
+
+CREATE FUNCTION identity_sync.person(person_key text)
+RETURNS jsonb LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    doc jsonb;
+    has_contracts boolean := (identity_sync._contract_source()).id IS NOT NULL;
+BEGIN
+    EXECUTE format('SELECT jsonb_build_object(''person_key'', %s, ''person'', to_jsonb(person), '
+                   '''contract'', %s, ''contracts'', %s, ''active'', %s, ''today'', today) %s',
+                   identity_sync._person_key_expr(),
+                   CASE WHEN has_contracts THEN 'CASE WHEN contract IS NULL THEN NULL ELSE to_jsonb(contract) END' ELSE 'NULL::jsonb' END,
+                   CASE WHEN has_contracts THEN 'coalesce(to_jsonb(contracts), ''[]'')' ELSE '''[]''::jsonb' END,
+                   CASE WHEN has_contracts THEN '_enabled' ELSE 'true' END,
+                   identity_sync._from_clause())
+      INTO doc USING ARRAY[person_key], identity_sync._today(), 0;
+    RETURN doc;
+END
+$$;
+
+------------------------------------------------------------------------------------------------
+-- Targets
+------------------------------------------------------------------------------------------------
+
+-- The options a target accepts: name, kinds, type.
+CREATE FUNCTION identity_sync._target_options()
+RETURNS TABLE (option text, kinds text[], type text, meaning text)
+LANGUAGE sql IMMUTABLE AS $$
+    VALUES ('auth',                  '{scim,webhook}',       'auth',      'none, bearer, basic or oauth2; the secret comes from set_secret'),
+           ('username',              '{scim,webhook}',       'text',      'user name for basic auth'),
+           ('token_url',             '{scim,webhook}',       'text',      'OAuth2 token endpoint'),
+           ('client_id',             '{scim,webhook}',       'text',      'OAuth2 client id'),
+           ('scope',                 '{scim,webhook}',       'text',      'OAuth2 scope'),
+           ('timeout',               '{scim,webhook}',       'interval',  'per request, default 10 s'),
+           ('max_concurrency',       '{scim,webhook}',       'integer',   'requests in flight, default 16'),
+           ('correlate_on',          '{scim}',               'text',      'attribute used to find an existing account before creating'),
+           ('create_groups',         '{scim}',               'boolean',   'create groups that do not exist yet'),
+           ('create_before',         '{scim,webhook,table}', 'interval',  'create the account this long before the first start'),
+           ('enable_before',         '{scim,webhook,table}', 'interval',  'enable the account this long before a start'),
+           ('disable_after',         '{scim,webhook,table}', 'interval',  'disable the account this long after the last end'),
+           ('delete_after',          '{scim,webhook,table}', 'interval?', 'delete the account this long after the last end; null = never'),
+           ('max_creates',           '{scim,webhook,table}', 'threshold', 'creates per plan before the target is held: a count or a percentage of accounts'),
+           ('max_disables',          '{scim,webhook,table}', 'threshold', 'disables per plan before the target is held'),
+           ('max_deletes',           '{scim,webhook,table}', 'threshold', 'deletes per plan before the target is held'),
+           ('dry_run',               '{scim,webhook,table}', 'boolean',   'plan and record, never send'),
+           ('unique_max_iterations', '{scim,webhook,table}', 'integer',   'cap for is_unique iterations, default 99'),
+           ('relation',              '{table}',              'regclass',  'the table (or foreign table) written'),
+           ('key_column',            '{table}',              'text',      'its column holding the person key'),
+           ('active_column',         '{table}',              'text',      'its boolean column holding the active flag')
+$$;
+
+CREATE FUNCTION identity_sync._validate_options(kind text, url text, options jsonb)
+RETURNS jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    o record;
+    spec record;
+    v jsonb;
+    valid text;
+BEGIN
+    IF kind IS NULL OR kind NOT IN ('scim', 'webhook', 'table') THEN
+        RAISE EXCEPTION 'invalid target kind "%"', kind USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'The kinds are scim, webhook and table.';
+    END IF;
+    IF jsonb_typeof(options) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'target options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF kind IN ('scim', 'webhook') AND (url IS NULL OR url !~* '^https?://[^/]') THEN
+        RAISE EXCEPTION 'a % target needs an http or https url', kind USING ERRCODE = 'invalid_parameter_value',
+            DETAIL = format('url is %s.', coalesce(quote_literal(url), 'null'));
+    END IF;
+    IF kind = 'table' AND url IS NOT NULL THEN
+        RAISE EXCEPTION 'a table target has no url' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Name the table in the options: {"relation": "app.users", "key_column": "person_key"}.';
+    END IF;
+    FOR o IN SELECT * FROM jsonb_each(options) LOOP
+        SELECT * INTO spec FROM identity_sync._target_options() t WHERE t.option = o.key AND kind = ANY (t.kinds);
+        IF NOT FOUND THEN
+            SELECT string_agg(t.option, ', ' ORDER BY t.option) INTO valid
+              FROM identity_sync._target_options() t WHERE kind = ANY (t.kinds);
+            RAISE EXCEPTION 'unknown option "%" for a % target', o.key, kind USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'Valid options: ' || valid || '.';
+        END IF;
+        v := o.value;
+        BEGIN
+            CASE spec.type
+            WHEN 'text' THEN
+                IF jsonb_typeof(v) <> 'string' THEN RAISE EXCEPTION USING MESSAGE = 'a string'; END IF;
+            WHEN 'auth' THEN
+                IF jsonb_typeof(v) <> 'string' OR v->>0 NOT IN ('none', 'bearer', 'basic', 'oauth2') THEN
+                    RAISE EXCEPTION USING MESSAGE = 'one of none, bearer, basic, oauth2';
+                END IF;
+            WHEN 'boolean' THEN
+                IF jsonb_typeof(v) <> 'boolean' THEN RAISE EXCEPTION USING MESSAGE = 'true or false'; END IF;
+            WHEN 'integer' THEN
+                IF jsonb_typeof(v) <> 'number' OR (v->>0)::numeric <> trunc((v->>0)::numeric) OR (v->>0)::numeric < 1 THEN
+                    RAISE EXCEPTION USING MESSAGE = 'a positive whole number';
+                END IF;
+            WHEN 'interval', 'interval?' THEN
+                IF jsonb_typeof(v) = 'null' AND spec.type = 'interval?' THEN
+                    NULL;
+                ELSIF jsonb_typeof(v) NOT IN ('string', 'number') THEN
+                    RAISE EXCEPTION USING MESSAGE = 'an interval such as ''30 days''';
+                ELSE
+                    PERFORM (v->>0)::interval;
+                END IF;
+            WHEN 'threshold' THEN
+                IF NOT ((jsonb_typeof(v) = 'number' AND (v->>0)::numeric >= 0)
+                        OR (jsonb_typeof(v) = 'string' AND v->>0 ~ '^\s*\d+(\.\d+)?\s*%?\s*$')) THEN
+                    RAISE EXCEPTION USING MESSAGE = 'a count such as 50 or a percentage such as ''10%''';
+                END IF;
+            WHEN 'regclass' THEN
+                IF jsonb_typeof(v) <> 'string' THEN RAISE EXCEPTION USING MESSAGE = 'a table name'; END IF;
+                PERFORM (v->>0)::regclass;
+            END CASE;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'invalid value for option "%": %', o.key, v::text USING ERRCODE = 'invalid_parameter_value',
+                DETAIL = CASE WHEN SQLERRM IN ('a string', 'true or false', 'a positive whole number', 'a table name',
+                                               'one of none, bearer, basic, oauth2', 'an interval such as ''30 days''',
+                                               'a count such as 50 or a percentage such as ''10%''')
+                              THEN 'Expected ' || SQLERRM || '.' ELSE SQLERRM END,
+                HINT = format('%s: %s.', o.key, spec.meaning);
+        END;
+    END LOOP;
+    IF kind = 'table' THEN
+        IF options->>'relation' IS NULL OR options->>'key_column' IS NULL THEN
+            RAISE EXCEPTION 'a table target needs the options relation and key_column' USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'For example {"relation": "app.users", "key_column": "person_key", "active_column": "active"}.';
+        END IF;
+        PERFORM identity_sync._column_type((options->>'relation')::regclass, options->>'key_column', 'key_column');
+        IF options ? 'active_column' AND identity_sync._column_type((options->>'relation')::regclass, options->>'active_column', 'active_column') <> 'boolean'::regtype THEN
+            RAISE EXCEPTION 'active_column "%" must be boolean', options->>'active_column' USING ERRCODE = 'datatype_mismatch';
+        END IF;
+    END IF;
+    RETURN options;
+END
+$$;
+
+CREATE FUNCTION identity_sync._target(name text) RETURNS identity_sync.target
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target;
+BEGIN
+    SELECT * INTO t FROM identity_sync.target WHERE target.name = _target.name;
+    IF t.id IS NULL THEN
+        RAISE EXCEPTION 'target "%" does not exist', name USING ERRCODE = 'undefined_object',
+            HINT = coalesce('Targets: ' || (SELECT string_agg(target.name, ', ' ORDER BY target.name) FROM identity_sync.target) || '.',
+                            'Create one with identity_sync.add_target().');
+    END IF;
+    RETURN t;
+END
+$$;
+
+CREATE FUNCTION identity_sync.add_target(name text, kind text, url text DEFAULT NULL, options jsonb DEFAULT '{}')
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target;
+BEGIN
+    IF EXISTS (SELECT FROM identity_sync.target WHERE target.name = add_target.name) THEN
+        RAISE EXCEPTION 'target "%" already exists', name USING ERRCODE = 'duplicate_object',
+            HINT = 'Change it with identity_sync.alter_target(), or drop it first.';
+    END IF;
+    INSERT INTO identity_sync.target (name, kind, url, options)
+    VALUES (name, kind, url, identity_sync._validate_options(kind, url, coalesce(options, '{}')))
+    RETURNING * INTO t;
+    PERFORM identity_sync._compile(t.id);
+    PERFORM identity_sync._audit('add_target', name, NULL, to_jsonb(t) - 'compiled');
+    RAISE NOTICE 'target "%" has no rules yet, so nobody is in scope', name
+        USING HINT = 'Add mappings with identity_sync.map() and rules with identity_sync.add_rule(), then start the initial sync with identity_sync.resync().';
+END
+$$;
+
+-- NULL arguments mean "unchanged"; options are merged (a key set to null is removed).
+CREATE FUNCTION identity_sync.alter_target(name text, url text DEFAULT NULL, options jsonb DEFAULT NULL, new_name text DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target := identity_sync._target(name);
+    merged jsonb := t.options;
+    n identity_sync.target;
+BEGIN
+    IF options IS NOT NULL THEN
+        merged := jsonb_strip_nulls(t.options || options);
+        IF options ? 'delete_after' AND options->'delete_after' = 'null' THEN
+            merged := merged - 'delete_after';
+        END IF;
+    END IF;
+    UPDATE identity_sync.target
+       SET url = coalesce(alter_target.url, target.url),
+           options = identity_sync._validate_options(t.kind, coalesce(alter_target.url, t.url), merged),
+           name = coalesce(new_name, target.name),
+           updated_at = now()
+     WHERE id = t.id RETURNING * INTO n;
+    PERFORM identity_sync._compile(t.id);
+    PERFORM identity_sync._audit('alter_target', n.name, to_jsonb(t) - 'compiled', to_jsonb(n) - 'compiled');
+    PERFORM identity_sync._wake_at_commit();
+END
+$$;
+
+CREATE FUNCTION identity_sync.drop_target(name text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target := identity_sync._target(name);
+BEGIN
+    DELETE FROM identity_sync.target WHERE id = t.id;
+    PERFORM identity_sync._audit('drop_target', name, to_jsonb(t) - 'compiled', NULL);
+END
+$$;
+
+CREATE FUNCTION identity_sync.set_secret(target text, secret text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target := identity_sync._target(target);
+BEGIN
+    IF secret IS NULL OR secret = '' THEN
+        DELETE FROM identity_sync._secret WHERE target_id = t.id;
+    ELSE
+        INSERT INTO identity_sync._secret (target_id, secret) VALUES (t.id, secret)
+        ON CONFLICT (target_id) DO UPDATE SET secret = excluded.secret, set_at = now();
+    END IF;
+    -- The secret itself is never recorded.
+    PERFORM identity_sync._audit('set_secret', target, NULL, jsonb_build_object('set', secret IS NOT NULL AND secret <> ''));
+    PERFORM identity_sync._wake_at_commit();
+END
+$$;
+
+------------------------------------------------------------------------------------------------
+-- Mappings and rules, compiled into one set-based query per target.
+------------------------------------------------------------------------------------------------
+
+-- Check one user expression in the context of a target; returns its type. Errors carry the
+-- position inside the expression (see _check_expression in src/config/).
+CREATE FUNCTION identity_sync._check_user_expression(t identity_sync.target, expr text)
+RETURNS regtype LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF expr IS NULL OR btrim(expr) = '' THEN
+        RAISE EXCEPTION 'expression is empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF expr ~ ';' AND expr !~ '''' THEN
+        RAISE EXCEPTION 'expression must be a single SQL expression' USING ERRCODE = 'syntax_error', DETAIL = expr;
+    END IF;
+    RETURN identity_sync._check_expression(
+        'SELECT (' || expr || E'\n) AS v ' || identity_sync._from_clause(t.options) || ' LIMIT 0',
+        8, expr);
+END
+$$;
+
+CREATE FUNCTION identity_sync._compile(target_id int)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target;
+    rules text := '''{}''::text[]';
+    groups text := '''{}''::text[]';
+    attrs text := '''{}''::jsonb';
+    r record;
+    pairs text[] := '{}';
+    sql text;
+BEGIN
+    SELECT * INTO t FROM identity_sync.target WHERE id = target_id;
+    IF (identity_sync._person_source()).id IS NULL THEN
+        UPDATE identity_sync.target SET compiled = NULL WHERE id = target_id;
+        RETURN;
+    END IF;
+    FOR r IN SELECT * FROM identity_sync.rule WHERE rule.target_id = t.id ORDER BY name LOOP
+        rules := rules || format(' || CASE WHEN (%s%s) THEN %L::text END', r.condition, E'\n', r.name);
+        groups := groups || format(' || CASE WHEN (%s%s) THEN %L::text[] END', r.condition, E'\n', r.groups);
+    END LOOP;
+    FOR r IN SELECT * FROM identity_sync.mapping WHERE mapping.target_id = t.id ORDER BY position LOOP
+        pairs := pairs || format('%L, to_jsonb((%s%s))', r.attribute, r.expression, E'\n');
+        IF cardinality(pairs) = 50 THEN
+            attrs := attrs || ' || jsonb_build_object(' || array_to_string(pairs, ', ') || ')';
+            pairs := '{}';
+        END IF;
+    END LOOP;
+    IF cardinality(pairs) > 0 THEN
+        attrs := attrs || ' || jsonb_build_object(' || array_to_string(pairs, ', ') || ')';
+    END IF;
+    sql := format('SELECT %s AS person_key, array_remove(%s, NULL) AS rules, '
+                  'ARRAY(SELECT DISTINCT g FROM unnest(%s) AS g WHERE g IS NOT NULL ORDER BY g) AS groups, '
+                  '%s AS attributes, _exists AS exists_now, _enabled AS enabled_now ',
+                  identity_sync._person_key_expr(), rules, groups, attrs)
+           || identity_sync._from_clause(t.options);
+    -- Parse and plan it once now, so a broken configuration never reaches the worker.
+    EXECUTE 'SELECT count(*) FROM (' || sql || ') AS q' USING '{}'::text[], CURRENT_DATE, 0;
+    UPDATE identity_sync.target SET compiled = sql WHERE id = t.id;
+END
+$$;
+
+CREATE FUNCTION identity_sync._recompile_all() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    id int;
+BEGIN
+    FOR id IN SELECT target.id FROM identity_sync.target LOOP
+        PERFORM identity_sync._compile(id);
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION identity_sync.map(target text, attribute text, expression text,
+                                  on_create_only boolean DEFAULT false, is_unique boolean DEFAULT false)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target := identity_sync._target(target);
+    old identity_sync.mapping;
+    m identity_sync.mapping;
+BEGIN
+    IF attribute IS NULL OR btrim(attribute) = '' THEN
+        RAISE EXCEPTION 'attribute name is empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF t.kind = 'scim' THEN
+        PERFORM identity_sync._check_attribute_path(attribute);
+    ELSIF t.kind = 'table' THEN
+        PERFORM identity_sync._column_type((t.options->>'relation')::regclass, attribute, 'mapped attribute');
+    END IF;
+    IF is_unique AND expression !~* '\miteration\M' THEN
+        RAISE NOTICE 'unique attribute "%" does not use iteration', attribute
+            USING HINT = 'Without it a taken value cannot be varied, e.g. slug(...) || CASE WHEN iteration > 0 THEN (iteration + 1)::text ELSE '''' END.';
+    END IF;
+    PERFORM identity_sync._check_user_expression(t, expression);
+    SELECT * INTO old FROM identity_sync.mapping WHERE mapping.target_id = t.id AND mapping.attribute = map.attribute;
+    INSERT INTO identity_sync.mapping (target_id, attribute, expression, on_create_only, is_unique)
+    VALUES (t.id, attribute, expression, on_create_only, is_unique)
+    ON CONFLICT ON CONSTRAINT mapping_pkey DO UPDATE
+       SET expression = excluded.expression, on_create_only = excluded.on_create_only, is_unique = excluded.is_unique
+    RETURNING * INTO m;
+    PERFORM identity_sync._compile(t.id);
+    PERFORM identity_sync._audit('map', target || '.' || attribute, to_jsonb(old) - 'position', to_jsonb(m) - 'position');
+END
+$$;
+
+CREATE FUNCTION identity_sync.unmap(target text, attribute text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target := identity_sync._target(target);
+    old identity_sync.mapping;
+BEGIN
+    DELETE FROM identity_sync.mapping WHERE mapping.target_id = t.id AND mapping.attribute = unmap.attribute
+    RETURNING * INTO old;
+    IF old.target_id IS NULL THEN
+        RAISE EXCEPTION 'target "%" has no mapping for attribute "%"', target, attribute USING ERRCODE = 'undefined_object';
+    END IF;
+    DELETE FROM identity_sync._unique WHERE _unique.target_id = t.id AND _unique.attribute = unmap.attribute;
+    PERFORM identity_sync._compile(t.id);
+    PERFORM identity_sync._audit('unmap', target || '.' || attribute, to_jsonb(old) - 'position', NULL);
+END
+$$;
+
+CREATE FUNCTION identity_sync.add_rule(target text, name text, condition text, groups text[] DEFAULT '{}')
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target := identity_sync._target(target);
+    typ regtype;
+    r identity_sync.rule;
+BEGIN
+    IF name IS NULL OR btrim(name) = '' THEN
+        RAISE EXCEPTION 'rule name is empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF EXISTS (SELECT FROM identity_sync.rule WHERE rule.target_id = t.id AND rule.name = add_rule.name) THEN
+        RAISE EXCEPTION 'target "%" already has a rule "%"', target, name USING ERRCODE = 'duplicate_object',
+            HINT = 'Drop it first with identity_sync.drop_rule().';
+    END IF;
+    typ := identity_sync._check_user_expression(t, condition);
+    IF typ <> 'boolean'::regtype THEN
+        RAISE EXCEPTION 'rule condition must be boolean, not %', typ USING ERRCODE = 'datatype_mismatch',
+            DETAIL = condition;
+    END IF;
+    INSERT INTO identity_sync.rule (target_id, name, condition, groups)
+    VALUES (t.id, name, condition, coalesce(groups, '{}')) RETURNING * INTO r;
+    PERFORM identity_sync._compile(t.id);
+    PERFORM identity_sync._audit('add_rule', target || '.' || name, NULL, to_jsonb(r));
+END
+$$;
+
+CREATE FUNCTION identity_sync.drop_rule(target text, name text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target := identity_sync._target(target);
+    old identity_sync.rule;
+BEGIN
+    DELETE FROM identity_sync.rule WHERE rule.target_id = t.id AND rule.name = drop_rule.name RETURNING * INTO old;
+    IF old.target_id IS NULL THEN
+        RAISE EXCEPTION 'target "%" has no rule "%"', target, name USING ERRCODE = 'undefined_object';
+    END IF;
+    PERFORM identity_sync._compile(t.id);
+    PERFORM identity_sync._audit('drop_rule', target || '.' || name, to_jsonb(old), NULL);
+END
+$$;

@@ -1,0 +1,264 @@
+-- Delivery, SQL side: claiming due events, recording outcomes in the registry, and applying
+-- events to table targets. The worker (src/deliver/) calls these in short transactions of its
+-- own; HTTP requests happen between them, outside any transaction.
+
+-- At worker start: events a crash left in flight are due again (at-least-once delivery).
+CREATE FUNCTION identity_sync._worker_start() RETURNS int
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    WITH r AS (
+        UPDATE identity_sync.event SET state = 'retry', due_at = now(),
+               last_error = coalesce(last_error, 'in flight when the worker stopped')
+         WHERE state = 'sending' RETURNING 1)
+    SELECT count(*)::int FROM r
+$$;
+
+-- Replace {"$person": key} values by that person's account id in the same target.
+CREATE FUNCTION identity_sync._resolve_refs(target_id int, attrs jsonb) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN attrs IS NULL OR NOT attrs::text LIKE '%"$person"%' THEN attrs ELSE
+        (SELECT jsonb_object_agg(e.key,
+                    CASE WHEN jsonb_typeof(e.value) = 'object' AND e.value ? '$person'
+                         THEN to_jsonb((SELECT a.remote_id FROM identity_sync.account a
+                                         WHERE a.target_id = _resolve_refs.target_id
+                                           AND a.person_key = e.value->>'$person'
+                                           AND a.state IN ('active', 'disabled')))
+                         ELSE e.value END)
+           FROM jsonb_each(attrs) AS e) END
+$$;
+
+-- Claim due events of the given target kinds: per person only the first unfinished event, so
+-- that a person's events go out strictly in order and one at a time.
+CREATE FUNCTION identity_sync._claim(kinds text[], max_events int)
+RETURNS TABLE (event_id bigint, target_id int, person_key text, kind text, payload jsonb,
+               remote_id text, attempts int, created_at timestamptz)
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    WITH c AS (
+        SELECT e.id
+          FROM identity_sync.target t
+         CROSS JOIN LATERAL (
+            SELECT e.id FROM identity_sync.event e
+             WHERE e.target_id = t.id AND e.state IN ('pending', 'retry') AND e.due_at <= now()
+               AND NOT EXISTS (SELECT FROM identity_sync.event p
+                                WHERE p.target_id = e.target_id AND p.person_key = e.person_key
+                                  AND p.seq < e.seq AND p.state <> 'done')
+             ORDER BY e.due_at, e.id
+             LIMIT max_events
+               FOR UPDATE SKIP LOCKED) AS e
+         WHERE t.kind = ANY (kinds) AND NOT t.paused AND t.held IS NULL
+           AND NOT coalesce((t.options->>'dry_run')::boolean, false)
+         LIMIT max_events),
+    u AS (
+        UPDATE identity_sync.event e
+           SET state = 'sending', attempts = e.attempts + 1, sent_at = clock_timestamp()
+          FROM c WHERE e.id = c.id
+        RETURNING e.*)
+    SELECT u.id, u.target_id, u.person_key, u.kind,
+           CASE WHEN u.payload::text LIKE '%"$person"%'
+                THEN u.payload || jsonb_strip_nulls(jsonb_build_object(
+                        'attributes', identity_sync._resolve_refs(u.target_id, u.payload->'attributes'),
+                        'changed', identity_sync._resolve_refs(u.target_id, u.payload->'changed')))
+                ELSE u.payload END,
+           a.remote_id, u.attempts, u.created_at
+      FROM u LEFT JOIN identity_sync.account a ON a.target_id = u.target_id AND a.person_key = u.person_key
+     ORDER BY u.target_id, u.person_key, u.seq
+$$;
+
+-- Record one outcome. outcome: done | retry | failed | conflict.
+CREATE FUNCTION identity_sync._record(event_id bigint, outcome text, remote_id text DEFAULT NULL,
+                                      error text DEFAULT NULL, http_status int DEFAULT NULL,
+                                      retry_in interval DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    e identity_sync.event;
+    max_attempts int := coalesce(nullif(current_setting('identity_sync.max_attempts', true), '')::int, 10);
+BEGIN
+    SELECT * INTO e FROM identity_sync.event WHERE id = event_id;
+    IF e.id IS NULL OR e.state <> 'sending' THEN
+        RETURN;   -- skipped or discarded by an operator meanwhile
+    END IF;
+    IF outcome = 'done' THEN
+        UPDATE identity_sync.event SET state = 'done', done_at = clock_timestamp(), http_status = _record.http_status,
+               last_error = NULL WHERE id = e.id;
+        PERFORM identity_sync._apply_to_registry(e, _record.remote_id);
+    ELSIF outcome = 'retry' AND e.attempts < max_attempts THEN
+        UPDATE identity_sync.event SET state = 'retry', last_error = error, http_status = _record.http_status,
+               due_at = clock_timestamp() + coalesce(retry_in, interval '1 second') WHERE id = e.id;
+    ELSIF outcome = 'conflict' THEN
+        PERFORM identity_sync._uniqueness_conflict(e, error);
+    ELSE
+        UPDATE identity_sync.event SET state = 'failed', http_status = _record.http_status,
+               last_error = CASE WHEN outcome = 'retry' THEN format('gave up after %s attempts: %s', e.attempts, error) ELSE error END
+         WHERE id = e.id;
+    END IF;
+END
+$$;
+
+-- The account's applied state after a delivered event.
+CREATE FUNCTION identity_sync._apply_to_registry(e identity_sync.event, new_remote_id text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE identity_sync.account a
+       SET remote_id = coalesce(new_remote_id, a.remote_id),
+           state = CASE e.kind
+                     WHEN 'create' THEN CASE WHEN (e.payload->>'active')::boolean THEN 'active' ELSE 'disabled' END
+                     WHEN 'enable' THEN 'active'
+                     WHEN 'disable' THEN 'disabled'
+                     WHEN 'delete' THEN 'deleted'
+                     ELSE a.state END,
+           attributes = CASE e.kind
+                     WHEN 'create' THEN e.payload->'attributes'
+                     WHEN 'update' THEN a.attributes || (e.payload->'changed')
+                     ELSE a.attributes END,
+           groups = CASE e.kind
+                     WHEN 'create' THEN '{}'
+                     WHEN 'grant' THEN ARRAY(SELECT DISTINCT x FROM unnest(a.groups || (e.payload->>'group')) AS x ORDER BY x)
+                     WHEN 'revoke' THEN array_remove(a.groups, e.payload->>'group')
+                     WHEN 'delete' THEN '{}'
+                     ELSE a.groups END,
+           applied_at = clock_timestamp()
+     WHERE a.target_id = e.target_id AND a.person_key = e.person_key;
+    -- A person others refer to (a manager) got an account: re-send the references to it.
+    IF e.kind = 'create' THEN
+        WITH r AS (
+            SELECT a.target_id, a.person_key, a.seq,
+                   (SELECT jsonb_object_agg(x.key, x.value) FROM jsonb_each(a.planned_attributes) AS x
+                     WHERE x.value = jsonb_build_object('$person', e.person_key)) AS changed
+              FROM identity_sync.account a
+             WHERE a.target_id = e.target_id AND a.refs @> ARRAY[e.person_key]
+               AND a.planned_state IN ('active', 'disabled') AND a.person_key <> e.person_key
+               FOR UPDATE),
+        ins AS (
+            INSERT INTO identity_sync.event (target_id, person_key, seq, kind, payload)
+            SELECT r.target_id, r.person_key, r.seq + 1, 'update',
+                   jsonb_build_object('changed', r.changed, 'previous', '{}'::jsonb, 'attributes', a.planned_attributes)
+              FROM r JOIN identity_sync.account a USING (target_id, person_key)
+             WHERE r.changed IS NOT NULL
+            RETURNING target_id, person_key, seq)
+        UPDATE identity_sync.account a SET seq = ins.seq FROM ins
+         WHERE a.target_id = ins.target_id AND a.person_key = ins.person_key;
+    END IF;
+END
+$$;
+
+-- The target said a unique value is taken (SCIM 409 uniqueness) by an account we do not manage:
+-- remember the value as taken, drop this person's unfinished events, plan the person again.
+CREATE FUNCTION identity_sync._uniqueness_conflict(e identity_sync.event, error text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    INSERT INTO identity_sync._unique (target_id, attribute, value, person_key)
+    SELECT e.target_id, m.attribute, e.payload->'attributes'->>m.attribute, NULL
+      FROM identity_sync.mapping m
+     WHERE m.target_id = e.target_id AND m.is_unique AND e.payload->'attributes'->>m.attribute IS NOT NULL
+    ON CONFLICT (target_id, attribute, value) DO UPDATE SET person_key = NULL;
+    DELETE FROM identity_sync.event x
+     WHERE x.target_id = e.target_id AND x.person_key = e.person_key AND x.state <> 'done';
+    UPDATE identity_sync.account a
+       SET planned_state = 'deleted', planned_attributes = '{}', planned_groups = '{}'
+     WHERE a.target_id = e.target_id AND a.person_key = e.person_key;
+    INSERT INTO identity_sync._dirty (person_key, target_id, op, first_at)
+    VALUES (e.person_key, e.target_id, 'conflict', now()) ON CONFLICT DO NOTHING;
+    RAISE LOG 'identity_sync: unique value taken in the target for person %: %', e.person_key, error;
+END
+$$;
+
+-- Apply one event to a table target (local table or postgres_fdw foreign table).
+CREATE FUNCTION identity_sync._apply_table_event(t identity_sync.target, e record)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel regclass := (t.options->>'relation')::regclass;
+    keycol text := t.options->>'key_column';
+    activecol text := t.options->>'active_column';
+    keytype text := format_type((SELECT atttypid FROM pg_attribute WHERE attrelid = rel AND attname = keycol), NULL);
+    attrs jsonb;
+    sets text;
+    n int;
+BEGIN
+    IF e.kind IN ('create', 'update') THEN
+        attrs := CASE e.kind WHEN 'create' THEN e.payload->'attributes' ELSE e.payload->'changed' END;
+        IF activecol IS NOT NULL AND e.kind = 'create' THEN
+            attrs := attrs || jsonb_build_object(activecol, (e.payload->>'active')::boolean);
+        END IF;
+        -- Values convert to the columns' types through the table's own row type.
+        SELECT string_agg(format('%I = r.%I', k, k), ', ') INTO sets FROM jsonb_object_keys(attrs) AS k;
+        IF sets IS NOT NULL THEN
+            EXECUTE format('UPDATE %s AS x SET %s FROM jsonb_populate_record(NULL::%s, $1) AS r WHERE x.%I = $2::%s',
+                           rel, sets, rel, keycol, keytype) USING attrs, e.person_key;
+            GET DIAGNOSTICS n = ROW_COUNT;
+        ELSE
+            n := 1;
+        END IF;
+        IF n = 0 THEN
+            attrs := (e.payload->'attributes') || jsonb_build_object(keycol, e.person_key)
+                     || CASE WHEN activecol IS NOT NULL
+                             THEN jsonb_build_object(activecol, coalesce((e.payload->>'active')::boolean, true))
+                             ELSE '{}' END;
+            SELECT string_agg(quote_ident(k), ', '), string_agg(format('r.%I', k), ', ')
+              INTO sets, keytype FROM jsonb_object_keys(attrs) AS k;
+            EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM jsonb_populate_record(NULL::%s, $1) AS r',
+                           rel, sets, keytype, rel) USING attrs;
+        END IF;
+    ELSIF e.kind IN ('enable', 'disable') THEN
+        IF activecol IS NOT NULL THEN
+            EXECUTE format('UPDATE %s SET %I = $1 WHERE %I = $2::%s', rel, activecol, keycol, keytype)
+              USING e.kind = 'enable', e.person_key;
+        END IF;
+    ELSIF e.kind = 'delete' THEN
+        EXECUTE format('DELETE FROM %s WHERE %I = $1::%s', rel, keycol, keytype) USING e.person_key;
+    END IF;
+    -- grant / revoke: a table target keeps no group memberships; recorded in the registry only.
+END
+$$;
+
+-- Deliver due events of table targets; returns how many were handled.
+CREATE FUNCTION identity_sync._deliver_tables(max_events int)
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    e record;
+    t identity_sync.target;
+    n int := 0;
+BEGIN
+    FOR e IN SELECT * FROM identity_sync._claim(ARRAY['table'], max_events) LOOP
+        IF t.id IS DISTINCT FROM e.target_id THEN
+            SELECT * INTO t FROM identity_sync.target WHERE id = e.target_id;
+        END IF;
+        BEGIN
+            PERFORM identity_sync._apply_table_event(t, e);
+            PERFORM identity_sync._record(e.event_id, 'done', e.person_key);
+        EXCEPTION WHEN OTHERS THEN
+            PERFORM identity_sync._record(e.event_id, 'failed', NULL, SQLERRM, NULL);
+        END;
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+-- Milliseconds until something is due: a retry, a snapshot, or the next day's boundaries.
+CREATE FUNCTION identity_sync._next_due_ms() RETURNS bigint
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT greatest(0, (extract(epoch FROM (least(
+               (SELECT min(e.due_at) FROM identity_sync.event e JOIN identity_sync.target t ON t.id = e.target_id
+                 WHERE e.state IN ('pending', 'retry') AND NOT t.paused AND t.held IS NULL),
+               (SELECT min(snapshot_at + snapshot_interval) FROM identity_sync.source WHERE capture = 'snapshot'),
+               date_trunc('day', now()) + interval '1 day') - now())) * 1000)::bigint)
+$$;
+
+-- Everything the worker does on each tick besides planning and delivering.
+CREATE FUNCTION identity_sync._housekeeping() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s int;
+    retention interval := coalesce(nullif(current_setting('identity_sync.event_retention', true), '')::interval, '7 days');
+BEGIN
+    FOR s IN SELECT id FROM identity_sync.source
+              WHERE capture = 'snapshot' AND (snapshot_at IS NULL OR snapshot_at + snapshot_interval <= now()) LOOP
+        PERFORM identity_sync._snapshot_source(s);
+    END LOOP;
+    PERFORM identity_sync._check_boundaries();
+    PERFORM identity_sync._expire_grants();
+    IF retention > interval '0' THEN
+        DELETE FROM identity_sync.event WHERE state = 'done' AND done_at < now() - retention;
+        DELETE FROM identity_sync.plan_run WHERE started_at < now() - retention;
+    END IF;
+END
+$$;

@@ -1,0 +1,100 @@
+-- Privileges and documentation. Runs last.
+
+-- Nothing for PUBLIC but what design.md says (the self-service entry points, granted in
+-- selfservice.sql's section below).
+REVOKE ALL ON SCHEMA identity_sync FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA identity_sync FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA identity_sync FROM PUBLIC;
+GRANT USAGE ON SCHEMA identity_sync TO identity_sync_reader, identity_sync_operator, identity_sync_admin;
+
+-- Readers: status, registry, events, audit, configuration (never secrets).
+GRANT SELECT ON identity_sync.status, identity_sync.accounts, identity_sync.events, identity_sync.audit_log,
+                identity_sync.pending_changes, identity_sync.source, identity_sync.mapping, identity_sync.rule,
+                identity_sync.plan_run, identity_sync.change, identity_sync.account, identity_sync.event
+   TO identity_sync_reader;
+GRANT SELECT (id, name, kind, url, options, paused, held, released_at, resync_total, resync_started_at, created_at, updated_at)
+   ON identity_sync.target TO identity_sync_reader;
+GRANT SELECT ON identity_sync.status TO pg_monitor;
+GRANT EXECUTE ON FUNCTION identity_sync.wait_idle(interval), identity_sync.worker_status(),
+                          identity_sync.normalize_diacritics(text), identity_sync.slug(text),
+                          identity_sync.person_ref(anyelement)
+   TO identity_sync_reader;
+
+-- Operators: the levers.
+GRANT EXECUTE ON FUNCTION identity_sync.pause(text), identity_sync.resume(text), identity_sync.release(text),
+                          identity_sync.discard(text), identity_sync.retry(text), identity_sync.skip(bigint),
+                          identity_sync.resync(text), identity_sync.preview(text, text), identity_sync.trace(text),
+                          identity_sync.person(text)
+   TO identity_sync_operator;
+
+-- Admins: configuration.
+GRANT EXECUTE ON FUNCTION identity_sync.add_person_source(regclass, text),
+                          identity_sync.add_contract_source(regclass, text, text, text),
+                          identity_sync.add_related_source(regclass, text),
+                          identity_sync.drop_source(regclass),
+                          identity_sync.set_primary_contract(text),
+                          identity_sync.set_snapshot_interval(regclass, interval),
+                          identity_sync.set_clock(timestamptz),
+                          identity_sync.add_target(text, text, text, jsonb),
+                          identity_sync.alter_target(text, text, jsonb, text),
+                          identity_sync.drop_target(text),
+                          identity_sync.set_secret(text, text),
+                          identity_sync.map(text, text, text, boolean, boolean),
+                          identity_sync.unmap(text, text),
+                          identity_sync.add_rule(text, text, text, text[]),
+                          identity_sync.drop_rule(text, text)
+   TO identity_sync_admin;
+
+-- Say so when provisioning cannot happen here (pg_cron refuses to half-work in silence).
+DO $check$
+DECLARE
+    s text := identity_sync.worker_status();
+BEGIN
+    IF s LIKE 'no worker%' THEN
+        RAISE NOTICE 'identity_sync: %', split_part(s, ' HINT: ', 1)
+            USING HINT = split_part(s, ' HINT: ', 2);
+    END IF;
+END
+$check$;
+
+COMMENT ON SCHEMA identity_sync IS 'identity_sync: HR tables as the source of truth for identities';
+COMMENT ON TABLE identity_sync.source IS 'Registered HR sources: the person source, the contract source, related sources.';
+COMMENT ON TABLE identity_sync.change IS 'The change outbox: one row per captured statement, holding the affected person keys.';
+COMMENT ON TABLE identity_sync.target IS 'Targets that get accounts: scim, webhook or table.';
+COMMENT ON TABLE identity_sync.mapping IS 'Per target: attribute <- SQL expression over person, contract, contracts, today, iteration.';
+COMMENT ON TABLE identity_sync.rule IS 'Per target: business rules (SQL conditions) and the groups they grant; a person is in scope when one matches.';
+COMMENT ON TABLE identity_sync.account IS 'The account registry: person x target, applied and planned state.';
+COMMENT ON TABLE identity_sync.event IS 'Provisioning events, delivered strictly in seq order per person and target.';
+COMMENT ON TABLE identity_sync.plan_run IS 'One row per planner transaction: which persons it planned and how many events it wrote.';
+COMMENT ON VIEW identity_sync.status IS 'One row per target: state (active, paused, held, failing), accounts and events by state, oldest pending age, last success and error, deliveries in the last hour, resync progress.';
+COMMENT ON VIEW identity_sync.accounts IS 'The account registry by target name.';
+COMMENT ON VIEW identity_sync.events IS 'Provisioning events by target name, with their delivery latency.';
+COMMENT ON VIEW identity_sync.audit_log IS 'Every configuration and operator call: who, when, what, old and new (secrets never).';
+COMMENT ON VIEW identity_sync.pending_changes IS 'Persons changed in HR and not yet planned, one row each, with the source and time of the first change.';
+COMMENT ON FUNCTION identity_sync.add_person_source(regclass, text) IS 'Register the person source: one row per person, identified by key (primary key or unique column).';
+COMMENT ON FUNCTION identity_sync.add_contract_source(regclass, text, text, text) IS 'Register the contract source: time-ranged rows (starts, inclusive ends; NULL = open) of a person.';
+COMMENT ON FUNCTION identity_sync.add_related_source(regclass, text) IS 'Register a related table; affected is a query over the changed rows ("changed") returning person keys.';
+COMMENT ON FUNCTION identity_sync.drop_source(regclass) IS 'Unregister a source and remove its capture triggers.';
+COMMENT ON FUNCTION identity_sync.set_primary_contract(text) IS 'ORDER BY over contract (and today) choosing the primary contract; NULL restores the default (active first, latest end, latest start).';
+COMMENT ON FUNCTION identity_sync.set_snapshot_interval(regclass, interval) IS 'How often a view or foreign table source is compared with its last snapshot.';
+COMMENT ON FUNCTION identity_sync.set_clock(timestamptz) IS 'Evaluate "now" as the given time (NULL = real time): for tests, replays and what-if checks.';
+COMMENT ON FUNCTION identity_sync.person(text) IS 'The person document: person row, contracts, primary contract, active today.';
+COMMENT ON FUNCTION identity_sync.add_target(text, text, text, jsonb) IS 'Add a target (scim, webhook or table) with validated options.';
+COMMENT ON FUNCTION identity_sync.alter_target(text, text, jsonb, text) IS 'Change a target: NULL means unchanged; options are merged, a key set to null is removed.';
+COMMENT ON FUNCTION identity_sync.drop_target(text) IS 'Drop a target with its mappings, rules, registry and events.';
+COMMENT ON FUNCTION identity_sync.set_secret(text, text) IS 'Set a target''s token, password, client secret or signing key; never readable back.';
+COMMENT ON FUNCTION identity_sync.map(text, text, text, boolean, boolean) IS 'Map attribute <- SQL expression; validated now, with the position of any error inside the expression.';
+COMMENT ON FUNCTION identity_sync.unmap(text, text) IS 'Remove an attribute mapping.';
+COMMENT ON FUNCTION identity_sync.add_rule(text, text, text, text[]) IS 'Add a business rule: a boolean SQL condition and the groups it grants.';
+COMMENT ON FUNCTION identity_sync.drop_rule(text, text) IS 'Remove a business rule.';
+COMMENT ON FUNCTION identity_sync.pause(text) IS 'Stop delivering to a target (planning goes on).';
+COMMENT ON FUNCTION identity_sync.resume(text) IS 'Resume delivering to a paused target.';
+COMMENT ON FUNCTION identity_sync.release(text) IS 'Let the events held by a threshold go out.';
+COMMENT ON FUNCTION identity_sync.discard(text) IS 'Drop the events held by a threshold.';
+COMMENT ON FUNCTION identity_sync.retry(text) IS 'Retry failed events of a target (by name) or one event (by id).';
+COMMENT ON FUNCTION identity_sync.skip(bigint) IS 'Give up on one failed event so the person''s later events go on.';
+COMMENT ON FUNCTION identity_sync.resync(text) IS 'Full reconcile of every person for a target, in batches; progress in status.';
+COMMENT ON FUNCTION identity_sync.wait_idle(interval) IS 'Wait until nothing is dirty, pending or in flight; false on timeout.';
+COMMENT ON FUNCTION identity_sync.preview(text, text) IS 'What a plan would do for a person now, per target; changes nothing.';
+COMMENT ON FUNCTION identity_sync.trace(text) IS 'The story of one person: changes, plans, events and results in time order.';
+COMMENT ON FUNCTION identity_sync.person_ref(anyelement) IS 'An attribute value referring to another person (e.g. manager): sent as that person''s account id in the target.';

@@ -1,0 +1,285 @@
+-- Status and operations: what psql users look at, and the levers operators pull.
+
+CREATE VIEW identity_sync.accounts AS
+SELECT t.name AS target, a.person_key, a.remote_id, a.state, a.planned_state,
+       a.attributes, a.groups, a.planned_attributes, a.planned_groups,
+       a.created_at, a.planned_at, a.applied_at
+  FROM identity_sync.account a JOIN identity_sync.target t ON t.id = a.target_id;
+
+CREATE VIEW identity_sync.events AS
+SELECT e.id, t.name AS target, e.person_key, e.seq, e.kind, e.state, e.payload, e.attempts,
+       e.due_at, e.last_error, e.http_status, e.plan_id, e.created_at, e.sent_at, e.done_at,
+       e.done_at - e.created_at AS latency
+  FROM identity_sync.event e JOIN identity_sync.target t ON t.id = e.target_id;
+
+CREATE VIEW identity_sync.audit_log AS
+SELECT id, at, actor, action, object, old, new FROM identity_sync._audit;
+
+CREATE VIEW identity_sync.status AS
+SELECT t.name AS target, t.kind,
+       CASE WHEN t.paused THEN 'paused'
+            WHEN t.held IS NOT NULL THEN 'held'
+            WHEN EXISTS (SELECT FROM identity_sync.event e WHERE e.target_id = t.id AND e.state = 'failed')
+              OR EXISTS (SELECT FROM identity_sync.event e WHERE e.target_id = t.id AND e.state = 'retry' AND e.attempts > 1)
+            THEN 'failing'
+            ELSE 'active' END AS state,
+       t.held->>'threshold' AS held_by,
+       CASE WHEN t.held IS NOT NULL
+            THEN format('%s %s events planned, %s allows %s', t.held->>'planned', t.held->>'kind', t.held->>'threshold', t.held->>'allowed') END AS held_detail,
+       coalesce(a.active, 0) AS accounts_active, coalesce(a.disabled, 0) AS accounts_disabled,
+       coalesce(a.pending, 0) AS accounts_pending, coalesce(a.deleted, 0) AS accounts_deleted,
+       coalesce(e.pending, 0) AS events_pending, coalesce(e.sending, 0) AS events_sending,
+       coalesce(e.retrying, 0) AS events_retrying, coalesce(e.failed, 0) AS events_failed,
+       coalesce(e.held, 0) AS events_held,
+       now() - e.oldest_pending AS oldest_pending_age,
+       e.last_success, e.last_error,
+       coalesce(e.delivered_last_hour, 0) AS delivered_last_hour,
+       (SELECT count(*) FROM identity_sync._plan_error pe WHERE pe.target_id = t.id) AS plan_errors,
+       CASE WHEN t.resync_total IS NOT NULL THEN
+            format('%s of %s persons planned', t.resync_total - (SELECT count(*) FROM identity_sync._dirty d WHERE d.target_id IN (0, t.id)), t.resync_total)
+       END AS resync_progress,
+       coalesce((t.options->>'dry_run')::boolean, false) AS dry_run
+  FROM identity_sync.target t
+  LEFT JOIN LATERAL (
+     SELECT count(*) FILTER (WHERE state = 'active') AS active,
+            count(*) FILTER (WHERE state = 'disabled') AS disabled,
+            count(*) FILTER (WHERE state = 'pending') AS pending,
+            count(*) FILTER (WHERE state = 'deleted') AS deleted
+       FROM identity_sync.account WHERE target_id = t.id) AS a ON true
+  LEFT JOIN LATERAL (
+     SELECT count(*) FILTER (WHERE state = 'pending') AS pending,
+            count(*) FILTER (WHERE state = 'sending') AS sending,
+            count(*) FILTER (WHERE state = 'retry') AS retrying,
+            count(*) FILTER (WHERE state = 'failed') AS failed,
+            count(*) FILTER (WHERE state = 'held') AS held,
+            min(created_at) FILTER (WHERE state IN ('pending', 'retry', 'held')) AS oldest_pending,
+            (SELECT max(done_at) FROM identity_sync.event x WHERE x.target_id = t.id AND x.state = 'done') AS last_success,
+            (SELECT x.last_error FROM identity_sync.event x WHERE x.target_id = t.id AND x.last_error IS NOT NULL
+              ORDER BY x.sent_at DESC NULLS LAST LIMIT 1) AS last_error,
+            (SELECT count(*) FROM identity_sync.event x WHERE x.target_id = t.id AND x.state = 'done'
+                AND x.done_at > now() - interval '1 hour') AS delivered_last_hour
+       FROM identity_sync.event WHERE target_id = t.id AND state <> 'done') AS e ON true;
+
+CREATE FUNCTION identity_sync.pause(target text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE identity_sync.target SET paused = true WHERE id = (identity_sync._target(target)).id;
+    PERFORM identity_sync._audit('pause', target, NULL, NULL);
+END
+$$;
+
+CREATE FUNCTION identity_sync.resume(target text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE identity_sync.target SET paused = false WHERE id = (identity_sync._target(target)).id;
+    PERFORM identity_sync._audit('resume', target, NULL, NULL);
+    PERFORM identity_sync._wake_at_commit();
+END
+$$;
+
+-- Let the events a threshold held go out.
+CREATE FUNCTION identity_sync.release(target text) RETURNS int
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target := identity_sync._target(target);
+    n int;
+BEGIN
+    IF t.held IS NULL THEN
+        RAISE EXCEPTION 'target "%" is not held', target USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    UPDATE identity_sync.event SET state = 'pending', due_at = now() WHERE target_id = t.id AND state = 'held';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    UPDATE identity_sync.target SET held = NULL, released_at = now() WHERE id = t.id;
+    IF coalesce((t.options->>'dry_run')::boolean, false) THEN
+        PERFORM identity_sync._complete_dry_run(t.id);
+    END IF;
+    PERFORM identity_sync._audit('release', target, t.held, jsonb_build_object('events', n));
+    PERFORM identity_sync._wake_at_commit();
+    RETURN n;
+END
+$$;
+
+-- Drop the events a threshold held; their persons are planned again on their next change or
+-- resync.
+CREATE FUNCTION identity_sync.discard(target text) RETURNS int
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target := identity_sync._target(target);
+    n int;
+BEGIN
+    IF t.held IS NULL THEN
+        RAISE EXCEPTION 'target "%" is not held', target USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    WITH d AS (DELETE FROM identity_sync.event WHERE target_id = t.id AND state = 'held' RETURNING person_key)
+    SELECT count(*) INTO n FROM d;
+    -- The registry forgets what was planned and keeps what was applied.
+    DELETE FROM identity_sync.account WHERE target_id = t.id AND remote_id IS NULL AND state = 'pending'
+       AND NOT EXISTS (SELECT FROM identity_sync.event e WHERE e.target_id = t.id AND e.person_key = account.person_key);
+    UPDATE identity_sync.account a
+       SET planned_state = a.state, planned_attributes = a.attributes, planned_groups = a.groups,
+           seq = coalesce((SELECT max(seq) FROM identity_sync.event e WHERE e.target_id = t.id AND e.person_key = a.person_key), a.seq)
+     WHERE a.target_id = t.id AND a.state <> 'pending'
+       AND NOT EXISTS (SELECT FROM identity_sync.event e WHERE e.target_id = t.id AND e.person_key = a.person_key AND e.state <> 'done');
+    UPDATE identity_sync.target SET held = NULL, released_at = now() WHERE id = t.id;
+    PERFORM identity_sync._audit('discard', target, t.held, jsonb_build_object('events', n));
+    RETURN n;
+END
+$$;
+
+-- Retry failed events: of a whole target (by name) or one event (by id).
+CREATE FUNCTION identity_sync.retry(target_or_event text) RETURNS int
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n int;
+BEGIN
+    IF target_or_event ~ '^\d+$' AND NOT EXISTS (SELECT FROM identity_sync.target WHERE name = target_or_event) THEN
+        UPDATE identity_sync.event SET state = 'pending', attempts = 0, due_at = now()
+         WHERE id = target_or_event::bigint AND state IN ('failed', 'retry');
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n = 0 THEN
+            RAISE EXCEPTION 'event % is not failed or retrying', target_or_event USING ERRCODE = 'object_not_in_prerequisite_state';
+        END IF;
+    ELSE
+        UPDATE identity_sync.event SET state = 'pending', attempts = 0, due_at = now()
+         WHERE target_id = (identity_sync._target(target_or_event)).id AND state IN ('failed', 'retry');
+        GET DIAGNOSTICS n = ROW_COUNT;
+    END IF;
+    PERFORM identity_sync._audit('retry', target_or_event, NULL, jsonb_build_object('events', n));
+    PERFORM identity_sync._wake_at_commit();
+    RETURN n;
+END
+$$;
+
+-- Give up on one failed event; the person's later events go on. The registry keeps the applied
+-- state for what was skipped, so the next change of that person plans it again.
+CREATE FUNCTION identity_sync.skip(event_id bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    e identity_sync.event;
+BEGIN
+    SELECT * INTO e FROM identity_sync.event WHERE id = event_id;
+    IF e.id IS NULL OR e.state NOT IN ('failed', 'retry', 'held', 'pending') THEN
+        RAISE EXCEPTION 'event % cannot be skipped', event_id USING ERRCODE = 'object_not_in_prerequisite_state',
+            DETAIL = coalesce(format('It is %s.', e.state), 'It does not exist.');
+    END IF;
+    UPDATE identity_sync.event SET state = 'done', done_at = clock_timestamp(),
+           last_error = coalesce(last_error, '') || ' (skipped by ' || session_user || ')'
+     WHERE id = event_id;
+    IF e.kind = 'create' THEN
+        -- Nothing exists in the target: forget the account so the next plan creates it again.
+        UPDATE identity_sync.account SET planned_state = 'deleted'
+         WHERE target_id = e.target_id AND person_key = e.person_key AND remote_id IS NULL;
+    END IF;
+    PERFORM identity_sync._audit('skip', event_id::text, to_jsonb(e) - 'payload', NULL);
+    PERFORM identity_sync._wake_at_commit();
+END
+$$;
+
+-- Full reconcile of every person for one target, in the worker's batches.
+CREATE FUNCTION identity_sync.resync(target text) RETURNS int
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target := identity_sync._target(target);
+    n int;
+BEGIN
+    INSERT INTO identity_sync._dirty (person_key, target_id, op, first_at)
+    SELECT k, t.id, 'resync', now() FROM unnest(identity_sync._all_person_keys()) AS k
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    UPDATE identity_sync.target SET resync_total = n, resync_started_at = now() WHERE id = t.id;
+    PERFORM identity_sync._audit('resync', target, NULL, jsonb_build_object('persons', n));
+    PERFORM identity_sync._wake_at_commit();
+    RETURN n;
+END
+$$;
+
+-- True once nothing is dirty, pending or in flight (held and failed events do not count);
+-- false after the timeout. For scripts and tests.
+CREATE FUNCTION identity_sync.wait_idle(timeout interval DEFAULT '30 seconds') RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    deadline timestamptz := clock_timestamp() + timeout;
+BEGIN
+    LOOP
+        IF NOT EXISTS (SELECT FROM identity_sync.change)
+           AND NOT EXISTS (SELECT FROM identity_sync._dirty)
+           AND NOT EXISTS (SELECT FROM identity_sync.event e JOIN identity_sync.target t ON t.id = e.target_id
+                            WHERE e.state IN ('pending', 'sending') AND NOT t.paused AND t.held IS NULL
+                               OR (e.state = 'retry' AND NOT t.paused AND t.held IS NULL))
+        THEN
+            RETURN true;
+        END IF;
+        IF clock_timestamp() >= deadline THEN
+            RETURN false;
+        END IF;
+        PERFORM pg_sleep(0.01);
+    END LOOP;
+END
+$$;
+
+-- Dry run of one person: per target, in scope or not, matched rules, desired attributes and
+-- groups, the current account, and the events a plan would write now. Changes nothing.
+CREATE FUNCTION identity_sync.preview(person_key text, target text DEFAULT NULL)
+RETURNS TABLE (target text, in_scope boolean, matched_rules text[], attributes jsonb, groups text[],
+               account jsonb, events jsonb, error text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target;
+    today date := identity_sync._today();
+BEGIN
+    IF preview.target IS NOT NULL THEN
+        PERFORM identity_sync._target(preview.target);
+    END IF;
+    FOR t IN SELECT * FROM identity_sync.target x
+              WHERE preview.target IS NULL OR x.name = preview.target ORDER BY x.name LOOP
+        PERFORM identity_sync._desired(t, ARRAY[person_key], today, false);
+        PERFORM identity_sync._diff(t, ARRAY[person_key], today);
+        RETURN QUERY
+        SELECT t.name, coalesce(p.in_scope, false), coalesce(p.rules, d.rules, '{}'),
+               coalesce(p.attributes, d.attributes), coalesce(p.groups, '{}'),
+               (SELECT to_jsonb(a) - 'target' FROM identity_sync.accounts a
+                 WHERE a.target = t.name AND a.person_key = preview.person_key),
+               coalesce(p.events, '[]'), d.error
+          FROM (SELECT preview.person_key AS k) AS q
+          LEFT JOIN pg_temp._is_desired d ON d.person_key = q.k
+          LEFT JOIN pg_temp._is_plan p ON p.person_key = q.k;
+    END LOOP;
+END
+$$;
+
+-- The story of one person: changes still pending, plans that covered it, events and results,
+-- in time order.
+CREATE FUNCTION identity_sync.trace(person_key text)
+RETURNS TABLE (at timestamptz, step text, target text, detail jsonb)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM (
+        SELECT c.at, 'change'::text, NULL::text, jsonb_build_object('op', c.op, 'source', s.relation::text)
+          FROM identity_sync.change c LEFT JOIN identity_sync.source s ON s.id = c.source_id
+         WHERE person_key = ANY (c.keys)
+        UNION ALL
+        SELECT d.first_at, 'dirty', t.name, jsonb_build_object('op', d.op, 'source', s.relation::text)
+          FROM identity_sync._dirty d LEFT JOIN identity_sync.source s ON s.id = d.source_id
+          LEFT JOIN identity_sync.target t ON t.id = d.target_id
+         WHERE d.person_key = trace.person_key
+        UNION ALL
+        SELECT p.started_at, 'plan', NULL, jsonb_build_object('plan_id', p.id, 'persons', p.persons, 'events', p.events)
+          FROM identity_sync.plan_run p WHERE person_key = ANY (p.keys)
+        UNION ALL
+        SELECT e.created_at, 'event ' || e.kind, t.name,
+               jsonb_build_object('id', e.id, 'seq', e.seq, 'state', e.state, 'attempts', e.attempts,
+                                  'payload', e.payload, 'plan_id', e.plan_id)
+          FROM identity_sync.event e JOIN identity_sync.target t ON t.id = e.target_id
+         WHERE e.person_key = trace.person_key
+        UNION ALL
+        SELECT coalesce(e.done_at, e.sent_at), 'result ' || e.kind, t.name,
+               jsonb_strip_nulls(jsonb_build_object('id', e.id, 'state', e.state, 'http_status', e.http_status,
+                                  'error', e.last_error, 'latency', (e.done_at - e.created_at)::text))
+          FROM identity_sync.event e JOIN identity_sync.target t ON t.id = e.target_id
+         WHERE e.person_key = trace.person_key AND e.sent_at IS NOT NULL
+        UNION ALL
+        SELECT pe.at, 'plan error', t.name, jsonb_build_object('message', pe.message)
+          FROM identity_sync._plan_error pe JOIN identity_sync.target t ON t.id = pe.target_id
+         WHERE pe.person_key = trace.person_key
+    ) AS q(at, step, target, detail)
+    ORDER BY 1, 2
+$$;

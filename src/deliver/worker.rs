@@ -1,0 +1,140 @@
+//! The background worker.
+//!
+//! One worker per cluster serves the database named by `identity_sync.database`. Every step is
+//! a short transaction of its own; no snapshot is held while requests are on the network.
+
+use crate::{capture, guc};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+use std::time::Duration;
+
+/// Name shown in `pg_stat_activity.backend_type` and in the server log.
+pub const WORKER_NAME: &str = "identity_sync worker";
+
+/// Register the worker with the postmaster (from `_PG_init` while preloading).
+pub fn register() {
+    BackgroundWorkerBuilder::new(WORKER_NAME)
+        .set_type(WORKER_NAME)
+        .set_library("identity_sync")
+        .set_function("identity_sync_worker_main")
+        .enable_spi_access()
+        // pg_cron-style: come back soon after a crash instead of never (the default).
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+/// Run `f` in a transaction of its own. An ERROR inside is logged and the transaction rolled
+/// back, so one bad tick never takes the worker down.
+pub fn in_transaction<R>(what: &str, f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Option<R> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let result = PgTryBuilder::new(|| Some(f()))
+        .catch_others(|e| {
+            let message = match &e {
+                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
+                CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+            };
+            log!("identity_sync: {what} failed: {message}");
+            None
+        })
+        .execute();
+    unsafe {
+        if result.is_some() {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        } else {
+            pg_sys::AbortCurrentTransaction();
+        }
+    }
+    result
+}
+
+fn extension_installed() -> bool {
+    Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'identity_sync')",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+/// Entry point of the worker process.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = guc::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    capture::publish_worker();
+    log!("identity_sync: worker started in database \"{database}\"");
+
+    let mut http = super::http::Http::start();
+    let mut sleep = Duration::ZERO;
+    while BackgroundWorker::wait_latch(Some(sleep.max(Duration::from_millis(1)))) {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        sleep = tick(&mut http);
+    }
+
+    http.shutdown();
+    capture::unpublish_worker();
+    log!("identity_sync: worker stopping");
+}
+
+/// One round of work; returns how long to sleep unless woken.
+fn tick(http: &mut super::http::Http) -> Duration {
+    let naptime = Duration::from_millis(guc::NAPTIME.get().max(10) as u64);
+    let installed = in_transaction("checking for the extension", extension_installed).unwrap_or(false);
+    if !installed {
+        return naptime;
+    }
+    let batch = guc::BATCH_SIZE.get().max(1);
+
+    // Housekeeping: snapshot sources due, date boundaries, expired grants, retention.
+    in_transaction("housekeeping", || {
+        Spi::run("SELECT identity_sync._housekeeping()")
+    });
+
+    // Plan until nothing is dirty (bounded so delivery is not starved for long).
+    let mut planned_any = false;
+    for _ in 0..1000 {
+        let n = in_transaction("planning", || {
+            Spi::get_one_with_args::<i32>("SELECT identity_sync._plan($1)", &[batch.into()])
+        })
+        .and_then(|r| r.ok().flatten())
+        .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        planned_any = true;
+        if BackgroundWorker::sigterm_received() {
+            return Duration::ZERO;
+        }
+    }
+
+    // Table targets are delivered by SQL in our own transactions.
+    let local = in_transaction("delivering to table targets", || {
+        Spi::get_one_with_args::<i32>("SELECT identity_sync._deliver_tables($1)", &[batch.into()])
+    })
+    .and_then(|r| r.ok().flatten())
+    .unwrap_or(0);
+
+    // HTTP targets: record what came back, hand out what is due.
+    let busy = http.pump(batch);
+
+    if planned_any || local > 0 || busy {
+        return Duration::ZERO;
+    }
+    let next_due = in_transaction("computing the next wake-up", || {
+        Spi::get_one::<i64>("SELECT identity_sync._next_due_ms()")
+    })
+    .and_then(|r| r.ok().flatten())
+    .unwrap_or(i64::MAX);
+    let wait = if http.in_flight() > 0 { Duration::from_millis(50) } else { naptime };
+    wait.min(Duration::from_millis(next_due.max(0) as u64))
+}

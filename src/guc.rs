@@ -1,0 +1,98 @@
+//! Settings (GUCs). All are `identity_sync.<name>`, one dot, as in design.md.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+/// Database the background worker connects to. Changing it needs a restart.
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Longest sleep of the worker between ticks when nothing wakes it, in milliseconds.
+pub static NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(1000);
+/// Persons planned per planner transaction.
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+/// Default requests in flight per HTTP target (a target's `max_concurrency` overrides it).
+pub static MAX_CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(16);
+/// Default per-request timeout in milliseconds (a target's `timeout` overrides it).
+pub static HTTP_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// Attempts after which a transiently failing event is marked `failed`.
+pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
+/// How long delivered (`done`) events are kept, in minutes; 0 keeps them forever.
+pub static EVENT_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 60);
+
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"identity_sync.database",
+        c"Database in which the identity_sync worker runs.",
+        c"The extension must be created in this database for provisioning to happen.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"identity_sync.naptime",
+        c"Longest time the worker sleeps when nothing wakes it.",
+        c"Commits of captured changes wake the worker at once; this is the fallback for retries and date boundaries.",
+        &NAPTIME,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"identity_sync.batch_size",
+        c"Persons planned, and events claimed, per worker transaction.",
+        c"Larger batches plan faster; smaller ones keep transactions shorter.",
+        &BATCH_SIZE,
+        1,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"identity_sync.max_concurrency",
+        c"Default number of requests in flight per HTTP target.",
+        c"A target's max_concurrency option overrides it.",
+        &MAX_CONCURRENCY,
+        1,
+        1024,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"identity_sync.http_timeout",
+        c"Default timeout of one HTTP request.",
+        c"A target's timeout option overrides it.",
+        &HTTP_TIMEOUT,
+        1,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"identity_sync.max_attempts",
+        c"Attempts after which a transiently failing event is marked failed.",
+        c"",
+        &MAX_ATTEMPTS,
+        1,
+        1000,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"identity_sync.event_retention",
+        c"How long delivered events are kept before the worker removes them.",
+        c"0 keeps them forever.",
+        &EVENT_RETENTION,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MIN,
+    );
+}
+
+/// The database the worker serves.
+pub fn database() -> String {
+    DATABASE
+        .get()
+        .and_then(|s| s.into_string().ok())
+        .unwrap_or_else(|| "postgres".to_string())
+}
