@@ -347,7 +347,9 @@ impl FaultServer {
                     Arc::clone(&a),
                     Arc::clone(&ma),
                 );
-                std::thread::spawn(move || serve(stream, &*h, &s, &a, &ma));
+                std::thread::spawn(move || {
+                    let _ = serve(stream, &*h, &s, &a, &ma);
+                });
             }
         });
         FaultServer {
@@ -383,23 +385,15 @@ impl FaultServer {
     }
 }
 
+/// Serves one request. `active` counts requests between being read and being answered; it
+/// drops before the answer is written, so a client that sends its next request as soon as it
+/// has an answer cannot make two requests look simultaneous.
 fn serve(
-    stream: TcpStream,
+    mut stream: TcpStream,
     handler: &Handler,
     seen: &Mutex<Vec<Seen>>,
     active: &AtomicUsize,
     max_active: &AtomicUsize,
-) {
-    let now = active.fetch_add(1, Ordering::SeqCst) + 1;
-    max_active.fetch_max(now, Ordering::SeqCst);
-    let _ = serve_inner(stream, handler, seen);
-    active.fetch_sub(1, Ordering::SeqCst);
-}
-
-fn serve_inner(
-    mut stream: TcpStream,
-    handler: &Handler,
-    seen: &Mutex<Vec<Seen>>,
 ) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -432,15 +426,21 @@ fn serve_inner(
         at: Instant::now(),
     };
     seen.lock().unwrap().push(req.clone());
-    match handler(&req) {
+    let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+    max_active.fetch_max(now, Ordering::SeqCst);
+    let action = handler(&req);
+    if let Action::Respond { delay, .. } = &action {
+        std::thread::sleep(*delay);
+    }
+    active.fetch_sub(1, Ordering::SeqCst);
+    match action {
         Action::Drop => Ok(()),
         Action::Respond {
             status,
             headers,
             body,
-            delay,
+            ..
         } => {
-            std::thread::sleep(delay);
             let mut resp = format!(
                 "HTTP/1.1 {status} X\r\nConnection: close\r\nContent-Length: {}\r\n",
                 body.len()
