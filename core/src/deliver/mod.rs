@@ -197,8 +197,8 @@ impl std::str::FromStr for EventKind {
     }
 }
 
-/// One event to deliver.
-#[derive(Debug, Clone, PartialEq)]
+/// One event to deliver. `Debug` hides the values of `password` attributes.
+#[derive(Clone, PartialEq)]
 pub struct Job {
     /// `identity_sync.event` id; also the idempotency key and the webhook id.
     pub event_id: i64,
@@ -228,6 +228,44 @@ pub struct Job {
     /// attempt ≥ 2 first looks for an account with its `externalId`, so a create whose reply
     /// was lost is linked rather than created twice.
     pub attempt: u32,
+}
+
+impl fmt::Debug for Job {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Job")
+            .field("event_id", &self.event_id)
+            .field("target_id", &self.target_id)
+            .field("person_key", &self.person_key)
+            .field("kind", &self.kind)
+            .field("account_id", &self.account_id)
+            .field("attributes", &redacted(&self.attributes))
+            .field("changed", &redacted(&self.changed))
+            .field("previous", &redacted(&self.previous))
+            .field("group", &self.group)
+            .field("groups", &self.groups)
+            .field("occurred_at", &self.occurred_at)
+            .field("attempt", &self.attempt)
+            .finish()
+    }
+}
+
+/// A copy of a flat attribute map with the value of any `password` path (SCIM's write-only
+/// initial password, RFC 7643 §4.1.1) replaced, for `Debug` output.
+fn redacted(attrs: &Map<String, Value>) -> Map<String, Value> {
+    attrs
+        .iter()
+        .map(|(k, v)| {
+            let is_password = k
+                .rsplit([':', '.'])
+                .next()
+                .is_some_and(|last| last.eq_ignore_ascii_case("password"));
+            if is_password && !v.is_null() {
+                (k.clone(), Value::String("<redacted>".to_string()))
+            } else {
+                (k.clone(), v.clone())
+            }
+        })
+        .collect()
 }
 
 /// The result of one job.
@@ -623,4 +661,74 @@ fn spawn_job(
         (task_key, outcome)
     });
     running.insert(handle.id(), (key, event_id));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let config = TargetConfig {
+            id: 1,
+            name: "t".into(),
+            kind: TargetKind::Scim,
+            url: "http://127.0.0.1:1/v2".into(),
+            auth: Auth::Basic {
+                username: "svc".into(),
+                password: "pw-s3cr3t".into(),
+            },
+            signing_secret: Some("whsec_s3cr3t".into()),
+            timeout: Duration::from_secs(1),
+            max_concurrency: 1,
+            correlate_on: None,
+            create_groups: false,
+        };
+        let text = format!("{config:?}");
+        assert!(!text.contains("s3cr3t") && text.contains("svc"), "{text}");
+        let bearer = format!(
+            "{:?}",
+            Auth::Bearer {
+                token: "tok-s3cr3t".into()
+            }
+        );
+        assert!(!bearer.contains("s3cr3t"));
+        let mut attributes = Map::new();
+        attributes.insert("password".into(), json!("pw-s3cr3t"));
+        attributes.insert("urn:x:User:Password".into(), json!("pw-s3cr3t"));
+        attributes.insert("userName".into(), json!("zoe"));
+        let job = Job {
+            event_id: 1,
+            target_id: 1,
+            person_key: "p".into(),
+            kind: EventKind::Create,
+            account_id: None,
+            changed: attributes.clone(),
+            previous: Map::new(),
+            attributes,
+            group: None,
+            groups: vec![],
+            occurred_at: String::new(),
+            attempt: 1,
+        };
+        let text = format!("{job:?}");
+        assert!(!text.contains("s3cr3t") && text.contains("zoe"), "{text}");
+    }
+
+    #[test]
+    fn event_kinds_round_trip() {
+        for k in [
+            EventKind::Create,
+            EventKind::Update,
+            EventKind::Enable,
+            EventKind::Disable,
+            EventKind::Delete,
+            EventKind::Grant,
+            EventKind::Revoke,
+        ] {
+            assert_eq!(k.as_str().parse::<EventKind>(), Ok(k));
+        }
+        assert!("nope".parse::<EventKind>().is_err());
+    }
 }
