@@ -479,6 +479,130 @@ pub fn build_resource(flat: &Map<String, Value>) -> Result<Value, PathError> {
     Ok(Value::Object(root))
 }
 
+/// Applies flat changes to a nested resource in place (null removes), for services without
+/// PATCH, which get the whole resource back with PUT.
+///
+/// A filtered path's element is created when missing and removed when only its filter
+/// attribute would be left; an emptied complex attribute is removed. Extension URNs that gain
+/// values are added to the resource's `schemas`.
+pub fn apply_changes(resource: &mut Value, changes: &Map<String, Value>) -> Result<(), PathError> {
+    if !resource.is_object() {
+        *resource = Value::Object(Map::new());
+    }
+    for (raw, value) in changes {
+        let p = parse_path(raw)?;
+        let Some(root) = resource.as_object_mut() else {
+            continue;
+        };
+        let container = match &p.urn {
+            Some(u) => {
+                let k = key_ci(root, u);
+                let slot = root.entry(k).or_insert_with(|| Value::Object(Map::new()));
+                if !slot.is_object() {
+                    *slot = Value::Object(Map::new());
+                }
+                match slot.as_object_mut() {
+                    Some(m) => m,
+                    None => continue,
+                }
+            }
+            None => root,
+        };
+        let key = key_ci(container, &p.attr);
+        match (&p.filter, &p.sub_attr) {
+            (None, None) => {
+                if value.is_null() {
+                    container.remove(&key);
+                } else {
+                    container.insert(key, value.clone());
+                }
+            }
+            (None, Some(sub)) => {
+                if value.is_null() {
+                    if let Some(obj) = container.get_mut(&key).and_then(Value::as_object_mut) {
+                        let sk = key_ci(obj, sub);
+                        obj.remove(&sk);
+                        if obj.is_empty() {
+                            container.remove(&key);
+                        }
+                    }
+                } else {
+                    let slot = container
+                        .entry(key)
+                        .or_insert_with(|| Value::Object(Map::new()));
+                    if !slot.is_object() {
+                        *slot = Value::Object(Map::new());
+                    }
+                    if let Some(obj) = slot.as_object_mut() {
+                        let sk = key_ci(obj, sub);
+                        obj.insert(sk, value.clone());
+                    }
+                }
+            }
+            (Some(f), Some(sub)) => {
+                if value.is_null() {
+                    if let Some(arr) = container.get_mut(&key).and_then(Value::as_array_mut) {
+                        if let Some(el) = arr.iter_mut().find(|e| f.matches(e)) {
+                            if let Some(obj) = el.as_object_mut() {
+                                let sk = key_ci(obj, sub);
+                                obj.remove(&sk);
+                            }
+                        }
+                        // An element left with only its filter attribute carries nothing.
+                        arr.retain(|e| {
+                            !(f.matches(e) && e.as_object().is_some_and(|o| o.len() <= 1))
+                        });
+                        if arr.is_empty() {
+                            container.remove(&key);
+                        }
+                    }
+                } else {
+                    let slot = container
+                        .entry(key)
+                        .or_insert_with(|| Value::Array(Vec::new()));
+                    if !slot.is_array() {
+                        *slot = Value::Array(Vec::new());
+                    }
+                    if let Some(arr) = slot.as_array_mut() {
+                        if !arr.iter().any(|e| f.matches(e)) {
+                            let mut el = Map::new();
+                            el.insert(f.attr.clone(), f.value.clone());
+                            arr.push(Value::Object(el));
+                        }
+                        if let Some(obj) = arr
+                            .iter_mut()
+                            .find(|e| f.matches(e))
+                            .and_then(Value::as_object_mut)
+                        {
+                            let sk = key_ci(obj, sub);
+                            obj.insert(sk, value.clone());
+                        }
+                    }
+                }
+            }
+            (Some(_), None) => {}
+        }
+    }
+    // Keep `schemas` in step with the extensions the resource now uses.
+    if let Some(root) = resource.as_object_mut() {
+        let mut schemas: Vec<Value> = root
+            .get("schemas")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_else(|| vec![Value::String(CORE_USER_SCHEMA.to_string())]);
+        for urn in schemas_for(changes)? {
+            let has = schemas
+                .iter()
+                .any(|s| s.as_str().is_some_and(|s| s.eq_ignore_ascii_case(&urn)));
+            if !has && root.contains_key(&urn) {
+                schemas.push(Value::String(urn));
+            }
+        }
+        root.insert("schemas".to_string(), Value::Array(schemas));
+    }
+    Ok(())
+}
+
 /// The `schemas` array for a User resource built from `flat`: the core User schema, then each
 /// extension URN that has a non-null value, in the map's (sorted) key order.
 pub fn schemas_for(flat: &Map<String, Value>) -> Result<Vec<String>, PathError> {
@@ -628,6 +752,42 @@ mod tests {
         assert!(matches!(err, PathError::Conflict(..)), "{err}");
         let err = build_resource(&flat(json!({"userName": "x", "USERNAME": "y"}))).unwrap_err();
         assert!(matches!(err, PathError::Conflict(..)), "{err}");
+    }
+
+    #[test]
+    fn applies_changes_in_place() {
+        let mut r = json!({
+            "schemas": [CORE_USER_SCHEMA],
+            "id": "1",
+            "userName": "zoe",
+            "title": "x",
+            "name": {"givenName": "Z"},
+            "emails": [{"type": "work", "value": "w@x"}, {"type": "home", "value": "h@x"}],
+        });
+        apply_changes(
+            &mut r,
+            &flat(json!({
+                "title": null,
+                "name.givenName": null,
+                "emails[type eq \"home\"].value": null,
+                "emails[type eq \"work\"].value": "new@x",
+                "emails[type eq \"other\"].value": "o@x",
+                format!("{ENT}:department"): "IT",
+                "active": false,
+            })),
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            json!({
+                "schemas": [CORE_USER_SCHEMA, ENT],
+                "id": "1",
+                "userName": "zoe",
+                "emails": [{"type": "work", "value": "new@x"}, {"type": "other", "value": "o@x"}],
+                ENT: {"department": "IT"},
+                "active": false,
+            })
+        );
     }
 
     #[test]

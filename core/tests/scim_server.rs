@@ -357,3 +357,83 @@ fn jobs_without_an_account_id_fail_clearly() {
         }
     ));
 }
+
+#[test]
+fn without_patch_support_users_and_groups_are_replaced_with_put() {
+    // scim2-server enforces what its ServiceProviderConfig announces: PATCH answers 501.
+    let spc = std::env::temp_dir().join(format!("idsync-spc-{}.json", std::process::id()));
+    std::fs::write(
+        &spc,
+        json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],
+            "patch": {"supported": false},
+            "bulk": {"supported": false, "maxOperations": 0, "maxPayloadSize": 0},
+            "filter": {"supported": true, "maxResults": 100},
+            "changePassword": {"supported": false},
+            "sort": {"supported": false},
+            "etag": {"supported": false},
+            "authenticationSchemes": []
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let s = ScimServer::start_with(
+        "tok-nopatch",
+        &["--service-provider-config", spc.to_str().unwrap()],
+    );
+    let mut target = s.target(1);
+    target.create_groups = true;
+    let h = Harness::start(vec![target]);
+
+    let mut create = job(1, 1, "p1", EventKind::Create);
+    create.attributes = map(json!({
+        "userName": "np", "title": "Clerk", "emails[type eq \"work\"].value": "w@x"
+    }));
+    let id = done_id(&h.one(create.clone()));
+    // Something else manages nickName: a PUT must not wipe it.
+    let (_, mut u) = s.get(&format!("/v2/Users/{id}"));
+    u["nickName"] = json!("Zo");
+    assert_eq!(
+        s.request("PUT", &format!("/v2/Users/{id}"), Some(&u))
+            .unwrap()
+            .0,
+        200
+    );
+
+    let mut update = job(2, 1, "p1", EventKind::Update);
+    update.account_id = Some(id.clone());
+    update.previous = create.attributes.clone();
+    update.changed = map(json!({"title": null, "emails[type eq \"home\"].value": "h@x"}));
+    assert!(matches!(
+        h.one(update),
+        Outcome::Done {
+            http_status: Some(200),
+            ..
+        }
+    ));
+    let mut disable = job(3, 1, "p1", EventKind::Disable);
+    disable.account_id = Some(id.clone());
+    done_id(&h.one(disable));
+    let (_, u) = s.get(&format!("/v2/Users/{id}"));
+    assert_eq!(u["active"], false);
+    assert_eq!(u["nickName"], "Zo");
+    assert!(u.get("title").is_none(), "{u}");
+    assert_eq!(u["emails"].as_array().unwrap().len(), 2, "{u}");
+
+    let mut grant = job(4, 1, "p1", EventKind::Grant);
+    grant.account_id = Some(id.clone());
+    grant.group = Some("NoPatch".into());
+    done_id(&h.one(grant.clone()));
+    let (_, groups) = s.get("/v2/Groups");
+    let gid = groups["Resources"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        s.get(&format!("/v2/Groups/{gid}")).1["members"],
+        json!([{"value": id}])
+    );
+    grant.kind = EventKind::Revoke;
+    grant.event_id = 5;
+    done_id(&h.one(grant));
+    let m = s.get(&format!("/v2/Groups/{gid}")).1["members"].clone();
+    assert!(m.is_null() || m == json!([]), "{m}");
+    let _ = std::fs::remove_file(spc);
+}

@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 
 use super::http::{pct, Reply, ServiceProviderConfig, Target};
 use super::{EventKind, Job, Outcome};
-use crate::path::{build_resource, parse_path, schemas_for, AttrPath, PathError};
+use crate::path::{apply_changes, build_resource, parse_path, schemas_for, AttrPath, PathError};
 
 const SCIM_JSON: &str = "application/scim+json";
 const PATCH_OP: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
@@ -36,9 +36,7 @@ async fn run(t: &Target, job: &Job) -> Step<Outcome> {
                 let ops = vec![json!({"op": "replace", "path": "active", "value": active})];
                 patch_user(t, job, id, ops).await?
             } else {
-                let mut attrs = job.attributes.clone();
-                attrs.insert("active".to_string(), Value::Bool(active));
-                put_user(t, job, id, &attrs).await?
+                put_user(t, job, id, &desired).await?
             };
             Ok(done(job, Some(id.to_string()), false, Some(status)))
         }
@@ -216,7 +214,7 @@ async fn link(
             let ops = patch_ops(&changes, existing, true).map_err(|e| mapping_error(job, e))?;
             patch_user(t, job, &id, ops).await?
         } else {
-            put_user(t, job, &id, &job.attributes).await?
+            put_user(t, job, &id, &changes).await?
         });
     }
     Ok(done(job, Some(id), true, status))
@@ -237,7 +235,7 @@ async fn update(t: &Target, spc: ServiceProviderConfig, job: &Job) -> Step<Outco
         return Ok(done(job, Some(id.to_string()), false, None));
     }
     if !spc.patch {
-        let status = put_user(t, job, id, &job.attributes).await?;
+        let status = put_user(t, job, id, &job.changed).await?;
         return Ok(done(job, Some(id.to_string()), false, Some(status)));
     }
     let previous = build_resource(&job.previous).unwrap_or_else(|_| json!({}));
@@ -395,12 +393,16 @@ async fn patch_user(t: &Target, job: &Job, id: &str, ops: Vec<Value>) -> Step<u1
     }
 }
 
-/// Replaces the whole user, for services without PATCH.
-async fn put_user(t: &Target, job: &Job, id: &str, attrs: &Map<String, Value>) -> Step<u16> {
-    let mut res = user_resource(job, attrs)?;
-    res.insert("id".to_string(), Value::String(id.to_string()));
+/// For services without PATCH: reads the user, applies the flat changes, and PUTs it back, so
+/// attributes this target's mapping does not manage are kept.
+async fn put_user(t: &Target, job: &Job, id: &str, changes: &Map<String, Value>) -> Step<u16> {
+    let mut res = get_user(t, job, id).await?;
+    apply_changes(&mut res, changes).map_err(|e| mapping_error(job, e))?;
+    if let Some(obj) = res.as_object_mut() {
+        obj.remove("meta"); // read-only; some services refuse it in a PUT
+    }
     let url = format!("{}/Users/{}", t.base(), pct(id));
-    let body = serde_json::to_vec(&Value::Object(res)).unwrap_or_default();
+    let body = serde_json::to_vec(&res).unwrap_or_default();
     let reply = t
         .send(
             job.event_id,

@@ -50,12 +50,18 @@ pub struct ScimServer {
 impl ScimServer {
     /// Starts a server that accepts the bearer token `token` and waits until it answers.
     pub fn start(token: &str) -> Self {
+        Self::start_with(token, &[])
+    }
+
+    /// Like [`ScimServer::start`], with extra command-line arguments.
+    pub fn start_with(token: &str, extra: &[&str]) -> Self {
         let bin = venv_bin("scim2-server");
         for _ in 0..3 {
             let port = free_port();
             let child = Command::new(&bin)
                 .args(["--hostname", "127.0.0.1", "--port", &port.to_string()])
                 .args(["--bearer-token", token])
+                .args(extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
