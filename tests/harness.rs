@@ -82,6 +82,7 @@ fn worker_runs_in_preloaded_cluster() {
 /// sessions again and a new worker must run within 10 s.
 #[test]
 fn worker_restarts_after_kill_9() {
+    let _restore = EnsureWorker;
     let mut c = db();
     assert!(wait_until(Duration::from_secs(10), || worker_pid(&mut c).is_some()));
     let old = worker_pid(&mut c).unwrap();
@@ -111,6 +112,7 @@ fn worker_restarts_after_kill_9() {
 /// connection and a new worker starts within 10 s.
 #[test]
 fn worker_restarts_after_terminate_without_disturbing_sessions() {
+    let _restore = EnsureWorker;
     let mut c = db();
     let mut bystander = db();
     let bystander_pid: i32 = bystander

@@ -202,6 +202,36 @@ pub fn worker_pid(client: &mut Client) -> Option<i32> {
         .map(|r| r.get(0))
 }
 
+/// Restart the harness cluster (`scripts/cluster restart $IDSYNC_CLUSTER`); the port stays.
+pub fn restart_harness_cluster() {
+    let name = harness_env("IDSYNC_CLUSTER");
+    let st = Command::new("bash")
+        .arg(scripts_dir().join("cluster"))
+        .args(["restart", &name])
+        .status()
+        .expect("run scripts/cluster restart");
+    assert!(st.success(), "scripts/cluster restart {name} failed");
+}
+
+/// A guard for tests that kill or stop the worker: when dropped (at the end of the test, also
+/// after a failed assertion) and no worker is back within 3 s, it restarts the harness cluster,
+/// so that one test's dead worker does not fail the tests after it.
+pub struct EnsureWorker;
+
+impl Drop for EnsureWorker {
+    fn drop(&mut self) {
+        let Ok(mut c) = config("postgres").connect(NoTls) else {
+            eprintln!("EnsureWorker: cannot connect; restarting the harness cluster");
+            return restart_harness_cluster();
+        };
+        if !wait_until(Duration::from_secs(3), || worker_pid(&mut c).is_some()) {
+            eprintln!("EnsureWorker: no identity_sync worker; restarting the harness cluster");
+            drop(c);
+            restart_harness_cluster();
+        }
+    }
+}
+
 /// Poll `cond` every 50 ms until it returns true (→ true) or `timeout` passes (→ false).
 /// Use it as `assert!(wait_until(..), "what did not happen")`.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
