@@ -46,7 +46,7 @@ BEGIN
         -- so the body does not depend on the caller's search_path; leaving out SET search_path
         -- keeps the call cheap.
         EXECUTE format($f$
-            CREATE FUNCTION %1$s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $body$
+            CREATE FUNCTION %1$s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER %5$s AS $body$
             BEGIN
                 INSERT INTO identity_sync.change (source_id, op, keys)
                 SELECT %2$s, %3$L, k FROM (SELECT %4$s AS k) AS s WHERE pg_catalog.cardinality(k) > 0;
@@ -55,7 +55,12 @@ BEGIN
                 END IF;
                 RETURN NULL;
             END
-            $body$ $f$, fn, src.id, op, body);
+            $body$ $f$, fn, src.id, op, body,
+            -- A related source's affected query is user SQL: it gets the user search_path.
+            CASE WHEN src.role = 'related'
+                 THEN format('SET search_path = %s', (SELECT search_path FROM identity_sync._settings)) END);
+        -- A member of the extension, so that DROP EXTENSION ... CASCADE takes the triggers too.
+        EXECUTE format('ALTER EXTENSION identity_sync ADD FUNCTION %s()', fn);
         EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s FOR EACH STATEMENT EXECUTE FUNCTION %s()',
                        'identity_sync_capture_' || op, upper(op), src.relation,
                        CASE op WHEN 'insert' THEN 'NEW TABLE AS new_rows'
@@ -81,7 +86,8 @@ BEGIN
     FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'identity_sync_capture_' || op, src.relation);
         IF op <> 'truncate' THEN
-            EXECUTE format('DROP FUNCTION IF EXISTS identity_sync.%I()', format('_capture_%s_%s', src.id, op));
+            EXECUTE format('ALTER EXTENSION identity_sync DROP FUNCTION identity_sync.%I()', format('_capture_%s_%s', src.id, op));
+            EXECUTE format('DROP FUNCTION identity_sync.%I()', format('_capture_%s_%s', src.id, op));
         END IF;
     END LOOP;
 END

@@ -21,6 +21,29 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT identity_sync._now()::date
 $$;
 
+-- User SQL (mappings, rules, affected queries, owners) is evaluated with the search_path set by
+-- set_search_path(), the same in configuration checks and in the worker. Our own functions run
+-- with search_path = pg_catalog, pg_temp and switch to it (until they return) just before
+-- executing user SQL; everything of ours they touch afterwards is schema-qualified.
+CREATE FUNCTION identity_sync._use_user_search_path() RETURNS void
+LANGUAGE sql AS $$
+    SELECT pg_catalog.set_config('search_path', (SELECT search_path FROM identity_sync._settings), true)
+$$;
+
+CREATE FUNCTION identity_sync.set_search_path(path text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    old text := (SELECT search_path FROM identity_sync._settings);
+BEGIN
+    PERFORM set_config('search_path', path, true);   -- rejects a malformed list
+    UPDATE identity_sync._settings SET search_path = path;
+    PERFORM identity_sync._recompile_all();          -- expressions must still resolve
+    PERFORM identity_sync._uninstall_capture(id), identity_sync._install_capture(id)
+       FROM identity_sync.source WHERE role = 'related';
+    PERFORM identity_sync._audit('set_search_path', NULL, to_jsonb(old), to_jsonb(path));
+END
+$$;
+
 -- The type of a column, or an error naming the relation and listing its columns.
 CREATE FUNCTION identity_sync._column_type(rel regclass, col text, what text)
 RETURNS regtype LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -166,7 +189,8 @@ BEGIN
     END IF;
     -- The affected query must return exactly one column (any type casts to text).
     BEGIN
-        EXECUTE format('CREATE TEMP VIEW _identity_sync_probe AS WITH changed AS (SELECT * FROM %s LIMIT 0) %s',
+        PERFORM identity_sync._use_user_search_path();
+        EXECUTE format('CREATE TEMP VIEW pg_temp._identity_sync_probe AS WITH changed AS (SELECT * FROM %s LIMIT 0) %s',
                        relation, affected);
     EXCEPTION WHEN OTHERS THEN
         RAISE EXCEPTION 'invalid affected query: %', SQLERRM USING ERRCODE = 'invalid_parameter_value',
@@ -176,6 +200,7 @@ BEGIN
     SELECT count(*) INTO ncols FROM pg_attribute
      WHERE attrelid = 'pg_temp._identity_sync_probe'::regclass AND attnum > 0;
     DROP VIEW pg_temp._identity_sync_probe;
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     IF ncols <> 1 THEN
         RAISE EXCEPTION 'the affected query returns % columns, not one', ncols USING ERRCODE = 'invalid_parameter_value',
             HINT = 'Return just the person key.';
@@ -281,15 +306,17 @@ RETURNS jsonb LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_cata
 DECLARE
     doc jsonb;
     has_contracts boolean := (identity_sync._contract_source()).id IS NOT NULL;
+    q text;
 BEGIN
-    EXECUTE format('SELECT jsonb_build_object(''person_key'', %s, ''person'', to_jsonb(person), '
+    q := format('SELECT jsonb_build_object(''person_key'', %s, ''person'', to_jsonb(person), '
                    '''contract'', %s, ''contracts'', %s, ''active'', %s, ''today'', today) %s',
                    identity_sync._person_key_expr(),
                    CASE WHEN has_contracts THEN 'CASE WHEN contract IS NULL THEN NULL ELSE to_jsonb(contract) END' ELSE 'NULL::jsonb' END,
                    CASE WHEN has_contracts THEN 'coalesce(to_jsonb(contracts), ''[]'')' ELSE '''[]''::jsonb' END,
                    CASE WHEN has_contracts THEN '_enabled' ELSE 'true' END,
-                   identity_sync._from_clause())
-      INTO doc USING ARRAY[person_key], identity_sync._today(), 0;
+                   identity_sync._from_clause());
+    PERFORM identity_sync._use_user_search_path();
+    EXECUTE q INTO doc USING ARRAY[person_key], identity_sync._today(), 0;
     RETURN doc;
 END
 $$;
@@ -302,7 +329,7 @@ $$;
 CREATE FUNCTION identity_sync._target_options()
 RETURNS TABLE (option text, kinds text[], type text, meaning text)
 LANGUAGE sql IMMUTABLE AS $$
-    VALUES ('auth',                  '{scim,webhook}',       'auth',      'none, bearer, basic or oauth2; the secret comes from set_secret'),
+    VALUES ('auth',                  '{scim,webhook}'::text[], 'auth',      'none, bearer, basic or oauth2; the secret comes from set_secret'),
            ('username',              '{scim,webhook}',       'text',      'user name for basic auth'),
            ('token_url',             '{scim,webhook}',       'text',      'OAuth2 token endpoint'),
            ('client_id',             '{scim,webhook}',       'text',      'OAuth2 client id'),
@@ -506,6 +533,8 @@ $$;
 -- position inside the expression (see _check_expression in src/config/).
 CREATE FUNCTION identity_sync._check_user_expression(t identity_sync.target, expr text)
 RETURNS regtype LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    q text;
 BEGIN
     IF expr IS NULL OR btrim(expr) = '' THEN
         RAISE EXCEPTION 'expression is empty' USING ERRCODE = 'invalid_parameter_value';
@@ -513,9 +542,9 @@ BEGIN
     IF expr ~ ';' AND expr !~ '''' THEN
         RAISE EXCEPTION 'expression must be a single SQL expression' USING ERRCODE = 'syntax_error', DETAIL = expr;
     END IF;
-    RETURN identity_sync._check_expression(
-        'SELECT (' || expr || E'\n) AS v ' || identity_sync._from_clause(t.options) || ' LIMIT 0',
-        8, expr);
+    q := 'SELECT (' || expr || E'\n) AS v ' || identity_sync._from_clause(t.options) || ' LIMIT 0';
+    PERFORM identity_sync._use_user_search_path();
+    RETURN identity_sync._check_expression(q, 8, expr);
 END
 $$;
 
@@ -555,6 +584,7 @@ BEGIN
                   identity_sync._person_key_expr(), rules, groups, attrs)
            || identity_sync._from_clause(t.options);
     -- Parse and plan it once now, so a broken configuration never reaches the worker.
+    PERFORM identity_sync._use_user_search_path();
     EXECUTE 'SELECT count(*) FROM (' || sql || ') AS q' USING '{}'::text[], CURRENT_DATE, 0;
     UPDATE identity_sync.target SET compiled = sql WHERE id = t.id;
 END

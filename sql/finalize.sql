@@ -33,6 +33,7 @@ GRANT EXECUTE ON FUNCTION identity_sync.add_person_source(regclass, text),
                           identity_sync.add_related_source(regclass, text),
                           identity_sync.drop_source(regclass),
                           identity_sync.set_primary_contract(text),
+                          identity_sync.set_search_path(text),
                           identity_sync.set_snapshot_interval(regclass, interval),
                           identity_sync.set_clock(timestamptz),
                           identity_sync.add_target(text, text, text, jsonb),
@@ -76,6 +77,7 @@ COMMENT ON FUNCTION identity_sync.add_contract_source(regclass, text, text, text
 COMMENT ON FUNCTION identity_sync.add_related_source(regclass, text) IS 'Register a related table; affected is a query over the changed rows ("changed") returning person keys.';
 COMMENT ON FUNCTION identity_sync.drop_source(regclass) IS 'Unregister a source and remove its capture triggers.';
 COMMENT ON FUNCTION identity_sync.set_primary_contract(text) IS 'ORDER BY over contract (and today) choosing the primary contract; NULL restores the default (active first, latest end, latest start).';
+COMMENT ON FUNCTION identity_sync.set_search_path(text) IS 'search_path for user expressions (mappings, rules, affected queries, owners), in checks and in the worker; default public.';
 COMMENT ON FUNCTION identity_sync.set_snapshot_interval(regclass, interval) IS 'How often a view or foreign table source is compared with its last snapshot.';
 COMMENT ON FUNCTION identity_sync.set_clock(timestamptz) IS 'Evaluate "now" as the given time (NULL = real time): for tests, replays and what-if checks.';
 COMMENT ON FUNCTION identity_sync.person(text) IS 'The person document: person row, contracts, primary contract, active today.';

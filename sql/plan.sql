@@ -36,14 +36,17 @@ DECLARE
     it int;
     loops int;
 BEGIN
-    CREATE TEMP TABLE IF NOT EXISTS _is_desired (
+    IF to_regclass('pg_temp._is_desired') IS NULL THEN
+        CREATE TEMP TABLE _is_desired (
         person_key text PRIMARY KEY, rules text[], groups text[], attributes jsonb,
         exists_now boolean, enabled_now boolean, iteration int NOT NULL DEFAULT 0, error text
     ) ON COMMIT DELETE ROWS;
+    END IF;
     DELETE FROM pg_temp._is_desired;
     IF t.compiled IS NULL THEN
         RETURN;
     END IF;
+    PERFORM identity_sync._use_user_search_path();
     BEGIN
         EXECUTE 'INSERT INTO pg_temp._is_desired (person_key, rules, groups, attributes, exists_now, enabled_now) '
                 || t.compiled USING keys, today, 0;
@@ -121,11 +124,13 @@ $$;
 CREATE FUNCTION identity_sync._diff(t identity_sync.target, keys text[], today date)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    CREATE TEMP TABLE IF NOT EXISTS _is_plan (
+    IF to_regclass('pg_temp._is_plan') IS NULL THEN
+        CREATE TEMP TABLE _is_plan (
         person_key text PRIMARY KEY, in_scope boolean, rules text[], has_account boolean,
         planned_state text, want_state text, attributes jsonb, changed jsonb, previous jsonb,
         groups text[], to_grant text[], to_revoke text[], seq bigint, events jsonb
     ) ON COMMIT DELETE ROWS;
+    END IF;
     DELETE FROM pg_temp._is_plan;
 
     INSERT INTO pg_temp._is_plan
@@ -377,10 +382,12 @@ DECLARE
     keys text[];
     all_keys text[];
     plan_id bigint;
-    events int := 0;
+    n_events int := 0;
 BEGIN
     PERFORM identity_sync._claim_changes(greatest(batch_size / 10, 10));
-    CREATE TEMP TABLE IF NOT EXISTS _is_batch (person_key text, target_id int) ON COMMIT DELETE ROWS;
+    IF to_regclass('pg_temp._is_batch') IS NULL THEN
+        CREATE TEMP TABLE _is_batch (person_key text, target_id int) ON COMMIT DELETE ROWS;
+    END IF;
     DELETE FROM pg_temp._is_batch;
     WITH b AS (
         SELECT person_key, target_id FROM identity_sync._dirty
@@ -400,9 +407,9 @@ BEGIN
     FOR t IN SELECT * FROM identity_sync.target WHERE compiled IS NOT NULL ORDER BY id LOOP
         SELECT array_agg(DISTINCT person_key) INTO keys FROM pg_temp._is_batch WHERE target_id IN (0, t.id);
         CONTINUE WHEN keys IS NULL;
-        events := events + identity_sync._plan_target(t, keys, plan_id);
+        n_events := n_events + identity_sync._plan_target(t, keys, plan_id);
     END LOOP;
-    UPDATE identity_sync.plan_run SET events = _plan.events WHERE id = plan_id;
+    UPDATE identity_sync.plan_run SET events = n_events WHERE id = plan_id;
     RETURN claimed;
 END
 $$;

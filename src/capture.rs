@@ -40,7 +40,9 @@ pub fn publish_worker() {
     unsafe {
         let latch = &raw mut (*pg_sys::MyProc).procLatch;
         WORKER_LATCH.get().store(latch as u64, Ordering::SeqCst);
-        WORKER_PID.get().store(pg_sys::MyProcPid as u64, Ordering::SeqCst);
+        WORKER_PID
+            .get()
+            .store(pg_sys::MyProcPid as u64, Ordering::SeqCst);
     }
 }
 
@@ -76,7 +78,10 @@ pub fn wake_worker() {
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn xact_callback(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_COMMIT => {
             if WAKE_AT_COMMIT.with(|w| w.replace(false)) {

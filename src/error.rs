@@ -22,7 +22,8 @@ impl Error {
 
     /// Raise this error as a PostgreSQL ERROR with its SQLSTATE.
     pub fn report(self) -> ! {
-        ErrorReport::new(self.code(), self.to_string(), "identity_sync").report(pgrx::PgLogLevel::ERROR);
+        ErrorReport::new(self.code(), self.to_string(), "identity_sync")
+            .report(pgrx::PgLogLevel::ERROR);
         unreachable!("ERROR does not return")
     }
 }

@@ -4,7 +4,8 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 
 /// Database the background worker connects to. Changing it needs a restart.
-pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
 /// Longest sleep of the worker between ticks when nothing wakes it, in milliseconds.
 pub static NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// Persons planned per planner transaction.

@@ -16,8 +16,16 @@ mod status;
 ::pgrx::pg_module_magic!(name, version);
 
 pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
-pgrx::extension_sql_file!("../sql/config.sql", name = "config", requires = ["bootstrap"]);
-pgrx::extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["config"]);
+pgrx::extension_sql_file!(
+    "../sql/config.sql",
+    name = "config",
+    requires = ["bootstrap"]
+);
+pgrx::extension_sql_file!(
+    "../sql/capture.sql",
+    name = "capture",
+    requires = ["config"]
+);
 pgrx::extension_sql_file!("../sql/plan.sql", name = "plan", requires = ["capture"]);
 pgrx::extension_sql_file!("../sql/deliver.sql", name = "deliver", requires = ["plan"]);
 pgrx::extension_sql_file!("../sql/status.sql", name = "status", requires = ["deliver"]);

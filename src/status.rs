@@ -17,7 +17,9 @@ fn worker_status() -> String {
         if name.is_null() {
             String::new()
         } else {
-            std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned()
         }
     };
     let served = guc::database();

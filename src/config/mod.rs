@@ -3,30 +3,34 @@
 //! The configuration API itself is SQL (`sql/config.sql`).
 
 use crate::error::Error;
+use pgrx::pg_sys::panic::{CaughtError, ErrorReport};
 use pgrx::prelude::*;
-use std::ffi::{c_void, CString};
+use pgrx::PgLogLevel;
+use std::cell::Cell;
+use std::ffi::c_void;
 
 struct PositionContext {
     offset: i32,
     len: i32,
-    expression: CString,
 }
 
-/// Error context callback: an error positioned inside the user's expression is reported with
-/// the expression as the query and the position inside it (as PL/pgSQL does for its bodies).
+thread_local! {
+    /// Position (1-based, in characters) inside the user's expression of the last error raised
+    /// while checking it; set by the error context callback, read when re-raising.
+    static POSITION: Cell<Option<i32>> = const { Cell::new(None) };
+}
+
+/// Error context callback: remember where inside the user's expression an error points (SPI
+/// has already turned the position into an internal one on the whole probe query).
 #[pg_guard]
-unsafe extern "C-unwind" fn transpose_position(arg: *mut c_void) {
+unsafe extern "C-unwind" fn remember_position(arg: *mut c_void) {
     let ctx = unsafe { &*(arg as *const PositionContext) };
     let mut pos = unsafe { pg_sys::geterrposition() };
     if pos <= 0 {
         pos = unsafe { pg_sys::getinternalerrposition() };
     }
     if pos > ctx.offset && pos <= ctx.offset + ctx.len + 1 {
-        unsafe {
-            pg_sys::errposition(0);
-            pg_sys::internalerrposition(pos - ctx.offset);
-            pg_sys::internalerrquery(ctx.expression.as_ptr());
-        }
+        POSITION.with(|p| p.set(Some(pos - ctx.offset)));
     }
 }
 
@@ -38,30 +42,96 @@ impl Drop for ContextGuard {
     }
 }
 
+/// The expression with a caret under character `pos` of the line it falls on, psql-style.
+fn caret(expression: &str, pos: i32) -> String {
+    let mut line_start = 0usize;
+    let mut line_no = 1;
+    let target = (pos.max(1) - 1) as usize;
+    for (i, ch) in expression.chars().enumerate() {
+        if i == target {
+            break;
+        }
+        if ch == '\n' {
+            line_start = i + 1;
+            line_no += 1;
+        }
+    }
+    let line: String = expression
+        .chars()
+        .skip(line_start)
+        .take_while(|c| *c != '\n')
+        .collect();
+    let column = target.saturating_sub(line_start);
+    format!(
+        "LINE {line_no}: {line}\n{}^",
+        " ".repeat(column + format!("LINE {line_no}: ").len())
+    )
+}
+
 /// Parse, analyse and run `query` (which returns nothing: it ends in LIMIT 0) with
 /// `$1 = '{}'::text[]`, `$2 = NULL::date`, `$3 = 0`, and return the type of its one column.
-/// The user's expression starts after `offset` characters of `query`.
+/// The user's expression starts after `offset` characters of `query`. An error is raised
+/// again with PostgreSQL's message and, when it points into the expression, the position
+/// inside the expression (not inside our generated query).
 #[pg_extern(volatile, parallel_unsafe, name = "_check_expression")]
 fn check_expression(query: &str, offset: i32, expression: &str) -> pg_sys::Oid {
-    let Ok(expr) = CString::new(expression) else {
-        Error::InvalidParameter("expression contains a zero byte".into()).report()
+    let ctx = PositionContext {
+        offset,
+        len: expression.chars().count() as i32,
     };
-    let ctx = PositionContext { offset, len: expression.chars().count() as i32, expression: expr };
-    let mut callback = pg_sys::ErrorContextCallback {
-        previous: unsafe { pg_sys::error_context_stack },
-        callback: Some(transpose_position),
-        arg: &ctx as *const PositionContext as *mut c_void,
-    };
-    let _guard = ContextGuard(callback.previous);
-    unsafe { pg_sys::error_context_stack = &mut callback };
-    let keys: Vec<String> = Vec::new();
-    let day: Option<pgrx::datum::Date> = None;
-    Spi::connect(|client| {
-        let table = client
-            .select(query, Some(0), &[keys.into(), day.into(), 0i32.into()])
-            .unwrap_or_else(|e| Error::InvalidParameter(e.to_string()).report());
-        table.column_type_oid(1).map(|o| o.value()).unwrap_or(pg_sys::InvalidOid)
+    POSITION.with(|p| p.set(None));
+    let result = PgTryBuilder::new(|| {
+        let mut callback = pg_sys::ErrorContextCallback {
+            previous: unsafe { pg_sys::error_context_stack },
+            callback: Some(remember_position),
+            arg: &ctx as *const PositionContext as *mut c_void,
+        };
+        let _guard = ContextGuard(callback.previous);
+        unsafe { pg_sys::error_context_stack = &mut callback };
+        let keys: Vec<String> = Vec::new();
+        let day: Option<pgrx::datum::Date> = None;
+        Spi::connect(|client| {
+            let table = client.select(query, Some(0), &[keys.into(), day.into(), 0i32.into()])?;
+            table.column_type_oid(1).map(|o| o.value())
+        })
     })
+    .catch_others(|e| {
+        let report = match e {
+            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r,
+            CaughtError::RustPanic { ereport, .. } => ereport,
+        };
+        let mut out = ErrorReport::new(
+            report.sql_error_code(),
+            report.message().to_string(),
+            "identity_sync",
+        );
+        let mut detail = report.detail().map(str::to_string).unwrap_or_default();
+        if let Some(pos) = POSITION.with(|p| p.take()) {
+            if !detail.is_empty() {
+                detail.push('\n');
+            }
+            detail.push_str(&format!(
+                "at character {pos} of the expression:\n{}",
+                caret(expression, pos)
+            ));
+        } else {
+            if !detail.is_empty() {
+                detail.push('\n');
+            }
+            detail.push_str(&format!("in the expression: {expression}"));
+        }
+        out = out.set_detail(detail);
+        if let Some(h) = report.hint() {
+            out = out.set_hint(h.to_string());
+        }
+        out.report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    })
+    .execute();
+    match result {
+        Ok(oid) => oid,
+        Err(e) => Error::InvalidParameter(e.to_string()).report(),
+    }
 }
 
 /// Validate a SCIM attribute path (`name.givenName`, `emails[type eq "work"].value`,
@@ -69,7 +139,11 @@ fn check_expression(query: &str, offset: i32, expression: &str) -> pg_sys::Oid {
 #[pg_extern(immutable, parallel_safe, strict, name = "_check_attribute_path")]
 fn check_attribute_path(path: &str) {
     if let Err(e) = identity_sync_core::path::parse_path(path) {
-        Error::InvalidPath { path: path.to_string(), reason: e.to_string() }.report()
+        Error::InvalidPath {
+            path: path.to_string(),
+            reason: e.to_string(),
+        }
+        .report()
     }
 }
 

@@ -7,7 +7,9 @@
 
 use super::worker::in_transaction;
 use identity_sync_core::backoff;
-use identity_sync_core::deliver::{Auth, Dispatcher, EventKind, Job, Outcome, TargetConfig, TargetKind};
+use identity_sync_core::deliver::{
+    Auth, Dispatcher, EventKind, Job, Outcome, TargetConfig, TargetKind,
+};
 use pgrx::prelude::*;
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -40,7 +42,10 @@ impl Http {
                 None
             }
         };
-        Http { dispatcher, loaded: None }
+        Http {
+            dispatcher,
+            loaded: None,
+        }
     }
 
     pub fn in_flight(&self) -> usize {
@@ -58,15 +63,23 @@ impl Http {
             in_transaction("recording delivery outcomes", || record(&outcomes));
         }
 
-        if let Some(Some((fingerprint, targets))) =
-            in_transaction("loading targets", || load_targets(self.loaded.as_ref().map(|l| l.fingerprint.as_str())))
-        {
-            let capacity = targets.iter().map(|t| t.max_concurrency.max(1) * 2).sum::<usize>();
+        if let Some(Some((fingerprint, targets))) = in_transaction("loading targets", || {
+            load_targets(self.loaded.as_ref().map(|l| l.fingerprint.as_str()))
+        }) {
+            let capacity = targets
+                .iter()
+                .map(|t| t.max_concurrency.max(1) * 2)
+                .sum::<usize>();
             dispatcher.set_targets(targets);
-            self.loaded = Some(Loaded { fingerprint, capacity });
+            self.loaded = Some(Loaded {
+                fingerprint,
+                capacity,
+            });
         }
         let capacity = self.loaded.as_ref().map_or(0, |l| l.capacity);
-        let room = capacity.saturating_sub(dispatcher.in_flight()).min(batch.max(1) as usize);
+        let room = capacity
+            .saturating_sub(dispatcher.in_flight())
+            .min(batch.max(1) as usize);
         if room == 0 {
             return recorded;
         }
@@ -91,27 +104,71 @@ impl Http {
 fn record(outcomes: &[Outcome]) {
     let mut rng = rand_seed();
     for o in outcomes {
-        let (id, kind, remote, error, status, retry_ms): (i64, &str, Option<String>, Option<String>, Option<i32>, Option<i64>) =
-            match o {
-                Outcome::Done { event_id, account_id, http_status, .. } => {
-                    (*event_id, "done", account_id.clone(), None, http_status.map(i32::from), None)
-                }
-                Outcome::Retry { event_id, error, http_status, retry_after } => {
-                    let attempts = attempts_of(*event_id);
-                    let delay = backoff::retry_delay(
-                        attempts,
-                        Duration::from_millis(500),
-                        Duration::from_secs(300),
-                        *retry_after,
-                        &mut rng,
-                    );
-                    (*event_id, "retry", None, Some(error.clone()), http_status.map(i32::from), Some(delay.as_millis() as i64))
-                }
-                Outcome::Failed { event_id, error, http_status } => {
-                    (*event_id, "failed", None, Some(error.clone()), http_status.map(i32::from), None)
-                }
-                Outcome::Conflict { event_id, error } => (*event_id, "conflict", None, Some(error.clone()), Some(409), None),
-            };
+        let (id, kind, remote, error, status, retry_ms): (
+            i64,
+            &str,
+            Option<String>,
+            Option<String>,
+            Option<i32>,
+            Option<i64>,
+        ) = match o {
+            Outcome::Done {
+                event_id,
+                account_id,
+                http_status,
+                ..
+            } => (
+                *event_id,
+                "done",
+                account_id.clone(),
+                None,
+                http_status.map(i32::from),
+                None,
+            ),
+            Outcome::Retry {
+                event_id,
+                error,
+                http_status,
+                retry_after,
+            } => {
+                let attempts = attempts_of(*event_id);
+                let delay = backoff::retry_delay(
+                    attempts,
+                    Duration::from_millis(500),
+                    Duration::from_secs(300),
+                    *retry_after,
+                    &mut rng,
+                );
+                (
+                    *event_id,
+                    "retry",
+                    None,
+                    Some(error.clone()),
+                    http_status.map(i32::from),
+                    Some(delay.as_millis() as i64),
+                )
+            }
+            Outcome::Failed {
+                event_id,
+                error,
+                http_status,
+            } => (
+                *event_id,
+                "failed",
+                None,
+                Some(error.clone()),
+                http_status.map(i32::from),
+                None,
+            ),
+            Outcome::Conflict { event_id, error } => (
+                *event_id,
+                "conflict",
+                None,
+                Some(error.clone()),
+                Some(409),
+                None,
+            ),
+        };
         let _ = Spi::run_with_args(
             "SELECT identity_sync._record($1, $2, $3, $4, $5, make_interval(secs => $6::float8 / 1000))",
             &[id.into(), kind.into(), remote.into(), error.into(), status.into(), retry_ms.into()],
@@ -120,10 +177,13 @@ fn record(outcomes: &[Outcome]) {
 }
 
 fn attempts_of(event_id: i64) -> u32 {
-    Spi::get_one_with_args::<i32>("SELECT attempts FROM identity_sync.event WHERE id = $1", &[event_id.into()])
-        .ok()
-        .flatten()
-        .map_or(1, |a| a.max(1) as u32)
+    Spi::get_one_with_args::<i32>(
+        "SELECT attempts FROM identity_sync.event WHERE id = $1",
+        &[event_id.into()],
+    )
+    .ok()
+    .flatten()
+    .map_or(1, |a| a.max(1) as u32)
 }
 
 fn rand_seed() -> rand::rngs::StdRng {
@@ -173,8 +233,13 @@ fn load_targets(known: Option<&str>) -> Option<(String, Vec<TargetConfig>)> {
             let opt = |k: &str| options.get(k).and_then(Value::as_str).map(str::to_string);
             let secret_or_empty = secret.clone().unwrap_or_default();
             let auth = match opt("auth").as_deref() {
-                Some("bearer") => Auth::Bearer { token: secret_or_empty },
-                Some("basic") => Auth::Basic { username: opt("username").unwrap_or_default(), password: secret_or_empty },
+                Some("bearer") => Auth::Bearer {
+                    token: secret_or_empty,
+                },
+                Some("basic") => Auth::Basic {
+                    username: opt("username").unwrap_or_default(),
+                    password: secret_or_empty,
+                },
                 Some("oauth2") => Auth::OAuth2 {
                     token_url: opt("token_url").unwrap_or_default(),
                     client_id: opt("client_id").unwrap_or_default(),
@@ -187,18 +252,31 @@ fn load_targets(known: Option<&str>) -> Option<(String, Vec<TargetConfig>)> {
             targets.push(TargetConfig {
                 id,
                 name,
-                kind: if is_webhook { TargetKind::Webhook } else { TargetKind::Scim },
+                kind: if is_webhook {
+                    TargetKind::Webhook
+                } else {
+                    TargetKind::Scim
+                },
                 url,
                 // A webhook's secret signs its requests unless it authenticates with it.
-                signing_secret: if is_webhook && matches!(auth, Auth::None) { secret } else { None },
+                signing_secret: if is_webhook && matches!(auth, Auth::None) {
+                    secret
+                } else {
+                    None
+                },
                 auth,
-                timeout: Duration::from_millis(timeout_ms.map_or(default_timeout, |ms| ms.max(1) as u64)),
+                timeout: Duration::from_millis(
+                    timeout_ms.map_or(default_timeout, |ms| ms.max(1) as u64),
+                ),
                 max_concurrency: options
                     .get("max_concurrency")
                     .and_then(Value::as_u64)
                     .map_or(default_concurrency, |n| n as usize),
                 correlate_on: opt("correlate_on"),
-                create_groups: options.get("create_groups").and_then(Value::as_bool).unwrap_or(false),
+                create_groups: options
+                    .get("create_groups")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
             });
         }
     });
@@ -224,8 +302,14 @@ fn claim(room: usize) -> Vec<Job> {
         let Ok(rows) = rows else { return };
         for row in rows {
             let kind: String = row.get(4).ok().flatten().unwrap_or_default();
-            let Ok(kind) = kind.parse::<EventKind>() else { continue };
-            let payload: Value = row.get::<pgrx::JsonB>(5).ok().flatten().map_or(Value::Null, |j| j.0);
+            let Ok(kind) = kind.parse::<EventKind>() else {
+                continue;
+            };
+            let payload: Value = row
+                .get::<pgrx::JsonB>(5)
+                .ok()
+                .flatten()
+                .map_or(Value::Null, |j| j.0);
             let mut attributes = object(payload.get("attributes"));
             if let Some(active) = payload.get("active") {
                 attributes.insert("active".into(), active.clone());
@@ -239,10 +323,17 @@ fn claim(room: usize) -> Vec<Job> {
                 attributes,
                 changed: object(payload.get("changed")),
                 previous: object(payload.get("previous")),
-                group: payload.get("group").and_then(Value::as_str).map(str::to_string),
+                group: payload
+                    .get("group")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
                 groups: row.get::<Vec<String>>(9).ok().flatten().unwrap_or_default(),
                 occurred_at: row.get(8).ok().flatten().unwrap_or_default(),
-                attempt: row.get::<i32>(7).ok().flatten().map_or(1, |a| a.max(1) as u32),
+                attempt: row
+                    .get::<i32>(7)
+                    .ok()
+                    .flatten()
+                    .map_or(1, |a| a.max(1) as u32),
             });
         }
     });

@@ -35,7 +35,9 @@ pub fn in_transaction<R>(what: &str, f: impl FnOnce() -> R + std::panic::UnwindS
     let result = PgTryBuilder::new(|| Some(f()))
         .catch_others(|e| {
             let message = match &e {
-                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
+                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
+                    r.message().to_string()
+                }
                 CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
             };
             log!("identity_sync: {what} failed: {message}");
@@ -73,12 +75,13 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
     log!("identity_sync: worker started in database \"{database}\"");
 
     let mut http = super::http::Http::start();
+    let mut recovered = false;
     let mut sleep = Duration::ZERO;
     while BackgroundWorker::wait_latch(Some(sleep.max(Duration::from_millis(1)))) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        sleep = tick(&mut http);
+        sleep = tick(&mut http, &mut recovered);
     }
 
     http.shutdown();
@@ -87,13 +90,27 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
 }
 
 /// One round of work; returns how long to sleep unless woken.
-fn tick(http: &mut super::http::Http) -> Duration {
+fn tick(http: &mut super::http::Http, recovered: &mut bool) -> Duration {
     let naptime = Duration::from_millis(guc::NAPTIME.get().max(10) as u64);
-    let installed = in_transaction("checking for the extension", extension_installed).unwrap_or(false);
+    let installed =
+        in_transaction("checking for the extension", extension_installed).unwrap_or(false);
     if !installed {
         return naptime;
     }
     let batch = guc::BATCH_SIZE.get().max(1);
+
+    // Once per worker start: what a crash left in flight is due again (pg_cron's
+    // MarkPendingRunsAsFailed, but we deliver at least once instead).
+    if !*recovered {
+        if let Some(Ok(Some(n))) = in_transaction("recovering events in flight", || {
+            Spi::get_one::<i32>("SELECT identity_sync._worker_start()")
+        }) {
+            if n > 0 {
+                log!("identity_sync: {n} events were in flight when the worker stopped; they are due again");
+            }
+            *recovered = true;
+        }
+    }
 
     // Housekeeping: snapshot sources due, date boundaries, expired grants, retention.
     in_transaction("housekeeping", || {
@@ -135,6 +152,10 @@ fn tick(http: &mut super::http::Http) -> Duration {
     })
     .and_then(|r| r.ok().flatten())
     .unwrap_or(i64::MAX);
-    let wait = if http.in_flight() > 0 { Duration::from_millis(50) } else { naptime };
+    let wait = if http.in_flight() > 0 {
+        Duration::from_millis(50)
+    } else {
+        naptime
+    };
     wait.min(Duration::from_millis(next_due.max(0) as u64))
 }
