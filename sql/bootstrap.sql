@@ -119,8 +119,10 @@ CREATE TABLE identity_sync.rule (
 );
 
 -- The account registry: person x target.
+-- High-volume tables (account, event, _unique, _plan_error) carry no foreign key to target: a
+-- per-row RI check would cost more than the planner's own work; drop_target() cleans them up.
 CREATE TABLE identity_sync.account (
-    target_id          int NOT NULL REFERENCES identity_sync.target ON DELETE CASCADE,
+    target_id          int NOT NULL,
     person_key         text NOT NULL,
     remote_id          text,           -- the target's own id, once created
     state              text NOT NULL DEFAULT 'pending'
@@ -138,11 +140,11 @@ CREATE TABLE identity_sync.account (
     applied_at         timestamptz,
     PRIMARY KEY (target_id, person_key)
 );
-CREATE INDEX ON identity_sync.account USING gin (refs);
+CREATE INDEX ON identity_sync.account USING gin (refs) WHERE refs <> '{}';
 
 -- Values of is_unique attributes in use per target.
 CREATE TABLE identity_sync._unique (
-    target_id  int NOT NULL REFERENCES identity_sync.target ON DELETE CASCADE,
+    target_id  int NOT NULL,
     attribute  text NOT NULL,
     value      text NOT NULL,
     person_key text,                 -- NULL: taken in the target by an account we do not manage
@@ -153,7 +155,7 @@ CREATE INDEX ON identity_sync._unique (target_id, person_key);
 -- Provisioning events.
 CREATE TABLE identity_sync.event (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    target_id   int NOT NULL REFERENCES identity_sync.target ON DELETE CASCADE,
+    target_id   int NOT NULL,
     person_key  text NOT NULL,
     seq         bigint NOT NULL,
     kind        text NOT NULL
@@ -185,9 +187,19 @@ CREATE TABLE identity_sync.plan_run (
     keys       text[] NOT NULL
 );
 
+-- Events of the kinds thresholds guard (create, disable, delete) planned per target: the window
+-- a threshold looks at is the last hour since the last release.
+CREATE TABLE identity_sync._plan_count (
+    target_id int NOT NULL,
+    kind      text NOT NULL,
+    at        timestamptz NOT NULL DEFAULT now(),
+    n         int NOT NULL
+);
+CREATE INDEX ON identity_sync._plan_count (target_id, at);
+
 -- Per-person planning errors (a mapping that fails for this person only).
 CREATE TABLE identity_sync._plan_error (
-    target_id  int NOT NULL REFERENCES identity_sync.target ON DELETE CASCADE,
+    target_id  int NOT NULL,
     person_key text NOT NULL,
     message    text NOT NULL,
     at         timestamptz NOT NULL DEFAULT now(),

@@ -503,6 +503,11 @@ RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_
 DECLARE
     t identity_sync.target := identity_sync._target(name);
 BEGIN
+    DELETE FROM identity_sync.event WHERE target_id = t.id;
+    DELETE FROM identity_sync.account WHERE target_id = t.id;
+    DELETE FROM identity_sync._unique WHERE target_id = t.id;
+    DELETE FROM identity_sync._plan_error WHERE target_id = t.id;
+    DELETE FROM identity_sync._dirty WHERE target_id = t.id;
     DELETE FROM identity_sync.target WHERE id = t.id;
     PERFORM identity_sync._audit('drop_target', name, to_jsonb(t) - 'compiled', NULL);
 END

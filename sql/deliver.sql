@@ -259,6 +259,7 @@ BEGIN
     IF retention > interval '0' THEN
         DELETE FROM identity_sync.event WHERE state = 'done' AND done_at < now() - retention;
         DELETE FROM identity_sync.plan_run WHERE started_at < now() - retention;
+        DELETE FROM identity_sync._plan_count WHERE at < now() - interval '1 hour';
     END IF;
 END
 $$;

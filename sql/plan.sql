@@ -74,20 +74,19 @@ BEGIN
            AND a.planned_state <> 'deleted' AND a.planned_attributes ? m.attribute AND d.error IS NULL;
         loops := 0;
         LOOP
-            SELECT array_agg(d.person_key) INTO conflicted
-              FROM pg_temp._is_desired d
-             WHERE d.error IS NULL AND d.rules <> '{}' AND d.attributes->>m.attribute IS NOT NULL
-               AND NOT (m.on_create_only AND EXISTS (
-                        SELECT FROM identity_sync.account a
-                         WHERE a.target_id = t.id AND a.person_key = d.person_key
-                           AND a.planned_state <> 'deleted' AND a.planned_attributes ? m.attribute))
-               AND (EXISTS (SELECT FROM identity_sync._unique u
-                             WHERE u.target_id = t.id AND u.attribute = m.attribute
-                               AND u.value = d.attributes->>m.attribute
-                               AND u.person_key IS DISTINCT FROM d.person_key)
-                    OR EXISTS (SELECT FROM pg_temp._is_desired o
-                                WHERE o.person_key < d.person_key AND o.error IS NULL AND o.rules <> '{}'
-                                  AND o.attributes->>m.attribute = d.attributes->>m.attribute));
+            SELECT array_agg(x.person_key) INTO conflicted
+              FROM (SELECT d.person_key, d.attributes->>m.attribute AS v,
+                           row_number() OVER (PARTITION BY d.attributes->>m.attribute ORDER BY d.person_key) AS rn
+                      FROM pg_temp._is_desired d
+                     WHERE d.error IS NULL AND d.rules <> '{}' AND d.attributes->>m.attribute IS NOT NULL
+                       AND NOT (m.on_create_only AND EXISTS (
+                                SELECT FROM identity_sync.account a
+                                 WHERE a.target_id = t.id AND a.person_key = d.person_key
+                                   AND a.planned_state <> 'deleted' AND a.planned_attributes ? m.attribute))) AS x
+             WHERE x.rn > 1
+                OR EXISTS (SELECT FROM identity_sync._unique u
+                            WHERE u.target_id = t.id AND u.attribute = m.attribute AND u.value = x.v
+                              AND u.person_key IS DISTINCT FROM x.person_key);
             EXIT WHEN conflicted IS NULL;
             loops := loops + 1;
             FOR it IN SELECT DISTINCT d.iteration + 1 FROM pg_temp._is_desired d WHERE d.person_key = ANY (conflicted) LOOP
@@ -123,19 +122,25 @@ $$;
 -- state it should reach and the events that get it there.
 CREATE FUNCTION identity_sync._diff(t identity_sync.target, keys text[], today date)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    -- Attributes sent at creation only never count as changed.
+    create_only text[] := ARRAY(SELECT attribute FROM identity_sync.mapping
+                                 WHERE target_id = t.id AND on_create_only);
 BEGIN
     IF to_regclass('pg_temp._is_plan') IS NULL THEN
         CREATE TEMP TABLE _is_plan (
         person_key text PRIMARY KEY, in_scope boolean, rules text[], has_account boolean,
         planned_state text, want_state text, attributes jsonb, changed jsonb, previous jsonb,
-        groups text[], to_grant text[], to_revoke text[], seq bigint, events jsonb
+        groups text[], to_grant text[], to_revoke text[], seq bigint, events jsonb,
+        n_events int, has_update boolean
     ) ON COMMIT DELETE ROWS;
     END IF;
     DELETE FROM pg_temp._is_plan;
 
     INSERT INTO pg_temp._is_plan
     SELECT k.person_key, s.in_scope, s.rules, s.has_account, s.planned_state, s.want_state,
-           s.attributes, s.changed, s.previous, s.groups, s.to_grant, s.to_revoke, s.seq, NULL
+           s.attributes, s.changed, s.previous, s.groups, s.to_grant, s.to_revoke, s.seq,
+           ev.events, jsonb_array_length(ev.events), ev.events @> '[{"kind": "update"}]'
       FROM unnest(keys) AS k(person_key)
       LEFT JOIN pg_temp._is_desired d USING (person_key)
       LEFT JOIN identity_sync.account a ON a.target_id = t.id AND a.person_key = k.person_key
@@ -160,18 +165,8 @@ BEGIN
      CROSS JOIN LATERAL (
         SELECT b.in_scope, b.rules, b.has_account, b.planned_state, w.want_state, b.seq,
                coalesce(d.attributes, '{}') AS attributes,
-               coalesce((SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each(d.attributes) AS e
-                          WHERE b.has_account
-                            AND a.planned_attributes->e.key IS DISTINCT FROM e.value
-                            AND NOT EXISTS (SELECT FROM identity_sync.mapping mp
-                                             WHERE mp.target_id = t.id AND mp.attribute = e.key AND mp.on_create_only)),
-                        '{}') AS changed,
-               coalesce((SELECT jsonb_object_agg(e.key, a.planned_attributes->e.key) FROM jsonb_each(d.attributes) AS e
-                          WHERE b.has_account
-                            AND a.planned_attributes->e.key IS DISTINCT FROM e.value
-                            AND NOT EXISTS (SELECT FROM identity_sync.mapping mp
-                                             WHERE mp.target_id = t.id AND mp.attribute = e.key AND mp.on_create_only)),
-                        '{}') AS previous,
+               coalesce(ch.changed, '{}') AS changed,
+               coalesce(ch.previous, '{}') AS previous,
                g.groups,
                ARRAY(SELECT x FROM unnest(g.groups) AS x
                       WHERE NOT (b.has_account AND x = ANY (a.planned_groups)) ORDER BY x) AS to_grant,
@@ -180,62 +175,63 @@ BEGIN
           FROM (SELECT CASE WHEN w.want_state IN ('active', 'disabled') AND b.in_scope
                             THEN ARRAY(SELECT DISTINCT x FROM unnest(coalesce(d.groups, '{}')
                                          || identity_sync._granted_groups(t.id, k.person_key, b.enabled_now)) AS x ORDER BY x)
-                            ELSE '{}'::text[] END AS groups) AS g) AS s
-     WHERE d.error IS NULL;
-
-    -- The events, in the order they must be delivered.
-    UPDATE pg_temp._is_plan p SET events = coalesce((
-        SELECT jsonb_agg(jsonb_build_object('kind', e.kind, 'payload', e.payload) ORDER BY e.ord, e.sub)
+                            ELSE '{}'::text[] END AS groups) AS g
+          LEFT JOIN LATERAL (
+            SELECT jsonb_object_agg(e.key, e.value) AS changed,
+                   jsonb_object_agg(e.key, a.planned_attributes->e.key) AS previous
+              FROM jsonb_each(d.attributes) AS e
+             WHERE b.has_account AND a.planned_attributes IS DISTINCT FROM d.attributes  -- fast path
+               AND e.key <> ALL (create_only)
+               AND a.planned_attributes->e.key IS DISTINCT FROM e.value) AS ch ON true) AS s
+     -- The events, in the order they must be delivered.
+     CROSS JOIN LATERAL (
+        SELECT coalesce(jsonb_agg(jsonb_build_object('kind', e.kind, 'payload', e.payload) ORDER BY e.ord, e.sub), '[]') AS events
           FROM (
             SELECT 1 AS ord, '' AS sub, 'delete' AS kind, '{}'::jsonb AS payload
-             WHERE p.has_account AND p.want_state = 'deleted'
+             WHERE s.has_account AND s.want_state = 'deleted'
             UNION ALL
-            SELECT 2, '', 'create', jsonb_build_object('attributes', p.attributes, 'active', p.want_state = 'active', 'groups', p.groups)
-             WHERE NOT p.has_account AND p.want_state IN ('active', 'disabled')
+            SELECT 2, '', 'create', jsonb_build_object('attributes', s.attributes, 'active', s.want_state = 'active', 'groups', s.groups)
+             WHERE NOT s.has_account AND s.want_state IN ('active', 'disabled')
             UNION ALL
             SELECT 3, '', 'enable', jsonb_build_object('active', true)
-             WHERE p.has_account AND p.planned_state = 'disabled' AND p.want_state = 'active'
+             WHERE s.has_account AND s.planned_state = 'disabled' AND s.want_state = 'active'
             UNION ALL
-            SELECT 4, '', 'update', jsonb_build_object('changed', p.changed, 'previous', p.previous, 'attributes', p.attributes)
-             WHERE p.has_account AND p.want_state <> 'deleted' AND p.changed <> '{}'
+            SELECT 4, '', 'update', jsonb_build_object('changed', s.changed, 'previous', s.previous, 'attributes', s.attributes)
+             WHERE s.has_account AND s.want_state <> 'deleted' AND s.changed <> '{}'
             UNION ALL
             SELECT 5, g, 'grant', jsonb_build_object('group', g)
-              FROM unnest(p.to_grant) AS g WHERE p.want_state IN ('active', 'disabled')
+              FROM unnest(s.to_grant) AS g WHERE s.want_state IN ('active', 'disabled')
             UNION ALL
             SELECT 6, g, 'revoke', jsonb_build_object('group', g)
-              FROM unnest(p.to_revoke) AS g WHERE p.want_state IN ('active', 'disabled')
+              FROM unnest(s.to_revoke) AS g WHERE s.want_state IN ('active', 'disabled')
             UNION ALL
             SELECT 7, '', 'disable', jsonb_build_object('active', false)
-             WHERE p.has_account AND p.planned_state = 'active' AND p.want_state = 'disabled'
-          ) AS e), '[]');
+             WHERE s.has_account AND s.planned_state = 'active' AND s.want_state = 'disabled'
+          ) AS e) AS ev
+     WHERE d.error IS NULL;
 END
 $$;
 
--- Groups granted to a person by approved self-service requests (replaced by selfservice.sql).
-CREATE FUNCTION identity_sync._granted_groups(target_id int, person_key text, enabled boolean)
-RETURNS text[] LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT '{}'::text[]
-$$;
-
--- Does a threshold stop this target? Counts the undelivered events of each guarded kind
--- planned since the last release.
-CREATE FUNCTION identity_sync._check_thresholds(t identity_sync.target)
+-- Does a threshold stop this target? A threshold bounds the events of its kind planned in the
+-- last hour since the last release(), this plan's included (`planned`: kind -> count).
+CREATE FUNCTION identity_sync._check_thresholds(t identity_sync.target, planned jsonb)
 RETURNS jsonb LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     opt text;
     kind text;
     lim text;
-    planned bigint;
+    total bigint;
     accounts bigint;
     allowed numeric;
 BEGIN
     FOREACH opt IN ARRAY ARRAY['max_creates', 'max_disables', 'max_deletes'] LOOP
         lim := t.options->>opt;
-        CONTINUE WHEN lim IS NULL;
         kind := CASE opt WHEN 'max_creates' THEN 'create' WHEN 'max_disables' THEN 'disable' ELSE 'delete' END;
-        SELECT count(*) INTO planned FROM identity_sync.event e
-         WHERE e.target_id = t.id AND e.kind = _check_thresholds.kind AND e.state IN ('pending', 'held', 'retry')
-           AND e.created_at > coalesce(t.released_at, '-infinity');
+        CONTINUE WHEN lim IS NULL OR coalesce((planned->>kind)::int, 0) = 0;
+        SELECT (planned->>kind)::int + coalesce(sum(c.n), 0) INTO total
+          FROM identity_sync._plan_count c
+         WHERE c.target_id = t.id AND c.kind = _check_thresholds.kind
+           AND c.at > greatest(now() - interval '1 hour', coalesce(t.released_at, '-infinity'));
         IF lim LIKE '%\%%' THEN
             SELECT count(*) INTO accounts FROM identity_sync.account a
              WHERE a.target_id = t.id AND a.state <> 'deleted';
@@ -243,9 +239,9 @@ BEGIN
         ELSE
             allowed := lim::numeric;
         END IF;
-        IF planned > allowed THEN
+        IF total > allowed THEN
             RETURN jsonb_build_object('threshold', opt, 'limit', lim, 'allowed', allowed,
-                                      'planned', planned, 'kind', kind, 'since', now());
+                                      'planned', total, 'kind', kind, 'since', now());
         END IF;
     END LOOP;
     RETURN NULL;
@@ -260,6 +256,10 @@ DECLARE
     n int;
     hold jsonb;
     m record;
+    dry boolean;
+    counts jsonb;
+    -- Only targets that map person_ref() values need their references indexed.
+    has_refs boolean := EXISTS (SELECT FROM identity_sync.mapping mp WHERE mp.target_id = t.id AND mp.expression ~* 'person_ref');
 BEGIN
     PERFORM identity_sync._desired(t, keys, today, true);
     PERFORM identity_sync._diff(t, keys, today);
@@ -267,9 +267,10 @@ BEGIN
     -- Coalesce: an update for a person whose last event is a create or update nobody has
     -- picked up yet is folded into that event, which then carries the latest state.
     WITH last AS (
-        SELECT DISTINCT ON (e.person_key) e.id, e.person_key, e.kind, e.state, e.attempts
-          FROM identity_sync.event e JOIN pg_temp._is_plan p USING (person_key)
-         WHERE e.target_id = t.id AND e.seq = p.seq),
+        SELECT e.id, e.person_key, e.kind, e.state, e.attempts
+          FROM pg_temp._is_plan p JOIN identity_sync.event e
+            ON e.target_id = t.id AND e.person_key = p.person_key AND e.seq = p.seq
+         WHERE p.has_update),
     merged AS (
         UPDATE identity_sync.event e
            SET payload = CASE e.kind
@@ -279,35 +280,77 @@ BEGIN
                                            'attributes', p.attributes) END
           FROM last l JOIN pg_temp._is_plan p USING (person_key)
          WHERE e.id = l.id AND l.kind IN ('create', 'update') AND l.state IN ('pending', 'held')
-           AND l.attempts = 0 AND p.changed <> '{}'
-           AND jsonb_path_exists(p.events, '$[*] ? (@.kind == "update")')
+           AND l.attempts = 0
         RETURNING e.person_key)
     UPDATE pg_temp._is_plan p
-       SET events = (SELECT coalesce(jsonb_agg(x ORDER BY o), '[]') FROM jsonb_array_elements(p.events) WITH ORDINALITY AS j(x, o)
-                      WHERE x->>'kind' <> 'update')
+       SET events = (SELECT coalesce(jsonb_agg(x ORDER BY o), '[]')
+                       FROM jsonb_array_elements(p.events) WITH ORDINALITY AS j(x, o)
+                      WHERE x->>'kind' <> 'update'),
+           n_events = p.n_events - 1,   -- a plan has at most one update per person
+           has_update = false
       FROM merged WHERE merged.person_key = p.person_key;
 
-    INSERT INTO identity_sync.event (target_id, person_key, seq, kind, payload, state, plan_id)
+    -- Thresholds hold the whole target until an operator releases or discards.
+    SELECT jsonb_object_agg(k, c) INTO counts
+      FROM (SELECT x->>'kind' AS k, count(*) AS c
+              FROM pg_temp._is_plan p, jsonb_array_elements(p.events) AS x
+             WHERE p.n_events > 0 AND x->>'kind' IN ('create', 'disable', 'delete') GROUP BY 1) AS q;
+    IF counts IS NOT NULL THEN
+        INSERT INTO identity_sync._plan_count (target_id, kind, n)
+        SELECT t.id, k, v::int FROM jsonb_each_text(counts) AS e(k, v);
+        IF t.held IS NULL THEN
+            hold := identity_sync._check_thresholds(t, counts);
+            IF hold IS NOT NULL THEN
+                UPDATE identity_sync.target SET held = hold WHERE id = t.id;
+                UPDATE identity_sync.event SET state = 'held' WHERE target_id = t.id AND state = 'pending';
+                t.held := hold;
+                RAISE LOG 'identity_sync: target "%" held: % % events planned within the hour, % allows %',
+                    t.name, hold->>'planned', hold->>'kind', hold->>'threshold', hold->>'allowed';
+            END IF;
+        END IF;
+    END IF;
+
+    -- A dry-run target (not held) records its events as done at once, and the registry takes
+    -- the planned state as applied: the state the target would have.
+    dry := coalesce((t.options->>'dry_run')::boolean, false) AND t.held IS NULL;
+    INSERT INTO identity_sync.event (target_id, person_key, seq, kind, payload, state, plan_id, sent_at, done_at)
     SELECT t.id, p.person_key, p.seq + e.o, e.x->>'kind', e.x->'payload',
-           CASE WHEN t.held IS NOT NULL THEN 'held' ELSE 'pending' END, plan_id
-      FROM pg_temp._is_plan p, jsonb_array_elements(p.events) WITH ORDINALITY AS e(x, o);
+           CASE WHEN t.held IS NOT NULL THEN 'held' WHEN dry THEN 'done' ELSE 'pending' END, plan_id,
+           CASE WHEN dry THEN now() END, CASE WHEN dry THEN now() END
+      FROM pg_temp._is_plan p, jsonb_array_elements(p.events) WITH ORDINALITY AS e(x, o)
+     WHERE p.n_events > 0;
     GET DIAGNOSTICS n = ROW_COUNT;
 
     -- The registry's planned state is what the target will look like once events are done.
-    INSERT INTO identity_sync.account AS a (target_id, person_key, planned_state, planned_attributes, planned_groups, refs, seq, planned_at)
+    INSERT INTO identity_sync.account AS a (target_id, person_key, planned_state, planned_attributes, planned_groups, refs, seq, planned_at,
+                                           state, attributes, groups, remote_id, applied_at)
     SELECT t.id, p.person_key, p.want_state, p.attributes, p.groups,
-           identity_sync._refs(p.attributes), p.seq + jsonb_array_length(p.events), now()
+           CASE WHEN has_refs THEN identity_sync._refs(p.attributes) ELSE '{}' END, p.seq + p.n_events, now(),
+           CASE WHEN dry THEN p.want_state ELSE 'pending' END,
+           CASE WHEN dry THEN p.attributes ELSE '{}' END,
+           CASE WHEN dry THEN p.groups ELSE '{}' END,
+           CASE WHEN dry THEN 'dry-run:' || p.person_key END,
+           CASE WHEN dry THEN now() END
       FROM pg_temp._is_plan p
-     WHERE p.want_state IS NOT NULL
+     -- Nothing the target sees changed: nothing to write (a resync of unchanged persons).
+     WHERE p.want_state IS NOT NULL AND (p.n_events > 0 OR NOT p.has_account OR p.planned_state IS DISTINCT FROM p.want_state)
     ON CONFLICT (target_id, person_key) DO UPDATE
        SET planned_state = excluded.planned_state,
            planned_attributes = CASE WHEN excluded.planned_state = 'deleted' THEN a.planned_attributes ELSE excluded.planned_attributes END,
            planned_groups = CASE WHEN excluded.planned_state = 'deleted' THEN '{}' ELSE excluded.planned_groups END,
            refs = excluded.refs,
-           remote_id = CASE WHEN a.planned_state = 'deleted' AND excluded.planned_state <> 'deleted' THEN NULL ELSE a.remote_id END,
-           state = CASE WHEN a.planned_state = 'deleted' AND excluded.planned_state <> 'deleted' THEN 'pending' ELSE a.state END,
+           remote_id = CASE WHEN dry THEN coalesce(a.remote_id, excluded.remote_id)
+                            WHEN a.planned_state = 'deleted' AND excluded.planned_state <> 'deleted' THEN NULL
+                            ELSE a.remote_id END,
+           state = CASE WHEN dry THEN excluded.state
+                        WHEN a.planned_state = 'deleted' AND excluded.planned_state <> 'deleted' THEN 'pending'
+                        ELSE a.state END,
+           attributes = CASE WHEN dry AND excluded.planned_state <> 'deleted' THEN excluded.planned_attributes ELSE a.attributes END,
+           groups = CASE WHEN dry THEN excluded.planned_groups ELSE a.groups END,
+           applied_at = CASE WHEN dry THEN now() ELSE a.applied_at END,
            seq = excluded.seq,
            planned_at = excluded.planned_at
+           -- (a dry run applies what it plans; see above)
      WHERE a.planned_state IS DISTINCT FROM excluded.planned_state
         OR a.planned_attributes IS DISTINCT FROM excluded.planned_attributes
         OR a.planned_groups IS DISTINCT FROM excluded.planned_groups
@@ -316,31 +359,20 @@ BEGIN
     -- Unique values now held by these persons.
     FOR m IN SELECT * FROM identity_sync.mapping WHERE target_id = t.id AND is_unique LOOP
         DELETE FROM identity_sync._unique u
-         USING pg_temp._is_plan p
-         WHERE u.target_id = t.id AND u.attribute = m.attribute AND u.person_key = p.person_key
-           AND (p.want_state IS NULL OR p.want_state = 'deleted' OR u.value IS DISTINCT FROM p.attributes->>m.attribute);
+         WHERE u.target_id = t.id AND u.attribute = m.attribute
+           AND u.person_key = ANY (ARRAY(SELECT p.person_key FROM pg_temp._is_plan p
+                                          WHERE p.n_events > 0 OR p.want_state IS NULL))
+           AND NOT EXISTS (SELECT FROM pg_temp._is_plan p
+                            WHERE p.person_key = u.person_key AND p.want_state IN ('active', 'disabled')
+                              AND p.attributes->>m.attribute = u.value);
         INSERT INTO identity_sync._unique (target_id, attribute, value, person_key)
         SELECT t.id, m.attribute, p.attributes->>m.attribute, p.person_key
           FROM pg_temp._is_plan p
-         WHERE p.want_state IN ('active', 'disabled') AND p.attributes->>m.attribute IS NOT NULL
-        ON CONFLICT (target_id, attribute, value) DO UPDATE SET person_key = excluded.person_key;
+         WHERE p.n_events > 0 AND p.want_state IN ('active', 'disabled') AND p.attributes->>m.attribute IS NOT NULL
+        ON CONFLICT (target_id, attribute, value) DO UPDATE SET person_key = excluded.person_key
+         WHERE _unique.person_key IS DISTINCT FROM excluded.person_key;
     END LOOP;
 
-    -- Thresholds hold the whole target until an operator releases or discards.
-    IF n > 0 AND t.held IS NULL THEN
-        hold := identity_sync._check_thresholds(t);
-        IF hold IS NOT NULL THEN
-            UPDATE identity_sync.target SET held = hold WHERE id = t.id;
-            UPDATE identity_sync.event SET state = 'held' WHERE target_id = t.id AND state = 'pending';
-            RAISE LOG 'identity_sync: target "%" held: % planned % events of kind %, more than % allows',
-                t.name, hold->>'planned', hold->>'kind', hold->>'kind', hold->>'threshold';
-        END IF;
-    END IF;
-
-    -- Dry run: the registry takes the planned state as if every event had succeeded.
-    IF (t.options->>'dry_run')::boolean AND n > 0 AND (SELECT held FROM identity_sync.target WHERE id = t.id) IS NULL THEN
-        PERFORM identity_sync._complete_dry_run(t.id);
-    END IF;
     RETURN n;
 END
 $$;

@@ -25,7 +25,7 @@ SELECT t.name AS target, t.kind,
             ELSE 'active' END AS state,
        t.held->>'threshold' AS held_by,
        CASE WHEN t.held IS NOT NULL
-            THEN format('%s %s events planned, %s allows %s', t.held->>'planned', t.held->>'kind', t.held->>'threshold', t.held->>'allowed') END AS held_detail,
+            THEN format('%s %s events planned within the hour; %s = %s allows %s', t.held->>'planned', t.held->>'kind', t.held->>'threshold', t.held->>'limit', t.held->>'allowed') END AS held_detail,
        coalesce(a.active, 0) AS accounts_active, coalesce(a.disabled, 0) AS accounts_disabled,
        coalesce(a.pending, 0) AS accounts_pending, coalesce(a.deleted, 0) AS accounts_deleted,
        coalesce(e.pending, 0) AS events_pending, coalesce(e.sending, 0) AS events_sending,
