@@ -198,7 +198,7 @@ BEGIN
              WHERE c.%3$I > ($3 - sh) AND c.%3$I <= ($4 - sh)
             UNION
             SELECT DISTINCT c.%1$I::text FROM unnest($2::interval[]) AS sh, %2$s AS c
-             WHERE c.%5$I > ($3 - sh - interval '1 day') AND c.%5$I <= ($4 - sh - interval '1 day')
+             WHERE c.%4$I > ($3 - sh - interval '1 day') AND c.%4$I <= ($4 - sh - interval '1 day')
         ) $q$, c.key_column, c.relation, c.starts_column, c.ends_column)
     INTO keys
     USING shifts,

@@ -233,9 +233,15 @@ CREATE FUNCTION identity_sync.set_primary_contract(order_by text)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     old text := (SELECT primary_contract_order FROM identity_sync._settings);
+    q text;
 BEGIN
     UPDATE identity_sync._settings SET primary_contract_order = nullif(btrim(order_by), '');
-    PERFORM identity_sync._recompile_all();   -- validates: an error rolls the change back
+    -- Validate against the person document query; an error rolls the change back.
+    q := 'SELECT count(*) ' || identity_sync._from_clause();
+    PERFORM identity_sync._use_user_search_path();
+    EXECUTE q USING '{}'::text[], CURRENT_DATE, 0;
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    PERFORM identity_sync._recompile_all();
     PERFORM identity_sync._audit('set_primary_contract', NULL, to_jsonb(old), to_jsonb(order_by));
 END
 $$;

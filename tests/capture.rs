@@ -1,0 +1,479 @@
+//! Capture (issue 3): sources, the change outbox, snapshot capture, date boundaries and the
+//! person document, on the employees sample.
+//!
+//! These tests run in a database of their own that no worker serves, so that what capture
+//! writes stays in the outbox (`identity_sync.change`) and in `identity_sync.pending_changes`
+//! for the test to look at, instead of being planned away at once.
+#![cfg(not(feature = "pg_test"))] // see tests/common/mod.rs
+
+mod common;
+
+use common::*;
+use std::collections::BTreeSet;
+
+const DB: &str = "capture_test";
+
+/// A fresh database with the small employees sample and the extension, sources registered.
+fn setup() -> Client {
+    let mut c = fresh_db(DB);
+    load_employees(&mut c, "small");
+    c.batch_execute(
+        "SET client_min_messages = warning;
+         CREATE EXTENSION identity_sync;
+         SELECT identity_sync.add_person_source('employee', 'emp_no');
+         SELECT identity_sync.add_contract_source('dept_emp', 'emp_no', 'from_date', 'to_date');
+         SELECT identity_sync.add_related_source('department',
+                'SELECT de.emp_no FROM dept_emp de JOIN changed c USING (dept_no)');",
+    )
+    .expect("register the sources");
+    c
+}
+
+fn pending(c: &mut Client) -> BTreeSet<String> {
+    c.query("SELECT person_key FROM identity_sync.pending_changes", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+fn outbox_rows(c: &mut Client) -> i64 {
+    c.query_one("SELECT count(*) FROM identity_sync.change", &[])
+        .unwrap()
+        .get(0)
+}
+
+fn clear(c: &mut Client) {
+    c.batch_execute("DELETE FROM identity_sync.change; DELETE FROM identity_sync._dirty;")
+        .unwrap();
+}
+
+fn keys(c: &mut Client, sql: &str) -> BTreeSet<String> {
+    c.query(sql, &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+fn error_of(c: &mut Client, sql: &str) -> postgres::error::DbError {
+    let e = c.batch_execute(sql).expect_err(sql);
+    e.as_db_error().expect("a database error").clone()
+}
+
+#[test]
+fn committed_update_marks_exactly_that_person_rolled_back_marks_nothing() {
+    let mut c = setup();
+    assert!(pending(&mut c).is_empty());
+
+    c.batch_execute("UPDATE employee SET last_name = 'Changed' WHERE emp_no = 10001")
+        .unwrap();
+    assert_eq!(pending(&mut c), BTreeSet::from(["10001".to_string()]));
+    assert_eq!(outbox_rows(&mut c), 1);
+    clear(&mut c);
+
+    c.batch_execute(
+        "BEGIN; UPDATE employee SET last_name = 'Nope' WHERE emp_no = 10002; ROLLBACK;",
+    )
+    .unwrap();
+    assert!(
+        pending(&mut c).is_empty(),
+        "a rolled-back change must leave nothing"
+    );
+    assert_eq!(outbox_rows(&mut c), 0);
+
+    // A statement touching no row writes nothing either.
+    c.batch_execute("UPDATE employee SET last_name = 'x' WHERE emp_no = -1")
+        .unwrap();
+    assert_eq!(outbox_rows(&mut c), 0);
+}
+
+#[test]
+fn bulk_update_writes_one_outbox_row_and_each_person_once() {
+    let mut c = setup();
+    // The large sample has 11,051 dept_emp rows; take the first 10,000.
+    load_employees(&mut c, "large");
+    c.batch_execute(
+        "SET client_min_messages = warning;
+         DROP EXTENSION identity_sync CASCADE; CREATE EXTENSION identity_sync;
+         SELECT identity_sync.add_person_source('employee', 'emp_no');
+         SELECT identity_sync.add_contract_source('dept_emp', 'emp_no', 'from_date', 'to_date');",
+    )
+    .unwrap();
+    c.batch_execute(
+        "UPDATE dept_emp SET from_date = from_date
+          WHERE (emp_no, dept_no) IN (SELECT emp_no, dept_no FROM dept_emp ORDER BY emp_no, dept_no LIMIT 10000)",
+    )
+    .unwrap();
+    assert_eq!(outbox_rows(&mut c), 1, "one outbox row per statement");
+    let expected = keys(
+        &mut c,
+        "SELECT DISTINCT emp_no::text FROM (SELECT emp_no, dept_no FROM dept_emp ORDER BY emp_no, dept_no LIMIT 10000) q",
+    );
+    let rows: Vec<(String, i64)> = c
+        .query(
+            "SELECT person_key, count(*) OVER () FROM identity_sync.pending_changes",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let got: BTreeSet<String> = rows.iter().map(|r| r.0.clone()).collect();
+    assert_eq!(
+        rows.len(),
+        got.len(),
+        "pending_changes has one row per person"
+    );
+    assert_eq!(got, expected);
+
+    // The planner's claim deduplicates: each person once in the dirty set.
+    let claimed: i32 = c
+        .query_one("SELECT identity_sync._claim_changes(100)", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(claimed as usize, expected.len());
+    let dirty: i64 = c
+        .query_one("SELECT count(*) FROM identity_sync._dirty", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(dirty as usize, expected.len());
+    assert_eq!(outbox_rows(&mut c), 0);
+}
+
+#[test]
+fn key_update_insert_delete_and_truncate() {
+    let mut c = setup();
+    c.batch_execute("ALTER TABLE dept_emp DROP CONSTRAINT dept_emp_emp_no_fkey; ALTER TABLE dept_manager DROP CONSTRAINT dept_manager_emp_no_fkey; ALTER TABLE title DROP CONSTRAINT title_emp_no_fkey; ALTER TABLE salary DROP CONSTRAINT salary_emp_no_fkey;")
+        .unwrap();
+    c.batch_execute("UPDATE employee SET emp_no = 99001 WHERE emp_no = 10001")
+        .unwrap();
+    assert_eq!(
+        pending(&mut c),
+        BTreeSet::from(["10001".to_string(), "99001".to_string()]),
+        "a key change marks the old and the new person"
+    );
+    clear(&mut c);
+
+    c.batch_execute(
+        "INSERT INTO employee VALUES (99002, '1990-01-01', 'New', 'Person', 'F', '2020-01-01');
+         DELETE FROM employee WHERE emp_no = 10002;",
+    )
+    .unwrap();
+    assert_eq!(
+        pending(&mut c),
+        BTreeSet::from(["99002".to_string(), "10002".to_string()])
+    );
+    let ops: Vec<String> = c
+        .query("SELECT op FROM identity_sync.change ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ops, ["insert", "delete"]);
+    clear(&mut c);
+
+    // TRUNCATE of a source: every person of the person source is dirty.
+    c.batch_execute("TRUNCATE dept_emp").unwrap();
+    let all = keys(&mut c, "SELECT emp_no::text FROM employee");
+    assert_eq!(pending(&mut c), all);
+}
+
+#[test]
+fn renaming_a_department_marks_exactly_its_members() {
+    let mut c = setup();
+    c.batch_execute("UPDATE department SET dept_name = 'Sales & Marketing' WHERE dept_no = 'd007'")
+        .unwrap();
+    let members = keys(
+        &mut c,
+        "SELECT DISTINCT emp_no::text FROM dept_emp WHERE dept_no = 'd007'",
+    );
+    assert!(!members.is_empty());
+    assert_eq!(pending(&mut c), members);
+}
+
+#[test]
+fn snapshot_capture_of_a_view_sees_edit_insert_and_delete() {
+    let mut c = fresh_db(DB);
+    load_employees(&mut c, "small");
+    c.batch_execute(
+        "SET client_min_messages = warning;
+         CREATE EXTENSION identity_sync;
+         CREATE VIEW person_view AS SELECT emp_no, first_name, last_name FROM employee;
+         SELECT identity_sync.add_person_source('person_view', 'emp_no');",
+    )
+    .unwrap();
+    let capture: String = c
+        .query_one("SELECT capture FROM identity_sync.source", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(capture, "snapshot");
+
+    // The first comparison sees everybody (nothing was known before).
+    c.batch_execute("SELECT identity_sync._snapshot_source(id) FROM identity_sync.source")
+        .unwrap();
+    assert_eq!(pending(&mut c).len(), 1000);
+    clear(&mut c);
+
+    // Nothing changed: nothing dirty.
+    c.batch_execute("SELECT identity_sync._snapshot_source(id) FROM identity_sync.source")
+        .unwrap();
+    assert!(pending(&mut c).is_empty());
+
+    c.batch_execute(
+        "UPDATE employee SET last_name = 'Edited' WHERE emp_no = 10003;
+         INSERT INTO employee VALUES (99003, '1990-01-01', 'Snap', 'Shot', 'M', '2020-01-01');
+         DELETE FROM salary WHERE emp_no = 10004; DELETE FROM title WHERE emp_no = 10004;
+         DELETE FROM dept_emp WHERE emp_no = 10004; DELETE FROM dept_manager WHERE emp_no = 10004;
+         DELETE FROM employee WHERE emp_no = 10004;
+         SELECT identity_sync._snapshot_source(id) FROM identity_sync.source;",
+    )
+    .unwrap();
+    assert_eq!(
+        pending(&mut c),
+        BTreeSet::from([
+            "10003".to_string(),
+            "99003".to_string(),
+            "10004".to_string()
+        ])
+    );
+
+    // The interval is configurable per source; the worker's housekeeping honours it.
+    c.batch_execute("SELECT identity_sync.set_snapshot_interval('person_view', '1 hour')")
+        .unwrap();
+    let every: String = c
+        .query_one(
+            "SELECT snapshot_interval::text FROM identity_sync.source",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(every, "01:00:00");
+}
+
+#[test]
+fn boundary_check_marks_a_leaver_without_dml() {
+    let mut c = setup();
+    // Person 10010 leaves: its last contract ends "yesterday" as the clock sees it.
+    c.batch_execute(
+        "UPDATE dept_emp SET to_date = '2020-06-14' WHERE emp_no = 10010;
+         DELETE FROM identity_sync.change;
+         SELECT identity_sync.set_clock('2020-06-10 12:00+00');
+         SELECT identity_sync._check_boundaries();",
+    )
+    .unwrap();
+    // The first check only records the day.
+    assert!(pending(&mut c).is_empty());
+    c.batch_execute(
+        "SELECT identity_sync.set_clock('2020-06-15 09:00+00');
+         SELECT identity_sync._check_boundaries();",
+    )
+    .unwrap();
+    let dirty = pending(&mut c);
+    assert!(dirty.contains("10010"), "the leaver is dirty: {dirty:?}");
+    // Exactly the persons whose contracts start or end in the days crossed.
+    let expected = keys(
+        &mut c,
+        "SELECT DISTINCT emp_no::text FROM dept_emp
+          WHERE from_date > '2020-06-10' AND from_date <= '2020-06-15'
+             OR to_date + 1 > '2020-06-10' AND to_date + 1 <= '2020-06-15'",
+    );
+    assert_eq!(dirty, expected);
+
+    // Remembered: checking again the same day marks nothing new.
+    clear(&mut c);
+    c.batch_execute("SELECT identity_sync._check_boundaries()")
+        .unwrap();
+    assert!(pending(&mut c).is_empty());
+
+    // The check uses the indexes on the contract dates, not a full scan.
+    let plan: Vec<String> = c
+        .query(
+            "EXPLAIN SELECT emp_no FROM dept_emp WHERE to_date > '2020-06-09' AND to_date <= '2020-06-14'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let indexes: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE tablename = 'dept_emp' AND indexname LIKE '%identity_sync'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        indexes, 2,
+        "add_contract_source indexes starts and ends: {plan:?}"
+    );
+}
+
+#[test]
+fn person_document() {
+    let mut c = setup();
+    let doc: serde_json::Value = c
+        .query_one("SELECT identity_sync.person('10010')::text", &[])
+        .map(|r| serde_json::from_str(&r.get::<_, String>(0)).unwrap())
+        .unwrap();
+    assert_eq!(doc["person_key"], "10010");
+    assert_eq!(doc["person"]["first_name"], "Duangkaew");
+    let contracts = doc["contracts"].as_array().unwrap();
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM dept_emp WHERE emp_no = 10010", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(contracts.len() as i64, n);
+    // Primary contract by default: active first, then latest end, then latest start.
+    let primary: String = c
+        .query_one(
+            "SELECT dept_no FROM dept_emp WHERE emp_no = 10010
+              ORDER BY (from_date <= current_date AND to_date >= current_date) DESC, to_date DESC, from_date DESC LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(doc["contract"]["dept_no"], primary.as_str());
+
+    // A configured order is used, and a broken one is refused.
+    c.batch_execute("SELECT identity_sync.set_primary_contract('contract.from_date ASC')")
+        .unwrap();
+    let first: String = c
+        .query_one(
+            "SELECT dept_no FROM dept_emp WHERE emp_no = 10010 ORDER BY from_date LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let doc: String = c
+        .query_one(
+            "SELECT identity_sync.person('10010')->'contract'->>'dept_no'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(doc, first);
+    let e = error_of(
+        &mut c,
+        "SELECT identity_sync.set_primary_contract('contract.no_such_column')",
+    );
+    assert!(e.message().contains("no_such_column"), "{}", e.message());
+}
+
+#[test]
+fn bad_input_is_refused_and_leaves_nothing_behind() {
+    let mut c = fresh_db(DB);
+    load_employees(&mut c, "small");
+    c.batch_execute("SET client_min_messages = warning; CREATE EXTENSION identity_sync;")
+        .unwrap();
+    let sources = |c: &mut Client| -> i64 {
+        c.query_one("SELECT count(*) FROM identity_sync.source", &[])
+            .unwrap()
+            .get(0)
+    };
+    let triggers = |c: &mut Client| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'identity_sync%'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+
+    let e = error_of(
+        &mut c,
+        "SELECT identity_sync.add_person_source('no_such_table', 'emp_no')",
+    );
+    assert!(e.message().contains("does not exist"), "{}", e.message());
+
+    let e = error_of(
+        &mut c,
+        "SELECT identity_sync.add_person_source('employee', 'no_such_column')",
+    );
+    assert_eq!(
+        e.message(),
+        "column \"no_such_column\" of relation public.employee does not exist"
+    );
+    assert!(e.hint().unwrap_or_default().contains("emp_no"));
+
+    let e = error_of(
+        &mut c,
+        "SELECT identity_sync.add_person_source('employee', 'last_name')",
+    );
+    assert!(
+        e.message()
+            .contains("not backed by a primary key or unique index"),
+        "{}",
+        e.message()
+    );
+    assert!(e.hint().unwrap_or_default().contains("CREATE UNIQUE INDEX"));
+
+    let e = error_of(
+        &mut c,
+        "SELECT identity_sync.add_contract_source('dept_emp', 'emp_no', 'dept_no', 'to_date')",
+    );
+    assert!(
+        e.message().contains("must be of type date or timestamp"),
+        "{}",
+        e.message()
+    );
+
+    let e = error_of(
+        &mut c,
+        "SELECT identity_sync.add_related_source('department', 'SELECT emp_no, dept_no FROM dept_emp JOIN changed USING (dept_no)')",
+    );
+    assert!(e.message().contains("returns 2 columns"), "{}", e.message());
+    let e = error_of(
+        &mut c,
+        "SELECT identity_sync.add_related_source('department', 'SELECT nope FROM changed')",
+    );
+    assert!(
+        e.message().starts_with("invalid affected query"),
+        "{}",
+        e.message()
+    );
+
+    assert_eq!(sources(&mut c), 0, "nothing half-registered");
+    assert_eq!(triggers(&mut c), 0, "no trigger left behind");
+
+    c.batch_execute("SELECT identity_sync.add_person_source('employee', 'emp_no')")
+        .unwrap();
+    let e = error_of(
+        &mut c,
+        "SELECT identity_sync.add_person_source('employee', 'emp_no')",
+    );
+    assert!(e.message().contains("already a source"), "{}", e.message());
+    assert!(e.hint().unwrap_or_default().contains("drop_source"));
+    assert_eq!(sources(&mut c), 1);
+
+    c.batch_execute("SELECT identity_sync.drop_source('employee')")
+        .unwrap();
+    assert_eq!(sources(&mut c), 0);
+    assert_eq!(triggers(&mut c), 0, "drop_source removes the triggers");
+}
+
+#[test]
+fn quoted_mixed_case_and_spaced_identifiers() {
+    let mut c = fresh_db(DB);
+    c.batch_execute(
+        "SET client_min_messages = warning;
+         CREATE EXTENSION identity_sync;
+         CREATE SCHEMA \"HR Data\";
+         CREATE TABLE \"HR Data\".\"People List\" (\"Person Key\" text PRIMARY KEY, \"Given Name\" text);
+         CREATE TABLE \"HR Data\".\"Job\" (\"Person Key\" text, \"Start\" date, \"End\" date);
+         SELECT identity_sync.add_person_source('\"HR Data\".\"People List\"', 'Person Key');
+         SELECT identity_sync.add_contract_source('\"HR Data\".\"Job\"', 'Person Key', 'Start', 'End');
+         INSERT INTO \"HR Data\".\"People List\" VALUES ('a''b \"c\"', 'Ann');
+         INSERT INTO \"HR Data\".\"Job\" VALUES ('a''b \"c\"', '2020-01-01', NULL);",
+    )
+    .unwrap();
+    assert_eq!(pending(&mut c), BTreeSet::from(["a'b \"c\"".to_string()]));
+    let name: String = c
+        .query_one(
+            "SELECT identity_sync.person('a''b \"c\"')->'person'->>'Given Name'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "Ann");
+}
