@@ -477,3 +477,74 @@ fn quoted_mixed_case_and_spaced_identifiers() {
         .get(0);
     assert_eq!(name, "Ann");
 }
+
+/// Restores the worker's naptime however the test ends.
+struct NaptimeGuard;
+impl Drop for NaptimeGuard {
+    fn drop(&mut self) {
+        let mut c = db();
+        let _ = c.batch_execute("ALTER SYSTEM RESET identity_sync.naptime");
+        let _ = c.batch_execute("SELECT pg_reload_conf()");
+    }
+}
+
+/// The commit of a captured change wakes the worker through its latch: with the timer fallback
+/// set to an hour, the change is still planned at once (the deadline below is only a bound for
+/// a failing run; without the wake-up the worker would sleep for the hour).
+#[test]
+fn commit_wakes_the_worker() {
+    let mut c = db();
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || worker_pid(&mut c)
+            .is_some()),
+        "no worker"
+    );
+    load_employees(&mut c, "small");
+    c.batch_execute(
+        "SET client_min_messages = warning;
+         DROP EXTENSION IF EXISTS identity_sync CASCADE;
+         CREATE EXTENSION identity_sync;
+         SELECT identity_sync.add_person_source('employee', 'emp_no');
+         SELECT identity_sync.add_target('quiet', 'webhook', 'http://127.0.0.1:9/never', '{\"dry_run\": true}');
+         SELECT identity_sync.add_rule('quiet', 'all', 'true');",
+    )
+    .unwrap();
+    let _guard = NaptimeGuard;
+    c.batch_execute("ALTER SYSTEM SET identity_sync.naptime = '1h'")
+        .unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    // Let the worker finish the round the reload woke it for, then sleep.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before: i64 = c
+        .query_one("SELECT count(*) FROM identity_sync.plan_run", &[])
+        .unwrap()
+        .get(0);
+    c.batch_execute("UPDATE employee SET last_name = 'Woken' WHERE emp_no = 10001")
+        .unwrap();
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || {
+            c.query_one(
+                "SELECT count(*) FROM identity_sync.plan_run WHERE '10001' = ANY (keys)",
+                &[],
+            )
+            .map(|r| r.get::<_, i64>(0) > 0)
+            .unwrap_or(false)
+        }),
+        "the committed change was not planned: the worker was not woken"
+    );
+    let after: i64 = c
+        .query_one("SELECT count(*) FROM identity_sync.plan_run", &[])
+        .unwrap()
+        .get(0);
+    assert!(after > before);
+    let account: String = c
+        .query_one(
+            "SELECT state FROM identity_sync.account WHERE person_key = '10001'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(account, "active");
+    c.batch_execute("SET client_min_messages = warning; DROP EXTENSION identity_sync CASCADE;")
+        .unwrap();
+}
