@@ -55,13 +55,13 @@ pub fn in_transaction<R>(what: &str, f: impl FnOnce() -> R + std::panic::UnwindS
     result
 }
 
-fn extension_installed() -> bool {
-    Spi::get_one::<bool>(
-        "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'identity_sync')",
+/// The OID of the installed extension, if it is installed.
+fn extension_oid() -> Option<pg_sys::Oid> {
+    Spi::get_one::<pg_sys::Oid>(
+        "SELECT oid FROM pg_catalog.pg_extension WHERE extname = 'identity_sync'",
     )
     .ok()
     .flatten()
-    .unwrap_or(false)
 }
 
 /// Entry point of the worker process.
@@ -76,12 +76,13 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
 
     let mut http = super::http::Http::start();
     let mut recovered = false;
+    let mut extension = None;
     let mut sleep = Duration::ZERO;
     while BackgroundWorker::wait_latch(Some(sleep.max(Duration::from_millis(1)))) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        sleep = tick(&mut http, &mut recovered);
+        sleep = tick(&mut http, &mut recovered, &mut extension);
     }
 
     http.shutdown();
@@ -90,12 +91,23 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
 }
 
 /// One round of work; returns how long to sleep unless woken.
-fn tick(http: &mut super::http::Http, recovered: &mut bool) -> Duration {
+fn tick(
+    http: &mut super::http::Http,
+    recovered: &mut bool,
+    extension: &mut Option<pg_sys::Oid>,
+) -> Duration {
     let naptime = Duration::from_millis(guc::NAPTIME.get().max(10) as u64);
-    let installed =
-        in_transaction("checking for the extension", extension_installed).unwrap_or(false);
-    if !installed {
+    let Some(oid) = in_transaction("checking for the extension", extension_oid).flatten() else {
         return naptime;
+    };
+    if *extension != Some(oid) {
+        // Installed anew (DROP + CREATE, or an update): the planner's session temp tables were
+        // made by the functions of the old version and may not fit the new ones.
+        let discarded = in_transaction("discarding temp tables", || Spi::run("DISCARD TEMP"));
+        if !matches!(discarded, Some(Ok(()))) {
+            return naptime;
+        }
+        *extension = Some(oid);
     }
     let batch = guc::BATCH_SIZE.get().max(1);
 
