@@ -188,22 +188,14 @@ BEGIN
             HINT = 'Related sources are captured by statement triggers; views and foreign tables cannot carry them.';
     END IF;
     -- The affected query must return exactly one column (any type casts to text).
-    BEGIN
-        PERFORM identity_sync._use_user_search_path();
-        EXECUTE format('CREATE TEMP VIEW pg_temp._identity_sync_probe AS WITH changed AS (SELECT * FROM %s LIMIT 0) %s',
-                       relation, affected);
-    EXCEPTION WHEN OTHERS THEN
-        RAISE EXCEPTION 'invalid affected query: %', SQLERRM USING ERRCODE = 'invalid_parameter_value',
-            DETAIL = affected,
-            HINT = 'Write a query over the rows that changed, called "changed", returning person keys, e.g. SELECT emp_no FROM dept_emp JOIN changed USING (dept_no).';
-    END;
-    SELECT count(*) INTO ncols FROM pg_attribute
-     WHERE attrelid = 'pg_temp._identity_sync_probe'::regclass AND attnum > 0;
-    DROP VIEW pg_temp._identity_sync_probe;
+    PERFORM identity_sync._use_user_search_path();
+    ncols := identity_sync._check_query(
+        format('WITH changed AS (SELECT * FROM %s LIMIT 0) ', relation) || affected || E'\n LIMIT 0',
+        length(format('WITH changed AS (SELECT * FROM %s LIMIT 0) ', relation)), affected);
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     IF ncols <> 1 THEN
         RAISE EXCEPTION 'the affected query returns % columns, not one', ncols USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'Return just the person key.';
+            HINT = 'Return just the person key, e.g. SELECT emp_no FROM dept_emp JOIN changed USING (dept_no).';
     END IF;
     INSERT INTO identity_sync.source (relation, role, affected, capture)
     VALUES (relation, 'related', affected, 'trigger') RETURNING * INTO src;

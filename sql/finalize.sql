@@ -99,4 +99,8 @@ COMMENT ON FUNCTION identity_sync.resync(text) IS 'Full reconcile of every perso
 COMMENT ON FUNCTION identity_sync.wait_idle(interval) IS 'Wait until nothing is dirty, pending or in flight; false on timeout.';
 COMMENT ON FUNCTION identity_sync.preview(text, text) IS 'What a plan would do for a person now, per target; changes nothing.';
 COMMENT ON FUNCTION identity_sync.trace(text) IS 'The story of one person: changes, plans, events and results in time order.';
+COMMENT ON FUNCTION identity_sync.normalize_diacritics(text) IS 'Remove diacritics, Unicode-correct: ''Zoë Ångström-Çelik'' -> ''Zoe Angstrom-Celik'' (also ß, ø, ł, dotless i).';
+COMMENT ON FUNCTION identity_sync.slug(text) IS 'Login-safe form: diacritics removed, lower case, only a-z 0-9 . - _.';
+COMMENT ON FUNCTION identity_sync.name_variants(text, text) IS 'Family-name prefixes (''van der Berg''): prefix, core name, family, display, sort key and login forms.';
+COMMENT ON FUNCTION identity_sync.worker_status() IS 'Whether a worker serves this database: ''running (pid N)'' or ''no worker: ... HINT: ...''.';
 COMMENT ON FUNCTION identity_sync.person_ref(anyelement) IS 'An attribute value referring to another person (e.g. manager): sent as that person''s account id in the target.';

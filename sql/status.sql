@@ -219,9 +219,19 @@ $$;
 
 -- Dry run of one person: per target, in scope or not, matched rules, desired attributes and
 -- groups, the current account, and the events a plan would write now. Changes nothing.
+CREATE TYPE identity_sync.preview_row AS (
+    target        text,     -- the target
+    in_scope      boolean,  -- does a rule match?
+    matched_rules text[],   -- the rules that match
+    attributes    jsonb,    -- desired attributes
+    groups        text[],   -- desired groups (rules and approved requests)
+    account       jsonb,    -- the account in the registry now, if any
+    events        jsonb,    -- the events a plan would write now, in order
+    error         text      -- why this person cannot be planned, if it cannot
+);
+
 CREATE FUNCTION identity_sync.preview(person_key text, target text DEFAULT NULL)
-RETURNS TABLE (target text, in_scope boolean, matched_rules text[], attributes jsonb, groups text[],
-               account jsonb, events jsonb, error text)
+RETURNS SETOF identity_sync.preview_row
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     t identity_sync.target;

@@ -6,7 +6,8 @@ use pgrx::PgSqlErrorCode;
 /// Everything a Rust-side `#[pg_extern]` can report to the user.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid attribute path \"{path}\": {reason}")]
+    /// A SCIM attribute path that does not parse; `reason` names the path already.
+    #[error("{reason}")]
     InvalidPath { path: String, reason: String },
     #[error("{0}")]
     InvalidParameter(String),

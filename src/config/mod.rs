@@ -11,7 +11,6 @@ use std::ffi::c_void;
 
 struct PositionContext {
     offset: i32,
-    len: i32,
 }
 
 thread_local! {
@@ -29,7 +28,7 @@ unsafe extern "C-unwind" fn remember_position(arg: *mut c_void) {
     if pos <= 0 {
         pos = unsafe { pg_sys::getinternalerrposition() };
     }
-    if pos > ctx.offset && pos <= ctx.offset + ctx.len + 1 {
+    if pos > ctx.offset {
         POSITION.with(|p| p.set(Some(pos - ctx.offset)));
     }
 }
@@ -68,17 +67,14 @@ fn caret(expression: &str, pos: i32) -> String {
     )
 }
 
-/// Parse, analyse and run `query` (which returns nothing: it ends in LIMIT 0) with
-/// `$1 = '{}'::text[]`, `$2 = NULL::date`, `$3 = 0`, and return the type of its one column.
-/// The user's expression starts after `offset` characters of `query`. An error is raised
-/// again with PostgreSQL's message and, when it points into the expression, the position
+/// Run `query` (which returns nothing: it ends in LIMIT 0) with `$1 = '{}'::text[]`,
+/// `$2 = NULL::date`, `$3 = 0`, and return the type of its first column and its number of
+/// columns. The user's expression starts after `offset` characters of `query`. An error is
+/// raised again with PostgreSQL's message and, when it points into the expression, the position
 /// inside the expression (not inside our generated query).
-#[pg_extern(volatile, parallel_unsafe, name = "_check_expression")]
-fn check_expression(query: &str, offset: i32, expression: &str) -> pg_sys::Oid {
-    let ctx = PositionContext {
-        offset,
-        len: expression.chars().count() as i32,
-    };
+fn probe(query: &str, offset: i32, expression: &str) -> (pg_sys::Oid, i32) {
+    let len = expression.chars().count() as i32;
+    let ctx = PositionContext { offset };
     POSITION.with(|p| p.set(None));
     let result = PgTryBuilder::new(|| {
         let mut callback = pg_sys::ErrorContextCallback {
@@ -92,7 +88,9 @@ fn check_expression(query: &str, offset: i32, expression: &str) -> pg_sys::Oid {
         let day: Option<pgrx::datum::Date> = None;
         Spi::connect(|client| {
             let table = client.select(query, Some(0), &[keys.into(), day.into(), 0i32.into()])?;
-            table.column_type_oid(1).map(|o| o.value())
+            let columns = table.columns()? as i32;
+            let first = table.column_type_oid(1).map(|o| o.value())?;
+            Ok::<_, pgrx::spi::Error>((first, columns))
         })
     })
     .catch_others(|e| {
@@ -100,27 +98,30 @@ fn check_expression(query: &str, offset: i32, expression: &str) -> pg_sys::Oid {
             CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r,
             CaughtError::RustPanic { ereport, .. } => ereport,
         };
-        let mut out = ErrorReport::new(
-            report.sql_error_code(),
-            report.message().to_string(),
-            "identity_sync",
-        );
+        let mut message = report.message().to_string();
         let mut detail = report.detail().map(str::to_string).unwrap_or_default();
-        if let Some(pos) = POSITION.with(|p| p.take()) {
-            if !detail.is_empty() {
-                detail.push('\n');
+        if !detail.is_empty() {
+            detail.push('\n');
+        }
+        match POSITION.with(|p| p.take()) {
+            // Past the end: the parser met our own text after an unfinished expression.
+            Some(pos) if pos > len => {
+                if message.starts_with("syntax error at or near") {
+                    message = "syntax error at end of expression".to_string();
+                }
+                detail.push_str(&format!(
+                    "at the end of the expression:\n{}",
+                    caret(expression, len + 1)
+                ));
             }
-            detail.push_str(&format!(
+            Some(pos) => detail.push_str(&format!(
                 "at character {pos} of the expression:\n{}",
                 caret(expression, pos)
-            ));
-        } else {
-            if !detail.is_empty() {
-                detail.push('\n');
-            }
-            detail.push_str(&format!("in the expression: {expression}"));
+            )),
+            None => detail.push_str(&format!("in the expression: {expression}")),
         }
-        out = out.set_detail(detail);
+        let mut out =
+            ErrorReport::new(report.sql_error_code(), message, "identity_sync").set_detail(detail);
         if let Some(h) = report.hint() {
             out = out.set_hint(h.to_string());
         }
@@ -129,9 +130,21 @@ fn check_expression(query: &str, offset: i32, expression: &str) -> pg_sys::Oid {
     })
     .execute();
     match result {
-        Ok(oid) => oid,
+        Ok(r) => r,
         Err(e) => Error::InvalidParameter(e.to_string()).report(),
     }
+}
+
+/// Check a user expression inside a generated probe query; returns the expression's type.
+#[pg_extern(volatile, parallel_unsafe, name = "_check_expression")]
+fn check_expression(query: &str, offset: i32, expression: &str) -> pg_sys::Oid {
+    probe(query, offset, expression).0
+}
+
+/// Check a user query inside a generated probe query; returns its number of columns.
+#[pg_extern(volatile, parallel_unsafe, name = "_check_query")]
+fn check_query(query: &str, offset: i32, user_query: &str) -> i32 {
+    probe(query, offset, user_query).1
 }
 
 /// Validate a SCIM attribute path (`name.givenName`, `emails[type eq "work"].value`,

@@ -101,78 +101,89 @@ impl Http {
     }
 }
 
+/// One outcome as `identity_sync._record()` takes it.
+struct Recorded {
+    event_id: i64,
+    outcome: &'static str,
+    remote_id: Option<String>,
+    error: Option<String>,
+    http_status: Option<i32>,
+    retry_in_ms: Option<i64>,
+}
+
 fn record(outcomes: &[Outcome]) {
     let mut rng = rand_seed();
     for o in outcomes {
-        let (id, kind, remote, error, status, retry_ms): (
-            i64,
-            &str,
-            Option<String>,
-            Option<String>,
-            Option<i32>,
-            Option<i64>,
-        ) = match o {
+        let r = match o {
             Outcome::Done {
                 event_id,
                 account_id,
                 http_status,
                 ..
-            } => (
-                *event_id,
-                "done",
-                account_id.clone(),
-                None,
-                http_status.map(i32::from),
-                None,
-            ),
+            } => Recorded {
+                event_id: *event_id,
+                outcome: "done",
+                remote_id: account_id.clone(),
+                error: None,
+                http_status: http_status.map(i32::from),
+                retry_in_ms: None,
+            },
             Outcome::Retry {
                 event_id,
                 error,
                 http_status,
                 retry_after,
             } => {
-                let attempts = attempts_of(*event_id);
                 let delay = backoff::retry_delay(
-                    attempts,
+                    attempts_of(*event_id),
                     Duration::from_millis(500),
                     Duration::from_secs(300),
                     *retry_after,
                     &mut rng,
                 );
-                (
-                    *event_id,
-                    "retry",
-                    None,
-                    Some(error.clone()),
-                    http_status.map(i32::from),
-                    Some(delay.as_millis() as i64),
-                )
+                Recorded {
+                    event_id: *event_id,
+                    outcome: "retry",
+                    remote_id: None,
+                    error: Some(error.clone()),
+                    http_status: http_status.map(i32::from),
+                    retry_in_ms: Some(delay.as_millis() as i64),
+                }
             }
             Outcome::Failed {
                 event_id,
                 error,
                 http_status,
-            } => (
-                *event_id,
-                "failed",
-                None,
-                Some(error.clone()),
-                http_status.map(i32::from),
-                None,
-            ),
-            Outcome::Conflict { event_id, error } => (
-                *event_id,
-                "conflict",
-                None,
-                Some(error.clone()),
-                Some(409),
-                None,
-            ),
+            } => Recorded {
+                event_id: *event_id,
+                outcome: "failed",
+                remote_id: None,
+                error: Some(error.clone()),
+                http_status: http_status.map(i32::from),
+                retry_in_ms: None,
+            },
+            Outcome::Conflict { event_id, error } => Recorded {
+                event_id: *event_id,
+                outcome: "conflict",
+                remote_id: None,
+                error: Some(error.clone()),
+                http_status: Some(409),
+                retry_in_ms: None,
+            },
         };
-        let _ = Spi::run_with_args(
+        if let Err(e) = Spi::run_with_args(
             "SELECT identity_sync._record($1, $2, $3, $4, $5, make_interval(secs => $6::float8 / 1000))",
-            &[id.into(), kind.into(), remote.into(), error.into(), status.into(), retry_ms.into()],
-        );
+            &[
+                r.event_id.into(),
+                r.outcome.into(),
+                r.remote_id.into(),
+                r.error.into(),
+                r.http_status.into(),
+                r.retry_in_ms.into(),
+            ],
+        ) {
+            log!("identity_sync: recording the outcome of event {} failed: {e}", r.event_id);
+        }
     }
 }
 

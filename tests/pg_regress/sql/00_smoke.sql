@@ -25,4 +25,8 @@ WHERE p.pronamespace = 'identity_sync'::regnamespace
 ORDER BY 1;
 
 DROP EXTENSION identity_sync;
-SELECT count(*) AS leftover_schema FROM pg_namespace WHERE nspname = 'identity_sync';
+-- CREATE EXTENSION made the schema that identity_sync.control names; PostgreSQL keeps such a
+-- schema after DROP EXTENSION, empty.
+SELECT (SELECT count(*) FROM pg_class WHERE relnamespace = 'identity_sync'::regnamespace)
+     + (SELECT count(*) FROM pg_proc WHERE pronamespace = 'identity_sync'::regnamespace) AS leftover_objects;
+DROP SCHEMA identity_sync;
