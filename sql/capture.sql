@@ -56,9 +56,16 @@ BEGIN
                 RETURN NULL;
             END
             $body$ $f$, fn, src.id, op, body,
-            -- A related source's affected query is user SQL: it gets the user search_path.
+            -- A related source's affected query is user SQL: it gets the user search_path, with
+            -- pg_temp last so that an HR writer cannot shadow a table it names (see
+            -- _use_user_search_path).
             CASE WHEN src.role = 'related'
-                 THEN format('SET search_path = %s', (SELECT search_path FROM identity_sync._settings)) END);
+                 THEN (SELECT format('SET search_path = %s', CASE WHEN btrim(search_path) = '' THEN 'pg_temp'
+                                                                  ELSE search_path || ', pg_temp' END)
+                         FROM identity_sync._settings) END);
+        -- PUBLIC has USAGE on the schema (for self-service): it must not attach these to a table
+        -- of its own and write the outbox.
+        EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', fn);
         -- A member of the extension, so that DROP EXTENSION ... CASCADE takes the triggers too.
         EXECUTE format('ALTER EXTENSION identity_sync ADD FUNCTION %s()', fn);
         EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s FOR EACH STATEMENT EXECUTE FUNCTION %s()',

@@ -25,9 +25,14 @@ $$;
 -- set_search_path(), the same in configuration checks and in the worker. Our own functions run
 -- with search_path = pg_catalog, pg_temp and switch to it (until they return) just before
 -- executing user SQL; everything of ours they touch afterwards is schema-qualified.
+-- pg_temp goes last: unlisted, it would be searched first, and a caller of a SECURITY DEFINER
+-- function could shadow an HR table named in the user SQL with a temporary table or view.
 CREATE FUNCTION identity_sync._use_user_search_path() RETURNS void
 LANGUAGE sql AS $$
-    SELECT pg_catalog.set_config('search_path', (SELECT search_path FROM identity_sync._settings), true)
+    SELECT pg_catalog.set_config('search_path',
+                                 CASE WHEN btrim(s.search_path) = '' THEN 'pg_temp' ELSE s.search_path || ', pg_temp' END,
+                                 true)
+      FROM identity_sync._settings s
 $$;
 
 CREATE FUNCTION identity_sync.set_search_path(path text)
