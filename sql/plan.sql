@@ -332,8 +332,10 @@ BEGIN
            CASE WHEN dry THEN 'dry-run:' || p.person_key END,
            CASE WHEN dry THEN now() END
       FROM pg_temp._is_plan p
-     -- Nothing the target sees changed: nothing to write (a resync of unchanged persons).
-     WHERE p.want_state IS NOT NULL AND (p.n_events > 0 OR NOT p.has_account OR p.planned_state IS DISTINCT FROM p.want_state)
+     -- Nothing the target sees changed: nothing to write (a resync of unchanged persons). An
+     -- update folded into an earlier event leaves no event of its own but changes the plan.
+     WHERE p.want_state IS NOT NULL AND (p.n_events > 0 OR p.changed <> '{}' OR NOT p.has_account
+                                         OR p.planned_state IS DISTINCT FROM p.want_state)
     ON CONFLICT (target_id, person_key) DO UPDATE
        SET planned_state = excluded.planned_state,
            planned_attributes = CASE WHEN excluded.planned_state = 'deleted' THEN a.planned_attributes ELSE excluded.planned_attributes END,
@@ -361,14 +363,14 @@ BEGIN
         DELETE FROM identity_sync._unique u
          WHERE u.target_id = t.id AND u.attribute = m.attribute
            AND u.person_key = ANY (ARRAY(SELECT p.person_key FROM pg_temp._is_plan p
-                                          WHERE p.n_events > 0 OR p.want_state IS NULL))
+                                          WHERE p.n_events > 0 OR p.changed <> '{}' OR p.want_state IS NULL))
            AND NOT EXISTS (SELECT FROM pg_temp._is_plan p
                             WHERE p.person_key = u.person_key AND p.want_state IN ('active', 'disabled')
                               AND p.attributes->>m.attribute = u.value);
         INSERT INTO identity_sync._unique (target_id, attribute, value, person_key)
         SELECT t.id, m.attribute, p.attributes->>m.attribute, p.person_key
           FROM pg_temp._is_plan p
-         WHERE p.n_events > 0 AND p.want_state IN ('active', 'disabled') AND p.attributes->>m.attribute IS NOT NULL
+         WHERE (p.n_events > 0 OR p.changed <> '{}') AND p.want_state IN ('active', 'disabled') AND p.attributes->>m.attribute IS NOT NULL
         ON CONFLICT (target_id, attribute, value) DO UPDATE SET person_key = excluded.person_key
          WHERE _unique.person_key IS DISTINCT FROM excluded.person_key;
     END LOOP;
