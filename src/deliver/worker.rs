@@ -9,6 +9,9 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use std::time::Duration;
 
+/// How long one tick plans at most before it delivers (a batch started is finished).
+const PLANNING_BUDGET: Duration = Duration::from_millis(250);
+
 /// Name shown in `pg_stat_activity.backend_type` and in the server log.
 pub const WORKER_NAME: &str = "identity_sync worker";
 
@@ -129,9 +132,11 @@ fn tick(
         Spi::run("SELECT identity_sync._housekeeping()")
     });
 
-    // Plan until nothing is dirty (bounded so delivery is not starved for long).
+    // Plan until nothing is dirty, for a quarter of a second at most: under a steady stream of
+    // HR changes there is always something dirty, and delivery must not starve meanwhile.
     let mut planned_any = false;
-    for _ in 0..1000 {
+    let planning_until = std::time::Instant::now() + PLANNING_BUDGET;
+    while std::time::Instant::now() < planning_until {
         let n = in_transaction("planning", || {
             Spi::get_one_with_args::<i32>("SELECT identity_sync._plan($1)", &[batch.into()])
         })
