@@ -76,6 +76,11 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     capture::publish_worker();
     log!("identity_sync: worker started in database \"{database}\"");
+    // The planner's statements read pg_temp tables, which have no statistics, so their cost
+    // estimates are large enough to trigger JIT compilation: 200-330 ms per statement for work
+    // that takes a few ms on a batch of 1,000 persons (bench/run, plan_rate). JIT never pays
+    // off for these short batched statements.
+    in_transaction("setting up the session", || Spi::run("SET jit = off"));
 
     let mut http = super::http::Http::start();
     let mut recovered = false;
