@@ -36,3 +36,20 @@ fn worker_status() -> String {
             .to_string(),
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// pgrx's test database is not the one the worker serves (`identity_sync.database` is
+    /// `postgres`), and the status says so, naming the setting to change.
+    #[pg_test]
+    fn status_names_the_setting_when_no_worker_serves_this_database() {
+        let s = Spi::get_one::<String>("SELECT identity_sync.worker_status()")
+            .unwrap()
+            .unwrap_or_default();
+        assert!(s.starts_with("no worker: "), "{s}");
+        assert!(s.contains("identity_sync.database"), "{s}");
+    }
+}

@@ -191,3 +191,96 @@ fn name_variants(
     let v = identity_sync_core::text::name_variants(given, family);
     TableIterator::once((v.prefix, v.core, v.family, v.display, v.sort_key, v.login))
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn setup() {
+        Spi::run(
+            "CREATE TABLE person (id int PRIMARY KEY, given text NOT NULL, family text NOT NULL);
+             CREATE TABLE job (person_id int, dept text, starts date, ends date);
+             INSERT INTO person VALUES (1, 'Zoë', 'Ångström');
+             INSERT INTO job VALUES (1, 'S', '2020-01-01', NULL);
+             SELECT identity_sync.add_person_source('person', 'id');
+             SELECT identity_sync.add_contract_source('job', 'person_id', 'starts', 'ends');
+             SELECT identity_sync.add_target('t', 'webhook', 'http://127.0.0.1:9/', '{\"dry_run\": true}');",
+        )
+        .expect("setup");
+    }
+
+    #[pg_test]
+    fn helpers_are_sql_functions() {
+        assert_eq!(
+            Spi::get_one::<String>("SELECT identity_sync.slug('Zoë Ångström-Çelik')").unwrap(),
+            Some("zoeangstrom-celik".to_string())
+        );
+        assert_eq!(
+            Spi::get_one::<String>("SELECT identity_sync.normalize_diacritics('Łódź ß Işık')")
+                .unwrap(),
+            Some("Lodz ss Isik".to_string())
+        );
+        assert_eq!(
+            Spi::get_one::<String>(
+                "SELECT sort_key FROM identity_sync.name_variants('Jan', 'van der Berg')"
+            )
+            .unwrap(),
+            Some("Berg, Jan van der".to_string())
+        );
+    }
+
+    #[pg_test]
+    fn a_valid_mapping_compiles_into_the_target_query() {
+        setup();
+        Spi::run("SELECT identity_sync.map('t', 'login', 'identity_sync.slug(person.given)')")
+            .unwrap();
+        Spi::run("SELECT identity_sync.add_rule('t', 'sales', $$contract.dept = 'S'$$, '{sales}')")
+            .unwrap();
+        let compiled =
+            Spi::get_one::<String>("SELECT compiled FROM identity_sync.target WHERE name = 't'")
+                .unwrap()
+                .unwrap_or_default();
+        assert!(
+            compiled.contains("identity_sync.slug(person.given)"),
+            "{compiled}"
+        );
+        let preview = Spi::get_one::<pgrx::JsonB>(
+            "SELECT to_jsonb(p) FROM identity_sync.preview('1', 't') AS p",
+        )
+        .unwrap()
+        .expect("a preview row");
+        assert_eq!(preview.0["attributes"]["login"], "zoe");
+        assert_eq!(preview.0["matched_rules"][0], "sales");
+        assert_eq!(preview.0["events"][0]["kind"], "create");
+    }
+
+    #[pg_test(error = "column person.givn does not exist")]
+    fn a_misspelt_column_is_refused_at_map_time() {
+        setup();
+        Spi::run("SELECT identity_sync.map('t', 'login', 'lower(person.givn)')").unwrap();
+    }
+
+    #[pg_test(error = "rule condition must be boolean, not text")]
+    fn a_rule_must_be_boolean() {
+        setup();
+        Spi::run("SELECT identity_sync.add_rule('t', 'r', 'person.given')").unwrap();
+    }
+
+    #[pg_test(
+        error = "invalid value filter in path \"emails[type ne \"work\"].value\": operator \"ne\" is not supported, only \"eq\" selects one element"
+    )]
+    fn a_scim_path_is_checked() {
+        setup();
+        Spi::run("SELECT identity_sync.add_target('s', 'scim', 'http://127.0.0.1:9/v2')").unwrap();
+        Spi::run("SELECT identity_sync.map('s', 'emails[type ne \"work\"].value', 'person.given')")
+            .unwrap();
+    }
+
+    #[pg_test]
+    fn caret_points_at_the_character() {
+        // character 8 is the second '+', on line 2
+        let expected = format!("LINE 2: b ++ c\n{}^", " ".repeat("LINE 2: b +".len()));
+        assert_eq!(super::caret("a +\nb ++ c", 8), expected);
+    }
+}
