@@ -314,8 +314,11 @@ pub fn http_request(
     Ok((code, String::from_utf8_lossy(&body).into_owned()))
 }
 
-/// Read a request or status line and the headers (names lower-cased); None at a clean EOF.
-fn read_head(r: &mut impl BufRead) -> std::io::Result<Option<(String, Vec<(String, String)>)>> {
+/// A request or status line and the headers (names lower-cased).
+type Head = (String, Vec<(String, String)>);
+
+/// Read a request or status line and the headers; None at a clean EOF.
+fn read_head(r: &mut impl BufRead) -> std::io::Result<Option<Head>> {
     let mut first = String::new();
     if r.read_line(&mut first)? == 0 {
         return Ok(None);
