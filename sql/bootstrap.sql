@@ -31,6 +31,23 @@ CREATE TABLE identity_sync._settings (
 );
 INSERT INTO identity_sync._settings DEFAULT VALUES;
 
+-- pg_restore copies the dumped settings row into the one CREATE EXTENSION made: an INSERT
+-- into the singleton updates it instead of failing on the key.
+CREATE FUNCTION identity_sync._settings_upsert() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF EXISTS (SELECT FROM identity_sync._settings) THEN
+        UPDATE identity_sync._settings
+           SET primary_contract_order = NEW.primary_contract_order, login_expression = NEW.login_expression,
+               clock = NEW.clock, boundary_checked_on = NEW.boundary_checked_on, search_path = NEW.search_path;
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER settings_upsert BEFORE INSERT ON identity_sync._settings
+    FOR EACH ROW EXECUTE FUNCTION identity_sync._settings_upsert();
+
 -- Registered HR sources.
 CREATE TABLE identity_sync.source (
     id                int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

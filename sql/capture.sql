@@ -2,78 +2,35 @@
 -- outbox (identity_sync.change), one row per triggering statement; snapshot capture covers
 -- sources that cannot carry triggers; the date-boundary check covers time passing.
 --
--- Cost on the HR write path is one INSERT of one row holding an array, per statement. No
--- row-level trigger, no exception block, no per-row PL/pgSQL, no index lookup: deduplication
--- happens in the planner (_claim_changes), off the write path.
+-- Cost on the HR write path is one INSERT of one row holding an array, per statement (the
+-- trigger function is identity_sync._capture, src/capture.rs). No row-level trigger, no
+-- exception block, no per-row code, no index lookup: deduplication happens in the planner
+-- (_claim_changes), off the write path.
 
--- SQL over the transition table(s) of a source giving the affected person keys as text.
-CREATE FUNCTION identity_sync._keys_sql(src identity_sync.source, transition text)
-RETURNS text LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF src.role = 'related' THEN
-        RETURN format('SELECT (a.k)::text FROM (WITH changed AS (SELECT * FROM %s) %s) AS a(k)',
-                      transition, src.affected);
-    END IF;
-    RETURN format('SELECT t.%I::text FROM %s AS t', src.key_column, transition);
-END
-$$;
-
+-- Install the capture triggers of a source: the generic statement trigger identity_sync._capture
+-- (src/capture.rs) with the source's id, role and key column (or, for a related source, its
+-- affected query and the search_path it is written for) as arguments.
 CREATE FUNCTION identity_sync._install_capture(source_id int)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     src identity_sync.source;
-    fn text;
-    body text;
     op text;
+    args text;
 BEGIN
     SELECT * INTO src FROM identity_sync.source WHERE id = source_id;
     IF src.capture <> 'trigger' THEN
         RETURN;
     END IF;
+    args := CASE WHEN src.role = 'related'
+                 THEN format('%s, %L, %L, %L', src.id, src.role, src.affected, (SELECT search_path FROM identity_sync._settings))
+                 ELSE format('%s, %L, %L', src.id, src.role, src.key_column) END;
     FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete'] LOOP
-        fn := format('identity_sync.%I', format('_capture_%s_%s', src.id, op));
-        body := CASE op
-            WHEN 'insert' THEN format('ARRAY(%s)', identity_sync._keys_sql(src, 'new_rows'))
-            WHEN 'delete' THEN format('ARRAY(%s)', identity_sync._keys_sql(src, 'old_rows'))
-            -- Old and new keys both: an UPDATE that changes a key dirties both persons.
-            ELSE CASE WHEN src.role = 'related'
-                      THEN format('ARRAY(%s)', identity_sync._keys_sql(src, 'new_rows UNION ALL SELECT * FROM old_rows'))
-                      ELSE format('ARRAY(%s) || ARRAY(%s)', identity_sync._keys_sql(src, 'new_rows'),
-                                  identity_sync._keys_sql(src, 'old_rows')) END
-        END;
-        -- SECURITY DEFINER so that HR writers need no privilege on the outbox. Every name in
-        -- the body is schema-qualified or a transition table, and pg_catalog is searched first,
-        -- so the body does not depend on the caller's search_path; leaving out SET search_path
-        -- keeps the call cheap.
-        EXECUTE format($f$
-            CREATE FUNCTION %1$s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER %5$s AS $body$
-            BEGIN
-                INSERT INTO identity_sync.change (source_id, op, keys)
-                SELECT %2$s, %3$L, k FROM (SELECT %4$s AS k) AS s WHERE pg_catalog.cardinality(k) > 0;
-                IF FOUND THEN
-                    PERFORM identity_sync._wake_at_commit();
-                END IF;
-                RETURN NULL;
-            END
-            $body$ $f$, fn, src.id, op, body,
-            -- A related source's affected query is user SQL: it gets the user search_path, with
-            -- pg_temp last so that an HR writer cannot shadow a table it names (see
-            -- _use_user_search_path).
-            CASE WHEN src.role = 'related'
-                 THEN (SELECT format('SET search_path = %s', CASE WHEN btrim(search_path) = '' THEN 'pg_temp'
-                                                                  ELSE search_path || ', pg_temp' END)
-                         FROM identity_sync._settings) END);
-        -- PUBLIC has USAGE on the schema (for self-service): it must not attach these to a table
-        -- of its own and write the outbox.
-        EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', fn);
-        -- A member of the extension, so that DROP EXTENSION ... CASCADE takes the triggers too.
-        EXECUTE format('ALTER EXTENSION identity_sync ADD FUNCTION %s()', fn);
-        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s FOR EACH STATEMENT EXECUTE FUNCTION %s()',
+        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s FOR EACH STATEMENT EXECUTE FUNCTION identity_sync._capture(%s)',
                        'identity_sync_capture_' || op, upper(op), src.relation,
                        CASE op WHEN 'insert' THEN 'NEW TABLE AS new_rows'
                                WHEN 'delete' THEN 'OLD TABLE AS old_rows'
                                ELSE 'OLD TABLE AS old_rows NEW TABLE AS new_rows' END,
-                       fn);
+                       args);
     END LOOP;
     EXECUTE format('CREATE TRIGGER identity_sync_capture_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION identity_sync._capture_truncate(%s)',
                    src.relation, src.id);
@@ -92,10 +49,6 @@ BEGIN
     END IF;
     FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'identity_sync_capture_' || op, src.relation);
-        IF op <> 'truncate' THEN
-            EXECUTE format('ALTER EXTENSION identity_sync DROP FUNCTION identity_sync.%I()', format('_capture_%s_%s', src.id, op));
-            EXECUTE format('DROP FUNCTION identity_sync.%I()', format('_capture_%s_%s', src.id, op));
-        END IF;
     END LOOP;
 END
 $$;

@@ -1,7 +1,7 @@
 -- Privileges and documentation. Runs last.
 
--- Nothing for PUBLIC but what design.md says (the self-service entry points, granted in
--- selfservice.sql's section below).
+-- Nothing for PUBLIC but what design.md says (the self-service entry points, granted in the
+-- self-service section below).
 REVOKE ALL ON SCHEMA identity_sync FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA identity_sync FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA identity_sync FROM PUBLIC;
@@ -45,6 +45,53 @@ GRANT EXECUTE ON FUNCTION identity_sync.add_person_source(regclass, text),
                           identity_sync.add_rule(text, text, text, text[]),
                           identity_sync.drop_rule(text, text)
    TO identity_sync_admin;
+
+-- Self-service (any login mapped to a person): PUBLIC may call the entry points, read the
+-- product catalog, and read its own rows of request and decision (row-level security; the
+-- views my_requests and my_approvals are security_invoker views over them).
+GRANT USAGE ON SCHEMA identity_sync TO PUBLIC;
+GRANT EXECUTE ON FUNCTION identity_sync.request_access(text, text), identity_sync.approve(bigint, text),
+                          identity_sync.deny(bigint, text), identity_sync.revoke(bigint),
+                          identity_sync.current_person(), identity_sync.can_approve(bigint),
+                          identity_sync.grant_status(bigint)
+   TO PUBLIC;
+GRANT SELECT ON identity_sync.products, identity_sync.my_requests, identity_sync.my_approvals,
+                identity_sync.request, identity_sync.decision
+   TO PUBLIC;
+GRANT SELECT (id, name, target_id, groups, approval, valid_for, description) ON identity_sync.product TO PUBLIC;
+GRANT SELECT (id, name) ON identity_sync.target TO PUBLIC;
+GRANT SELECT ON identity_sync.product, identity_sync.requests TO identity_sync_reader;
+GRANT EXECUTE ON FUNCTION identity_sync._grant_status(bigint) TO identity_sync_reader;
+GRANT EXECUTE ON FUNCTION identity_sync.set_login(text),
+                          identity_sync.add_product(text, text, text[], text, text, interval, text),
+                          identity_sync.alter_product(text, text[], text, text, interval, text, text),
+                          identity_sync.drop_product(text)
+   TO identity_sync_admin;
+
+-- HR writers need no privilege on the outbox: the capture trigger runs as the extension owner.
+ALTER FUNCTION identity_sync._capture() SECURITY DEFINER;
+
+-- Configuration, registry and history survive pg_dump / pg_restore.
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._settings', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.source', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._snapshot', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.target', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._secret', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.mapping', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.rule', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.account', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._unique', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.change', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._dirty', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.event', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._audit', '');
+-- (one statement each: every call rewrites the pg_extension row)
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.source', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.target', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.mapping', 'position')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.change', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.event', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync._audit', 'id')::regclass, '');
 
 -- Say so when provisioning cannot happen here (pg_cron refuses to half-work in silence).
 DO $check$

@@ -1,14 +1,21 @@
-//! Capture: the commit-time wake-up of the worker.
+//! Capture: the statement trigger on HR sources, and the commit-time wake-up of the worker.
 //!
-//! The statement triggers themselves are generated PL/pgSQL (`sql/capture.sql`): one set-based
-//! INSERT of the affected person keys per triggering statement. What they cannot do in SQL is
-//! wake the worker when, and only when, the HR transaction commits. That is this module: the
-//! worker publishes the address of its latch in shared memory, and a transaction that captured
-//! something sets that latch from a commit callback (pg_net's `wake_at_commit`, without NOTIFY).
+//! `identity_sync._capture(source_id, role, key_or_query)` is one generic statement trigger
+//! (installed by `sql/capture.sql`, `_install_capture`): per triggering statement it runs one
+//! set-based INSERT of the affected person keys, read from the transition tables, into the
+//! outbox, with a plan prepared once per backend and source. No per-row code, no exception
+//! block, no index lookup on the HR write path; deduplication is the planner's job.
+//!
+//! Then the wake-up: the worker publishes the address of its latch in shared memory, and a
+//! transaction that captured something sets that latch from a commit callback (pg_net's
+//! `wake_at_commit`, without NOTIFY).
 
 use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
 use pgrx::{pg_shmem_init, PgAtomic};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::ffi::CString;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Address of the worker's `PGPROC.procLatch` (shared memory, so valid in every backend),
@@ -20,6 +27,8 @@ static WORKER_PID: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"identity_sync_
 thread_local! {
     static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
     static WAKE_AT_COMMIT: Cell<bool> = const { Cell::new(false) };
+    /// Prepared capture statements by their text (one per source and operation).
+    static PLANS: RefCell<HashMap<String, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
 }
 
 static mut SHMEM_READY: bool = false;
@@ -93,10 +102,10 @@ unsafe extern "C-unwind" fn xact_callback(
     }
 }
 
-/// Ask for the worker to be woken when the current transaction commits. Called by the capture
-/// triggers once per statement; costs a thread-local store after the first call.
+/// Ask for the worker to be woken when the current transaction commits (capture does this;
+/// configuration and operator functions too). A thread-local store after the first call.
 #[pg_extern(volatile, parallel_unsafe, name = "_wake_at_commit")]
-fn wake_at_commit() {
+pub fn wake_at_commit() {
     if !CALLBACK_REGISTERED.with(|r| r.replace(true)) {
         unsafe { pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut()) };
     }
@@ -107,4 +116,129 @@ fn wake_at_commit() {
 #[pg_extern(volatile, parallel_unsafe, name = "_wake")]
 fn wake_now() {
     wake_worker();
+}
+
+/// The errors of the capture trigger.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("identity_sync._capture must be an AFTER ... FOR EACH STATEMENT trigger with transition tables")]
+    Misused,
+    #[error("identity_sync._capture: {0}")]
+    Trigger(#[from] PgTriggerError),
+    #[error("identity_sync._capture: {0}")]
+    Spi(#[from] pgrx::spi::Error),
+}
+
+/// SQL giving the affected person keys as text from transition table `rows`.
+fn keys_sql(role: &str, key_or_query: &str, rows: &str) -> String {
+    if role == "related" {
+        // The user's query reads the changed rows as "changed".
+        format!("SELECT (a.k)::pg_catalog.text FROM (WITH changed AS (SELECT * FROM {rows}) {key_or_query}\n) AS a(k)")
+    } else {
+        format!(
+            "SELECT t.{}::pg_catalog.text FROM {rows} AS t",
+            spi::quote_identifier(key_or_query)
+        )
+    }
+}
+
+/// The outbox INSERT for one source and operation.
+fn capture_sql(source_id: i32, role: &str, key_or_query: &str, op: &str) -> String {
+    let keys = match op {
+        "insert" => format!("ARRAY({})", keys_sql(role, key_or_query, "new_rows")),
+        "delete" => format!("ARRAY({})", keys_sql(role, key_or_query, "old_rows")),
+        // Old and new keys both: an UPDATE that changes a key dirties both persons.
+        _ if role == "related" => format!(
+            "ARRAY({})",
+            keys_sql(
+                role,
+                key_or_query,
+                "(SELECT * FROM new_rows UNION ALL SELECT * FROM old_rows) AS both_rows"
+            )
+        ),
+        _ => format!(
+            "ARRAY({}) OPERATOR(pg_catalog.||) ARRAY({})",
+            keys_sql(role, key_or_query, "new_rows"),
+            keys_sql(role, key_or_query, "old_rows")
+        ),
+    };
+    format!(
+        "INSERT INTO identity_sync.change (source_id, op, keys) \
+         SELECT {source_id}, '{op}', k FROM (SELECT {keys} AS k) AS s WHERE pg_catalog.cardinality(k) OPERATOR(pg_catalog.>) 0 \
+         RETURNING 1"
+    )
+}
+
+/// Run `f` with `search_path` set for the duration only (as a function's SET clause would).
+fn with_search_path<R>(path: Option<&str>, f: impl FnOnce() -> R) -> R {
+    let Some(path) = path else { return f() };
+    let (Ok(name), Ok(value)) = (CString::new("search_path"), CString::new(path)) else {
+        return f();
+    };
+    unsafe {
+        let level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        let r = f();
+        pg_sys::AtEOXact_GUC(true, level);
+        r
+    }
+}
+
+/// The capture trigger: `AFTER INSERT OR UPDATE OR DELETE ... REFERENCING ... FOR EACH
+/// STATEMENT EXECUTE FUNCTION identity_sync._capture(source_id, role, key column or affected
+/// query[, search_path])`. SECURITY DEFINER (finalize.sql), so HR writers need no privilege on
+/// the outbox; every name in its SQL is schema-qualified or a transition table.
+#[pg_trigger]
+fn _capture<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, CaptureError> {
+    if !matches!(trigger.level(), PgTriggerLevel::Statement) {
+        return Err(CaptureError::Misused);
+    }
+    let args = trigger.extra_args()?;
+    let (Some(source_id), Some(role), Some(key_or_query)) = (
+        args.first().and_then(|a| a.parse::<i32>().ok()),
+        args.get(1),
+        args.get(2),
+    ) else {
+        return Err(CaptureError::Misused);
+    };
+    let op = match trigger.op()? {
+        PgTriggerOperation::Insert => "insert",
+        PgTriggerOperation::Update => "update",
+        PgTriggerOperation::Delete => "delete",
+        PgTriggerOperation::Truncate => return Err(CaptureError::Misused),
+    };
+    let sql = capture_sql(source_id, role, key_or_query, op);
+    let data = trigger.trigger_data() as *const pg_sys::TriggerData as *mut pg_sys::TriggerData;
+    let inserted = with_search_path(args.get(3).map(String::as_str), || {
+        Spi::connect_mut(|client| -> Result<u64, CaptureError> {
+            // The transition tables become visible to SPI under their REFERENCING names.
+            unsafe { pg_sys::SPI_register_trigger_data(data) };
+            PLANS.with(|plans| {
+                let mut plans = plans.borrow_mut();
+                if !plans.contains_key(&sql) {
+                    let prepared = client.prepare(sql.as_str(), &[])?.keep();
+                    plans.insert(sql.clone(), prepared);
+                }
+                let Some(plan) = plans.get(&sql) else {
+                    return Ok(0);
+                };
+                Ok(client.update(plan, None, &[])?.len() as u64)
+            })
+        })
+    })?;
+    if inserted > 0 {
+        wake_at_commit();
+    }
+    Ok(None)
 }
