@@ -3,6 +3,8 @@
 SET client_min_messages = warning;
 CREATE EXTENSION identity_sync;
 RESET client_min_messages;
+-- CONTEXT lines name our functions' line numbers; DETAIL and HINT are the contract.
+\set SHOW_CONTEXT never
 \set VERBOSITY default
 
 CREATE SCHEMA hr;

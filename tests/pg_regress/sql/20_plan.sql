@@ -17,6 +17,8 @@ SELECT identity_sync.map('dir', 'dept', $$contract.dept$$);
 SELECT identity_sync.add_rule('dir', 'everyone', 'true', '{staff}');
 SELECT identity_sync.add_rule('dir', 'sales', $$contract.dept = 'S'$$, '{sales}');
 RESET client_min_messages;
+-- CONTEXT lines name our functions' line numbers; DETAIL and HINT are the contract.
+\set SHOW_CONTEXT never
 
 -- What would happen to Ann (1) and to Cy (4, starts in two weeks: pre-boarding)?
 SELECT target, in_scope, matched_rules, attributes, groups, account, jsonb_pretty(events) AS events
