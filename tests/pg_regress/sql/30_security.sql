@@ -1,4 +1,5 @@
--- Privileges: PUBLIC gets nothing, readers read status, operators operate, admins configure;
+-- Privileges: PUBLIC gets only self-service (40_selfservice), readers read status, operators
+-- operate, admins configure;
 -- secrets can be set but never read back.
 SET client_min_messages = warning;
 CREATE EXTENSION identity_sync;
