@@ -107,6 +107,9 @@ BEGIN
         END LOOP;
     END LOOP;
 
+    -- Temporary tables have no statistics until analysed; the diff joins on this one.
+    ANALYZE pg_temp._is_desired;
+
     IF record_errors THEN
         INSERT INTO identity_sync._plan_error (target_id, person_key, message)
         SELECT t.id, d.person_key, d.error FROM pg_temp._is_desired d WHERE d.error IS NOT NULL
@@ -152,7 +155,10 @@ BEGIN
                coalesce(a.seq, 0) AS seq,
                -- A person gone from HR is out of scope and, if the target deletes, past it.
                coalesce(d.exists_now, t.options->>'delete_after' IS NULL) AS exists_now,
-               coalesce(d.enabled_now, false) AS enabled_now) AS b
+               coalesce(d.enabled_now, false) AS enabled_now
+         -- OFFSET 0 keeps each lateral step computed once per person instead of being
+         -- flattened into (and recomputed by) every expression that uses it.
+         OFFSET 0) AS b
      CROSS JOIN LATERAL (
         SELECT CASE
                  WHEN b.has_account THEN
@@ -161,7 +167,7 @@ BEGIN
                         ELSE 'disabled' END
                  WHEN b.in_scope AND b.exists_now THEN
                    CASE WHEN b.enabled_now THEN 'active' ELSE 'disabled' END
-               END AS want_state) AS w
+               END AS want_state OFFSET 0) AS w
      CROSS JOIN LATERAL (
         SELECT b.in_scope, b.rules, b.has_account, b.planned_state, w.want_state, b.seq,
                coalesce(d.attributes, '{}') AS attributes,
@@ -175,14 +181,14 @@ BEGIN
           FROM (SELECT CASE WHEN w.want_state IN ('active', 'disabled') AND b.in_scope
                             THEN ARRAY(SELECT DISTINCT x FROM unnest(coalesce(d.groups, '{}')
                                          || identity_sync._granted_groups(t.id, k.person_key, b.enabled_now)) AS x ORDER BY x)
-                            ELSE '{}'::text[] END AS groups) AS g
+                            ELSE '{}'::text[] END AS groups OFFSET 0) AS g
           LEFT JOIN LATERAL (
             SELECT jsonb_object_agg(e.key, e.value) AS changed,
                    jsonb_object_agg(e.key, a.planned_attributes->e.key) AS previous
               FROM jsonb_each(d.attributes) AS e
              WHERE b.has_account AND a.planned_attributes IS DISTINCT FROM d.attributes  -- fast path
                AND e.key <> ALL (create_only)
-               AND a.planned_attributes->e.key IS DISTINCT FROM e.value) AS ch ON true) AS s
+               AND a.planned_attributes->e.key IS DISTINCT FROM e.value) AS ch ON true OFFSET 0) AS s
      -- The events, in the order they must be delivered.
      CROSS JOIN LATERAL (
         SELECT coalesce(jsonb_agg(jsonb_build_object('kind', e.kind, 'payload', e.payload) ORDER BY e.ord, e.sub), '[]') AS events
