@@ -96,6 +96,10 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
     http.shutdown();
     capture::unpublish_worker();
     log!("identity_sync: worker stopping");
+    // Exit code 1: a background worker that exits with 0 is unregistered and never started
+    // again; with 1 the postmaster restarts it after the restart time, so a worker stopped
+    // alone (pg_terminate_backend) comes back. At cluster shutdown nothing is restarted anyway.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 /// One round of work; returns how long to sleep unless woken.
