@@ -166,9 +166,19 @@ BEGIN
            last_error = coalesce(last_error, '') || ' (skipped by ' || session_user || ')'
      WHERE id = event_id;
     IF e.kind = 'create' THEN
-        -- Nothing exists in the target: forget the account so the next plan creates it again.
-        UPDATE identity_sync.account SET planned_state = 'deleted'
+        -- Nothing exists in the target, so the person's later events cannot go on either;
+        -- forget the account so that the next plan creates it again.
+        UPDATE identity_sync.event x SET state = 'done', done_at = clock_timestamp(),
+               last_error = 'skipped with its create (event ' || e.id || ')'
+         WHERE x.target_id = e.target_id AND x.person_key = e.person_key AND x.seq > e.seq AND x.state <> 'done';
+        UPDATE identity_sync.account SET planned_state = 'deleted', planned_attributes = '{}', planned_groups = '{}'
          WHERE target_id = e.target_id AND person_key = e.person_key AND remote_id IS NULL;
+    ELSIF NOT EXISTS (SELECT FROM identity_sync.event x
+                       WHERE x.target_id = e.target_id AND x.person_key = e.person_key AND x.state <> 'done') THEN
+        -- What was skipped is not in the target: plan from what is applied, so the person's
+        -- next change (or a resync) plans it again.
+        UPDATE identity_sync.account SET planned_state = state, planned_attributes = attributes, planned_groups = groups
+         WHERE target_id = e.target_id AND person_key = e.person_key AND state <> 'pending';
     END IF;
     PERFORM identity_sync._audit('skip', event_id::text, to_jsonb(e) - 'payload', NULL);
     PERFORM identity_sync._wake_at_commit();
