@@ -81,6 +81,12 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
     // that takes a few ms on a batch of 1,000 persons (bench/run, plan_rate). JIT never pays
     // off for these short batched statements.
     in_transaction("setting up the session", || Spi::run("SET jit = off"));
+    // The worker's commits are the delivery ledger (claimed, done): one lost in a crash with
+    // asynchronous commit means requests sent again that were not in flight. Whatever the
+    // cluster's default, its own commits wait for the WAL.
+    in_transaction("setting up the session", || {
+        Spi::run("SET synchronous_commit = on")
+    });
 
     let mut http = super::http::Http::start();
     let mut recovered = false;
