@@ -20,12 +20,15 @@ pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static EVENT_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 60);
 
 pub fn init() {
+    // A postmaster-level setting can only be defined while preloading; a backend that loads
+    // the library later (no shared_preload_libraries) still reads the configured value.
+    let preloading = unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress };
     GucRegistry::define_string_guc(
         c"identity_sync.database",
         c"Database in which the identity_sync worker runs.",
         c"The extension must be created in this database for provisioning to happen.",
         &DATABASE,
-        GucContext::Postmaster,
+        if preloading { GucContext::Postmaster } else { GucContext::Sighup },
         GucFlags::empty(),
     );
     GucRegistry::define_int_guc(
