@@ -80,16 +80,23 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                 ELSE current_setting('role') END
 $$;
 
--- The person whose login is `role`, by the login expression; NULL when none.
+-- The person whose login is `role`, by the login expression; NULL when none. Remembered until
+-- the transaction ends (src/selfservice.rs): row-level security asks once per row.
 CREATE FUNCTION identity_sync._person_of_role(role text) RETURNS text
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     expr text := (SELECT login_expression FROM identity_sync._settings);
     p identity_sync.source := identity_sync._person_source();
+    login text;
     keys text[];
 BEGIN
     IF expr IS NULL OR p.id IS NULL OR role IS NULL THEN
         RETURN NULL;
+    END IF;
+    login := p.relation::text || ': ' || expr;
+    keys := identity_sync._remembered_person(role, login);
+    IF keys IS NOT NULL THEN
+        RETURN keys[1];
     END IF;
     PERFORM identity_sync._use_user_search_path();
     EXECUTE format('SELECT array_agg(k) FROM (SELECT person.%I::text AS k FROM %s AS person WHERE (%s)::text = $1 LIMIT 2) AS q',
@@ -102,6 +109,7 @@ BEGIN
                   DETAIL = format('Persons %s have it.', array_to_string(keys, ', ')),
                   HINT = 'The login expression (identity_sync.set_login) must give every person a role of their own.';
     END IF;
+    PERFORM identity_sync._remember_person(role, login, keys[1]);
     RETURN keys[1];
 END
 $$;
@@ -265,20 +273,20 @@ BEGIN
 END
 $$;
 
--- The current owners of product `p` for the person `requester`: active persons today (a
--- contract covers today) other than the requester for whom the owners condition holds.
--- With `candidates`, only those persons are considered (is this one an owner?).
-CREATE FUNCTION identity_sync._owners(p identity_sync.product, requester text, candidates text[] DEFAULT NULL)
-RETURNS text[] LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+-- Current owners of product `p` for the persons `requesters`, as (requester, owner) pairs: active
+-- persons today (a contract covers today) other than the requester for whom the owners
+-- condition holds. With `candidates`, only those persons are considered as owners. One query
+-- for many requesters: my_approvals asks for every pending request at once.
+CREATE FUNCTION identity_sync._owner_pairs(p identity_sync.product, requesters text[], candidates text[] DEFAULT NULL)
+RETURNS TABLE (requester text, owner text) LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     ps identity_sync.source := identity_sync._person_source();
     c identity_sync.source := identity_sync._contract_source();
     keytype regtype;
     sql text;
-    result text[];
 BEGIN
     keytype := identity_sync._column_type(ps.relation, ps.key_column, 'person key');
-    sql := format('SELECT array_agg(DISTINCT owner.%1$I::text) %2$s WHERE owner.%1$I::text <> requester.%1$I::text ',
+    sql := format('SELECT DISTINCT requester.%1$I::text, owner.%1$I::text %2$s WHERE owner.%1$I::text <> requester.%1$I::text ',
                   ps.key_column, identity_sync._owners_from(p.owners ~* '\mowner_contract\M'));
     IF candidates IS NOT NULL THEN
         sql := sql || format('AND owner.%I = ANY ($3::text[]::%s[]) ', ps.key_column, keytype);
@@ -290,10 +298,15 @@ BEGIN
     END IF;
     sql := sql || 'AND (' || p.owners || E'\n)';
     PERFORM identity_sync._use_user_search_path();
-    EXECUTE sql INTO result USING ARRAY[requester], identity_sync._today(), candidates;
+    RETURN QUERY EXECUTE sql USING requesters, identity_sync._today(), candidates;
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-    RETURN coalesce(result, '{}');
 END
+$$;
+
+-- The current owners of product `p` for the person `requester` (among `candidates`, if given).
+CREATE FUNCTION identity_sync._owners(p identity_sync.product, requester text, candidates text[] DEFAULT NULL)
+RETURNS text[] LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT ARRAY(SELECT o.owner FROM identity_sync._owner_pairs(p, ARRAY[requester], candidates) AS o ORDER BY 1)
 $$;
 
 CREATE FUNCTION identity_sync._product(name text) RETURNS identity_sync.product
@@ -464,15 +477,15 @@ DECLARE
     me text := identity_sync._me();
     p identity_sync.product := identity_sync._product(product);
     t identity_sync.target;
-    open identity_sync.request;
+    existing identity_sync.request;
     r identity_sync.request;
 BEGIN
     PERFORM identity_sync._expire_grants();   -- an expired grant must not block a new request
-    SELECT * INTO open FROM identity_sync.request x
+    SELECT * INTO existing FROM identity_sync.request x
      WHERE x.product_id = p.id AND x.person_key = me AND x.state IN ('pending', 'approved');
-    IF open.id IS NOT NULL THEN
-        RAISE EXCEPTION 'you already have request % for product "%"', open.id, p.name
-            USING ERRCODE = 'duplicate_object', DETAIL = format('It is %s.', open.state),
+    IF existing.id IS NOT NULL THEN
+        RAISE EXCEPTION 'you already have request % for product "%"', existing.id, p.name
+            USING ERRCODE = 'duplicate_object', DETAIL = format('It is %s.', existing.state),
                   HINT = 'See identity_sync.my_requests; withdraw a pending request with identity_sync.revoke().';
     END IF;
     IF cardinality(identity_sync._owners(p, me)) = 0 THEN
@@ -546,6 +559,7 @@ BEGIN
     SELECT * INTO p FROM identity_sync.product WHERE id = r.product_id;
     INSERT INTO identity_sync.decision (request_id, person_key, decided_by, requester, decision, comment, at)
     VALUES (r.id, me, identity_sync._caller(), r.person_key, 'approve', comment, identity_sync._now());
+    PERFORM identity_sync._forget_decidable();
     IF p.approval = 'all' THEN
         -- Every current owner must have approved; owners who are no longer owners do not count.
         waiting := ARRAY(SELECT o FROM unnest(identity_sync._owners(p, r.person_key)) AS o
@@ -580,6 +594,7 @@ DECLARE
 BEGIN
     INSERT INTO identity_sync.decision (request_id, person_key, decided_by, requester, decision, comment, at)
     VALUES (r.id, me, identity_sync._caller(), r.person_key, 'deny', comment, identity_sync._now());
+    PERFORM identity_sync._forget_decidable();
     UPDATE identity_sync.request x SET state = 'denied', decided_at = identity_sync._now()
      WHERE x.id = r.id RETURNING * INTO r;
     PERFORM identity_sync._audit_request('deny', r, jsonb_build_object('approver', me, 'comment', comment));
@@ -615,6 +630,7 @@ BEGIN
         RAISE EXCEPTION 'request % is already %', r.id, r.state USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     was := r.state;
+    PERFORM identity_sync._forget_decidable();
     UPDATE identity_sync.request x
        SET state = CASE WHEN x.state = 'pending' AND x.person_key IS NOT DISTINCT FROM me THEN 'withdrawn' ELSE 'revoked' END,
            ended_at = identity_sync._now(), ended_by = role
@@ -665,26 +681,49 @@ $$;
 -- What each login sees
 ------------------------------------------------------------------------------------------------
 
+-- The pending requests `role` can decide now: its person is a current owner for the requester,
+-- it is not the requester and has not decided yet. One owners query per product with pending
+-- requests, remembered until the statement ends (src/selfservice.rs).
+CREATE FUNCTION identity_sync._decidable_ids(role text) RETURNS bigint[]
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ids bigint[] := identity_sync._remembered_decidable(role);
+    me text;
+    p identity_sync.product;
+    waiting text[];
+BEGIN
+    IF ids IS NOT NULL THEN
+        RETURN ids;
+    END IF;
+    ids := '{}';
+    me := identity_sync._person_of_role(role);
+    IF me IS NOT NULL THEN
+        FOR p IN SELECT * FROM identity_sync.product x
+                  WHERE EXISTS (SELECT FROM identity_sync.request r
+                                 WHERE r.product_id = x.id AND r.state = 'pending' AND r.person_key <> me) LOOP
+            waiting := ARRAY(SELECT DISTINCT r.person_key FROM identity_sync.request r
+                           WHERE r.product_id = p.id AND r.state = 'pending' AND r.person_key <> me
+                             AND NOT EXISTS (SELECT FROM identity_sync.decision d
+                                              WHERE d.request_id = r.id AND d.person_key = me));
+            CONTINUE WHEN cardinality(waiting) = 0;
+            ids := ids || ARRAY(
+                SELECT r.id FROM identity_sync.request r
+                 WHERE r.product_id = p.id AND r.state = 'pending' AND r.person_key <> me
+                   AND NOT EXISTS (SELECT FROM identity_sync.decision d WHERE d.request_id = r.id AND d.person_key = me)
+                   AND r.person_key IN (SELECT o.requester FROM identity_sync._owner_pairs(p, waiting, ARRAY[me]) AS o));
+        END LOOP;
+    END IF;
+    PERFORM identity_sync._remember_decidable(role, ids);
+    RETURN ids;
+END
+$$;
+
 -- Can the caller approve or deny this request now (a current owner, not the requester, not
 -- decided yet)?
 CREATE FUNCTION identity_sync.can_approve(request_id bigint) RETURNS boolean
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r identity_sync.request;
-    p identity_sync.product;
-    me text;
 BEGIN
-    SELECT * INTO r FROM identity_sync.request WHERE id = request_id;
-    IF r.id IS NULL OR r.state <> 'pending' THEN
-        RETURN false;
-    END IF;
-    me := identity_sync._person_of_role(identity_sync._caller());
-    IF me IS NULL OR me = r.person_key
-       OR EXISTS (SELECT FROM identity_sync.decision d WHERE d.request_id = r.id AND d.person_key = me) THEN
-        RETURN false;
-    END IF;
-    SELECT * INTO p FROM identity_sync.product WHERE id = r.product_id;
-    RETURN me = ANY (identity_sync._owners(p, r.person_key, ARRAY[me]));
+    RETURN coalesce(request_id = ANY (identity_sync._decidable_ids(identity_sync._caller())), false);
 END
 $$;
 
@@ -773,7 +812,7 @@ BEGIN
         me := identity_sync._person_of_role(role);
         IF me IS NULL OR NOT (r.person_key = me
                               OR EXISTS (SELECT FROM identity_sync.decision d WHERE d.request_id = r.id AND d.person_key = me)
-                              OR identity_sync.can_approve(r.id)) THEN
+                              OR r.id = ANY (identity_sync._decidable_ids(role))) THEN
             RETURN;
         END IF;
     END IF;

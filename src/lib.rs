@@ -11,6 +11,7 @@ mod config;
 mod deliver;
 mod error;
 mod guc;
+mod selfservice;
 mod status;
 
 ::pgrx::pg_module_magic!(name, version);
