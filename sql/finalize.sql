@@ -93,13 +93,14 @@ SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.event', 'id')::regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync._audit', 'id')::regclass, '');
 
--- Say so when provisioning cannot happen here (pg_cron refuses to half-work in silence).
+-- Say so when provisioning cannot happen here (pg_cron refuses to half-work in silence). A
+-- WARNING, because PostgreSQL silences NOTICEs while it runs an extension script.
 DO $check$
 DECLARE
     s text := identity_sync.worker_status();
 BEGIN
     IF s LIKE 'no worker%' THEN
-        RAISE NOTICE 'identity_sync: %', split_part(s, ' HINT: ', 1)
+        RAISE WARNING 'identity_sync: %', split_part(s, ' HINT: ', 1)
             USING HINT = split_part(s, ' HINT: ', 2);
     END IF;
 END

@@ -1,7 +1,8 @@
 -- The configuration API as an identity engineer uses it: sources, a target, mappings, rules,
 -- and the errors that catch mistakes at configuration time.
-SET client_min_messages = warning;
+SET client_min_messages = error;  -- the warning about the worker depends on the cluster
 CREATE EXTENSION identity_sync;
+SET client_min_messages = warning;
 RESET client_min_messages;
 -- CONTEXT lines name our functions' line numbers; DETAIL and HINT are the contract.
 \set SHOW_CONTEXT never
