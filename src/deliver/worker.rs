@@ -12,6 +12,22 @@ use std::time::Duration;
 /// How long one tick plans at most before it delivers (a batch started is finished).
 const PLANNING_BUDGET: Duration = Duration::from_millis(250);
 
+/// Housekeeping (snapshots, date boundaries, expired grants, retention) runs at most this
+/// often: it is a write transaction of its own, and under a stream of HR commits the worker
+/// ticks thousands of times a second.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Ticks start at least this far apart. Every HR commit sets the latch, so without a pause a
+/// stream of small commits makes the worker run a full tick (several transactions) per commit
+/// or two, taking a CPU from the HR workload (bench/run, capture_oltp); a few milliseconds let
+/// one tick take the commits of that time together, at that cost in latency.
+const MIN_TICK_INTERVAL: Duration = Duration::from_millis(5);
+
+thread_local! {
+    static LAST_HOUSEKEEPING: std::cell::Cell<Option<std::time::Instant>> =
+        const { std::cell::Cell::new(None) };
+}
+
 /// Name shown in `pg_stat_activity.backend_type` and in the server log.
 pub const WORKER_NAME: &str = "identity_sync worker";
 
@@ -92,10 +108,16 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
     let mut recovered = false;
     let mut extension = None;
     let mut sleep = Duration::ZERO;
+    let mut last_tick = std::time::Instant::now();
     while BackgroundWorker::wait_latch(Some(sleep.max(Duration::from_millis(1)))) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
+        let since = last_tick.elapsed();
+        if since < MIN_TICK_INTERVAL && !BackgroundWorker::sigterm_received() {
+            unsafe { pg_sys::pg_usleep((MIN_TICK_INTERVAL - since).as_micros() as _) };
+        }
+        last_tick = std::time::Instant::now();
         sleep = tick(&mut http, &mut recovered, &mut extension);
     }
 
@@ -143,9 +165,15 @@ fn tick(
     }
 
     // Housekeeping: snapshot sources due, date boundaries, expired grants, retention.
-    in_transaction("housekeeping", || {
-        Spi::run("SELECT identity_sync._housekeeping()")
-    });
+    let housekeeping_due = LAST_HOUSEKEEPING
+        .get()
+        .is_none_or(|at| at.elapsed() >= HOUSEKEEPING_INTERVAL);
+    if housekeeping_due {
+        LAST_HOUSEKEEPING.set(Some(std::time::Instant::now()));
+        in_transaction("housekeeping", || {
+            Spi::run("SELECT identity_sync._housekeeping()")
+        });
+    }
 
     // Plan until nothing is dirty, for a quarter of a second at most: under a steady stream of
     // HR changes there is always something dirty, and delivery must not starve meanwhile.
