@@ -225,7 +225,15 @@ BEGIN
             PERFORM identity_sync._apply_table_event(t, e);
             PERFORM identity_sync._record(e.event_id, 'done', e.person_key);
         EXCEPTION WHEN OTHERS THEN
-            PERFORM identity_sync._record(e.event_id, 'failed', NULL, SQLERRM, NULL);
+            -- A connection failure (a postgres_fdw table's server is down), deadlock,
+            -- serialization failure, shutdown or lack of resources passes: retry with capped
+            -- exponential backoff and full jitter. Anything else (constraint, type) needs an operator.
+            IF left(SQLSTATE, 2) IN ('08', '40', '53', '57') OR SQLSTATE = '55P03' THEN
+                PERFORM identity_sync._record(e.event_id, 'retry', NULL, SQLERRM, NULL,
+                    least(interval '5 minutes', interval '500 ms' * power(2, least(greatest(e.attempts, 1) - 1, 20))) * random());
+            ELSE
+                PERFORM identity_sync._record(e.event_id, 'failed', NULL, SQLERRM, NULL);
+            END IF;
         END;
         n := n + 1;
     END LOOP;
