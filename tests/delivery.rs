@@ -794,7 +794,7 @@ fn table_targets_local_and_postgres_fdw() {
                  SERVER delivery_remote OPTIONS (table_name 'app_users');"
         ),
     );
-    for (name, rel) in [("local", "app_users"), ("remote", "remote_users")] {
+    for (name, rel) in [("local", "public.app_users"), ("remote", "public.remote_users")] {
         exec(
             &mut c,
             &format!(
