@@ -362,6 +362,7 @@ DECLARE
     spec record;
     v jsonb;
     valid text;
+    rel regclass;
 BEGIN
     IF kind IS NULL OR kind NOT IN ('scim', 'webhook', 'table') THEN
         RAISE EXCEPTION 'invalid target kind "%"', kind USING ERRCODE = 'invalid_parameter_value',
@@ -416,7 +417,12 @@ BEGIN
                 END IF;
             WHEN 'regclass' THEN
                 IF jsonb_typeof(v) <> 'string' THEN RAISE EXCEPTION USING MESSAGE = 'a table name'; END IF;
-                PERFORM (v->>0)::regclass;
+                -- Resolved as the user writes it (their search_path), stored schema-qualified:
+                -- the worker and our functions run with search_path = pg_catalog, pg_temp.
+                PERFORM identity_sync._use_user_search_path();
+                rel := (v->>0)::regclass;
+                PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+                options := jsonb_set(options, ARRAY[o.key], to_jsonb(rel::text));
             END CASE;
         EXCEPTION WHEN OTHERS THEN
             RAISE EXCEPTION 'invalid value for option "%": %', o.key, v::text USING ERRCODE = 'invalid_parameter_value',
@@ -637,7 +643,10 @@ BEGIN
        SET expression = excluded.expression, on_create_only = excluded.on_create_only, is_unique = excluded.is_unique
     RETURNING * INTO m;
     PERFORM identity_sync._compile(t.id);
-    PERFORM identity_sync._audit('map', target || '.' || attribute, to_jsonb(old) - 'position', to_jsonb(m) - 'position');
+    -- A first mapping has no old value (to_jsonb of the empty record would be all nulls).
+    PERFORM identity_sync._audit('map', target || '.' || attribute,
+                                 CASE WHEN old.target_id IS NOT NULL THEN to_jsonb(old) - 'position' END,
+                                 to_jsonb(m) - 'position');
 END
 $$;
 
