@@ -73,13 +73,17 @@ CREATE TABLE identity_sync._snapshot (
 
 -- The change outbox. The capture triggers append one row per triggering statement holding the
 -- array of affected person keys: no index lookup and no deduplication on the HR write path.
+-- No index: an insert per HR statement is all the write path pays (the planner drains the
+-- outbox continuously, so it stays small and is read whole).
 CREATE TABLE identity_sync.change (
-    id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id        bigint GENERATED ALWAYS AS IDENTITY,
     source_id int,                 -- NULL for changes made by identity_sync itself (resync, config)
     op        text NOT NULL,       -- insert, update, delete, truncate, snapshot, boundary, resync, ...
     keys      text[] NOT NULL,
     at        timestamptz NOT NULL DEFAULT now()
 );
+-- Arrays of keys do not compress much; compressing them would cost the HR statement time.
+ALTER TABLE identity_sync.change ALTER COLUMN keys SET STORAGE EXTERNAL;
 
 -- Persons claimed from the outbox, deduplicated, waiting to be planned.
 -- target_id 0 means every target; resync(target) marks persons for one target only.

@@ -635,7 +635,10 @@ BEGIN
         RAISE NOTICE 'unique attribute "%" does not use iteration', attribute
             USING HINT = 'Without it a taken value cannot be varied, e.g. slug(...) || CASE WHEN iteration > 0 THEN (iteration + 1)::text ELSE '''' END.';
     END IF;
-    PERFORM identity_sync._check_user_expression(t, expression);
+    -- A bare literal ('en-US') has no type yet; as an attribute value it is text.
+    IF identity_sync._check_user_expression(t, expression) = 'unknown'::regtype THEN
+        expression := format('(%s)::text', expression);
+    END IF;
     SELECT * INTO old FROM identity_sync.mapping WHERE mapping.target_id = t.id AND mapping.attribute = map.attribute;
     INSERT INTO identity_sync.mapping (target_id, attribute, expression, on_create_only, is_unique)
     VALUES (t.id, attribute, expression, on_create_only, is_unique)

@@ -27,11 +27,24 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- Claim due events of the given target kinds: per person only the first unfinished event, so
--- that a person's events go out strictly in order and one at a time.
+-- that a person's events go out strictly in order and one at a time. Each target gets its share
+-- of max_events, so a slow target cannot crowd out the others. PL/pgSQL so that its plans are
+-- cached for the worker's session (a SQL function would be planned on every call).
 CREATE FUNCTION identity_sync._claim(kinds text[], max_events int)
 RETURNS TABLE (event_id bigint, target_id int, person_key text, kind text, payload jsonb,
                remote_id text, attempts int, created_at timestamptz)
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    share int;
+BEGIN
+    SELECT greatest(1, ceil(max_events::numeric / nullif(count(*), 0)))::int INTO share
+      FROM identity_sync.target t
+     WHERE t.kind = ANY (kinds) AND NOT t.paused AND t.held IS NULL
+       AND NOT coalesce((t.options->>'dry_run')::boolean, false);
+    IF share IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
     WITH c AS (
         SELECT e.id
           FROM identity_sync.target t
@@ -42,11 +55,10 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
                                 WHERE p.target_id = e.target_id AND p.person_key = e.person_key
                                   AND p.seq < e.seq AND p.state <> 'done')
              ORDER BY e.due_at, e.id
-             LIMIT max_events
+             LIMIT share
                FOR UPDATE SKIP LOCKED) AS e
          WHERE t.kind = ANY (kinds) AND NOT t.paused AND t.held IS NULL
-           AND NOT coalesce((t.options->>'dry_run')::boolean, false)
-         LIMIT max_events),
+           AND NOT coalesce((t.options->>'dry_run')::boolean, false)),
     u AS (
         UPDATE identity_sync.event e
            SET state = 'sending', attempts = e.attempts + 1, sent_at = clock_timestamp()
@@ -60,7 +72,8 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
                 ELSE u.payload END,
            a.remote_id, u.attempts, u.created_at
       FROM u LEFT JOIN identity_sync.account a ON a.target_id = u.target_id AND a.person_key = u.person_key
-     ORDER BY u.target_id, u.person_key, u.seq
+     ORDER BY u.target_id, u.person_key, u.seq;
+END
 $$;
 
 -- Record one outcome. outcome: done | retry | failed | conflict.
@@ -77,9 +90,7 @@ BEGIN
         RETURN;   -- skipped or discarded by an operator meanwhile
     END IF;
     IF outcome = 'done' THEN
-        UPDATE identity_sync.event SET state = 'done', done_at = clock_timestamp(), http_status = _record.http_status,
-               last_error = NULL WHERE id = e.id;
-        PERFORM identity_sync._apply_to_registry(e, _record.remote_id);
+        PERFORM identity_sync._apply_done(ARRAY[e.id], ARRAY[_record.remote_id], ARRAY[_record.http_status]);
     ELSIF outcome = 'retry' AND e.attempts < max_attempts THEN
         UPDATE identity_sync.event SET state = 'retry', last_error = error, http_status = _record.http_status,
                due_at = clock_timestamp() + coalesce(retry_in, interval '1 second') WHERE id = e.id;
@@ -93,39 +104,60 @@ BEGIN
 END
 $$;
 
--- The account's applied state after a delivered event.
-CREATE FUNCTION identity_sync._apply_to_registry(e identity_sync.event, new_remote_id text)
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+-- Delivered: mark the events done and bring the accounts' applied state up to date. Set-based
+-- (a person has at most one event in flight, so each account is touched once).
+CREATE FUNCTION identity_sync._apply_done(ids bigint[], remote_ids text[], statuses int[])
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n int;
+    created record;
 BEGIN
+    IF to_regclass('pg_temp._is_done') IS NULL THEN
+        CREATE TEMP TABLE _is_done (LIKE identity_sync.event, new_remote_id text) ON COMMIT DELETE ROWS;
+    END IF;
+    DELETE FROM pg_temp._is_done;
+    WITH o AS (SELECT * FROM unnest(ids, remote_ids, statuses) AS o(id, remote_id, status)),
+    d AS (
+        UPDATE identity_sync.event e
+           SET state = 'done', done_at = clock_timestamp(), http_status = o.status, last_error = NULL
+          FROM o WHERE e.id = o.id AND e.state = 'sending'
+        RETURNING e.*, o.remote_id AS new_remote_id)
+    INSERT INTO pg_temp._is_done SELECT * FROM d;
+    GET DIAGNOSTICS n = ROW_COUNT;
     UPDATE identity_sync.account a
-       SET remote_id = coalesce(new_remote_id, a.remote_id),
-           state = CASE e.kind
-                     WHEN 'create' THEN CASE WHEN (e.payload->>'active')::boolean THEN 'active' ELSE 'disabled' END
+       SET remote_id = coalesce(dn.new_remote_id, a.remote_id),
+           state = CASE dn.kind
+                     WHEN 'create' THEN CASE WHEN (dn.payload->>'active')::boolean THEN 'active' ELSE 'disabled' END
                      WHEN 'enable' THEN 'active'
                      WHEN 'disable' THEN 'disabled'
                      WHEN 'delete' THEN 'deleted'
                      ELSE a.state END,
-           attributes = CASE e.kind
-                     WHEN 'create' THEN e.payload->'attributes'
-                     WHEN 'update' THEN a.attributes || (e.payload->'changed')
+           attributes = CASE dn.kind
+                     WHEN 'create' THEN dn.payload->'attributes'
+                     WHEN 'update' THEN a.attributes || (dn.payload->'changed')
                      ELSE a.attributes END,
-           groups = CASE e.kind
+           groups = CASE dn.kind
                      WHEN 'create' THEN '{}'
-                     WHEN 'grant' THEN ARRAY(SELECT DISTINCT x FROM unnest(a.groups || (e.payload->>'group')) AS x ORDER BY x)
-                     WHEN 'revoke' THEN array_remove(a.groups, e.payload->>'group')
+                     WHEN 'grant' THEN ARRAY(SELECT DISTINCT x FROM unnest(a.groups || (dn.payload->>'group')) AS x ORDER BY x)
+                     WHEN 'revoke' THEN array_remove(a.groups, dn.payload->>'group')
                      WHEN 'delete' THEN '{}'
                      ELSE a.groups END,
            applied_at = clock_timestamp()
-     WHERE a.target_id = e.target_id AND a.person_key = e.person_key;
+      FROM pg_temp._is_done dn
+     WHERE a.target_id = dn.target_id AND a.person_key = dn.person_key;
     -- A person others refer to (a manager) got an account: re-send the references to it.
-    IF e.kind = 'create' THEN
+    FOR created IN SELECT d.target_id, d.person_key FROM pg_temp._is_done d
+              WHERE d.kind = 'create'
+                AND EXISTS (SELECT FROM identity_sync.account a
+                             WHERE a.target_id = d.target_id AND a.refs <> '{}' AND a.refs @> ARRAY[d.person_key]) LOOP
         WITH r AS (
             SELECT a.target_id, a.person_key, a.seq,
                    (SELECT jsonb_object_agg(x.key, x.value) FROM jsonb_each(a.planned_attributes) AS x
-                     WHERE x.value = jsonb_build_object('$person', e.person_key)) AS changed
+                     WHERE x.value = jsonb_build_object('$person', created.person_key)) AS changed
               FROM identity_sync.account a
-             WHERE a.target_id = e.target_id AND a.refs @> ARRAY[e.person_key]
-               AND a.planned_state IN ('active', 'disabled') AND a.person_key <> e.person_key
+             -- (refs <> '{}' lets the partial GIN index answer)
+             WHERE a.target_id = created.target_id AND a.refs <> '{}' AND a.refs @> ARRAY[created.person_key]
+               AND a.planned_state IN ('active', 'disabled') AND a.person_key <> created.person_key
                FOR UPDATE),
         ins AS (
             INSERT INTO identity_sync.event (target_id, person_key, seq, kind, payload)
@@ -136,7 +168,29 @@ BEGIN
             RETURNING target_id, person_key, seq)
         UPDATE identity_sync.account a SET seq = ins.seq FROM ins
          WHERE a.target_id = ins.target_id AND a.person_key = ins.person_key;
-    END IF;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+-- Record a round of outcomes at once (what the worker does): the delivered ones set-based, the
+-- others one by one.
+CREATE FUNCTION identity_sync._record_many(ids bigint[], outcomes text[], remote_ids text[], errors text[],
+                                           statuses int[], retry_ms bigint[])
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    o record;
+BEGIN
+    PERFORM identity_sync._apply_done(
+        ARRAY(SELECT x.id FROM unnest(ids, outcomes) AS x(id, outcome) WHERE x.outcome = 'done' ORDER BY x.id),
+        ARRAY(SELECT x.r FROM unnest(ids, outcomes, remote_ids) AS x(id, outcome, r) WHERE x.outcome = 'done' ORDER BY x.id),
+        ARRAY(SELECT x.s FROM unnest(ids, outcomes, statuses) AS x(id, outcome, s) WHERE x.outcome = 'done' ORDER BY x.id));
+    FOR o IN SELECT * FROM unnest(ids, outcomes, remote_ids, errors, statuses, retry_ms)
+                     AS x(id, outcome, remote_id, error, status, ms)
+              WHERE x.outcome <> 'done' LOOP
+        PERFORM identity_sync._record(o.id, o.outcome, o.remote_id, o.error, o.status,
+                                      make_interval(secs => o.ms / 1000.0));
+    END LOOP;
 END
 $$;
 
@@ -217,6 +271,9 @@ DECLARE
     t identity_sync.target;
     n int := 0;
 BEGIN
+    IF NOT EXISTS (SELECT FROM identity_sync.target WHERE kind = 'table') THEN
+        RETURN 0;
+    END IF;
     FOR e IN SELECT * FROM identity_sync._claim(ARRAY['table'], max_events) LOOP
         IF t.id IS DISTINCT FROM e.target_id THEN
             SELECT * INTO t FROM identity_sync.target WHERE id = e.target_id;
@@ -243,12 +300,17 @@ $$;
 
 -- Milliseconds until something is due: a retry, a snapshot, or the next day's boundaries.
 CREATE FUNCTION identity_sync._next_due_ms() RETURNS bigint
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT greatest(0, (extract(epoch FROM (least(
-               (SELECT min(e.due_at) FROM identity_sync.event e JOIN identity_sync.target t ON t.id = e.target_id
-                 WHERE e.state IN ('pending', 'retry') AND NOT t.paused AND t.held IS NULL),
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN greatest(0, (extract(epoch FROM (least(
+               -- per target, so that the event_due index answers
+               (SELECT min(d.due) FROM identity_sync.target t
+                 CROSS JOIN LATERAL (SELECT min(e.due_at) AS due FROM identity_sync.event e
+                                      WHERE e.target_id = t.id AND e.state IN ('pending', 'retry')) AS d
+                 WHERE NOT t.paused AND t.held IS NULL),
                (SELECT min(snapshot_at + snapshot_interval) FROM identity_sync.source WHERE capture = 'snapshot'),
-               date_trunc('day', now()) + interval '1 day') - now())) * 1000)::bigint)
+               date_trunc('day', now()) + interval '1 day') - now())) * 1000)::bigint);
+END
 $$;
 
 -- Everything the worker does on each tick besides planning and delivering.

@@ -8,7 +8,7 @@ CREATE FUNCTION identity_sync._claim_changes(max_rows int)
 RETURNS int LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     WITH c AS (
         DELETE FROM identity_sync.change
-         WHERE id IN (SELECT id FROM identity_sync.change ORDER BY id LIMIT max_rows FOR UPDATE SKIP LOCKED)
+         WHERE ctid = ANY (ARRAY(SELECT ctid FROM identity_sync.change LIMIT max_rows FOR UPDATE SKIP LOCKED))
         RETURNING source_id, op, keys, at),
     k AS (
         SELECT DISTINCT ON (key) key, source_id, op, at
@@ -270,6 +270,8 @@ BEGIN
     PERFORM identity_sync._desired(t, keys, today, true);
     PERFORM identity_sync._diff(t, keys, today);
 
+    ANALYZE pg_temp._is_plan;
+
     -- Coalesce: an update for a person whose last event is a create or update nobody has
     -- picked up yet is folded into that event, which then carries the latest state.
     WITH last AS (
@@ -366,13 +368,14 @@ BEGIN
 
     -- Unique values now held by these persons.
     FOR m IN SELECT * FROM identity_sync.mapping WHERE target_id = t.id AND is_unique LOOP
+        -- Driven by the planned persons (index on _unique (target_id, person_key)), whatever
+        -- _unique's statistics say while a resync grows it.
         DELETE FROM identity_sync._unique u
-         WHERE u.target_id = t.id AND u.attribute = m.attribute
-           AND u.person_key = ANY (ARRAY(SELECT p.person_key FROM pg_temp._is_plan p
-                                          WHERE p.n_events > 0 OR p.changed <> '{}' OR p.want_state IS NULL))
-           AND NOT EXISTS (SELECT FROM pg_temp._is_plan p
-                            WHERE p.person_key = u.person_key AND p.want_state IN ('active', 'disabled')
-                              AND p.attributes->>m.attribute = u.value);
+         USING pg_temp._is_plan p
+         WHERE (p.n_events > 0 OR p.changed <> '{}' OR p.want_state IS NULL)
+           AND u.target_id = t.id AND u.person_key = p.person_key AND u.attribute = m.attribute
+           AND NOT (p.want_state IS NOT NULL AND p.want_state IN ('active', 'disabled')
+                    AND u.value IS NOT DISTINCT FROM p.attributes->>m.attribute);
         INSERT INTO identity_sync._unique (target_id, attribute, value, person_key)
         SELECT t.id, m.attribute, p.attributes->>m.attribute, p.person_key
           FROM pg_temp._is_plan p

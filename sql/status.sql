@@ -63,7 +63,7 @@ SELECT t.name AS target, t.kind,
 CREATE FUNCTION identity_sync.pause(target text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    UPDATE identity_sync.target SET paused = true WHERE id = (identity_sync._target(target)).id;
+    UPDATE identity_sync.target SET paused = true WHERE id = (identity_sync._target(pause.target)).id;
     PERFORM identity_sync._audit('pause', target, NULL, NULL);
 END
 $$;
@@ -71,7 +71,7 @@ $$;
 CREATE FUNCTION identity_sync.resume(target text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    UPDATE identity_sync.target SET paused = false WHERE id = (identity_sync._target(target)).id;
+    UPDATE identity_sync.target SET paused = false WHERE id = (identity_sync._target(resume.target)).id;
     PERFORM identity_sync._audit('resume', target, NULL, NULL);
     PERFORM identity_sync._wake_at_commit();
 END

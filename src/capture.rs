@@ -156,8 +156,11 @@ fn capture_sql(source_id: i32, role: &str, key_or_query: &str, op: &str) -> Stri
                 "(SELECT * FROM new_rows UNION ALL SELECT * FROM old_rows) AS both_rows"
             )
         ),
+        // Transition tables hold old and new rows in the same order: when no key changed the
+        // two arrays are equal and one is stored.
         _ => format!(
-            "ARRAY({}) OPERATOR(pg_catalog.||) ARRAY({})",
+            "(SELECT CASE WHEN o OPERATOR(pg_catalog.=) n THEN n ELSE n OPERATOR(pg_catalog.||) o END \
+               FROM (SELECT ARRAY({}) AS n, ARRAY({}) AS o) AS no)",
             keys_sql(role, key_or_query, "new_rows"),
             keys_sql(role, key_or_query, "old_rows")
         ),

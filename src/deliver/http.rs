@@ -60,7 +60,7 @@ impl Http {
         let outcomes = dispatcher.take_outcomes();
         let recorded = !outcomes.is_empty();
         if recorded {
-            in_transaction("recording delivery outcomes", || record(&outcomes));
+            record_all(&outcomes);
         }
 
         if let Some(Some((fingerprint, targets))) = in_transaction("loading targets", || {
@@ -95,39 +95,74 @@ impl Http {
         if let Some(d) = self.dispatcher.take() {
             let left = d.shutdown(Duration::from_millis(600));
             if !left.is_empty() {
-                in_transaction("recording delivery outcomes", || record(&left));
+                record_all(&left);
             }
         }
     }
 }
 
-/// One outcome as `identity_sync._record()` takes it.
-struct Recorded {
-    event_id: i64,
-    outcome: &'static str,
-    remote_id: Option<String>,
-    error: Option<String>,
-    http_status: Option<i32>,
-    retry_in_ms: Option<i64>,
+/// A round of outcomes as `identity_sync._record_many()` takes them: one array per column.
+#[derive(Default)]
+struct Outcomes {
+    ids: Vec<i64>,
+    outcomes: Vec<String>,
+    remote_ids: Vec<Option<String>>,
+    errors: Vec<Option<String>>,
+    statuses: Vec<Option<i32>>,
+    retry_ms: Vec<Option<i64>>,
 }
 
+impl Outcomes {
+    fn push(
+        &mut self,
+        id: i64,
+        outcome: &str,
+        remote_id: Option<String>,
+        error: Option<String>,
+        status: Option<u16>,
+        retry_ms: Option<i64>,
+    ) {
+        self.ids.push(id);
+        self.outcomes.push(outcome.to_string());
+        self.remote_ids.push(remote_id);
+        self.errors.push(error);
+        self.statuses.push(status.map(i32::from));
+        self.retry_ms.push(retry_ms);
+    }
+}
+
+/// Record a round of outcomes in one transaction; should that fail (one bad row), record them
+/// one by one, so that the others are not left `sending` until the next restart.
+fn record_all(outcomes: &[Outcome]) {
+    if in_transaction("recording delivery outcomes", || record(outcomes)).is_none() {
+        for o in outcomes {
+            in_transaction("recording a delivery outcome", || {
+                record(std::slice::from_ref(o))
+            });
+        }
+    }
+}
+
+/// Record what came back, in one statement: the delivered events set-based, the others (retry
+/// with the backoff chosen here, failed, conflict) one by one.
 fn record(outcomes: &[Outcome]) {
     let mut rng = rand_seed();
+    let mut round = Outcomes::default();
     for o in outcomes {
-        let r = match o {
+        match o {
             Outcome::Done {
                 event_id,
                 account_id,
                 http_status,
                 ..
-            } => Recorded {
-                event_id: *event_id,
-                outcome: "done",
-                remote_id: account_id.clone(),
-                error: None,
-                http_status: http_status.map(i32::from),
-                retry_in_ms: None,
-            },
+            } => round.push(
+                *event_id,
+                "done",
+                account_id.clone(),
+                None,
+                *http_status,
+                None,
+            ),
             Outcome::Retry {
                 event_id,
                 error,
@@ -141,49 +176,51 @@ fn record(outcomes: &[Outcome]) {
                     *retry_after,
                     &mut rng,
                 );
-                Recorded {
-                    event_id: *event_id,
-                    outcome: "retry",
-                    remote_id: None,
-                    error: Some(error.clone()),
-                    http_status: http_status.map(i32::from),
-                    retry_in_ms: Some(delay.as_millis() as i64),
-                }
+                let ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+                round.push(
+                    *event_id,
+                    "retry",
+                    None,
+                    Some(error.clone()),
+                    *http_status,
+                    Some(ms),
+                )
             }
             Outcome::Failed {
                 event_id,
                 error,
                 http_status,
-            } => Recorded {
-                event_id: *event_id,
-                outcome: "failed",
-                remote_id: None,
-                error: Some(error.clone()),
-                http_status: http_status.map(i32::from),
-                retry_in_ms: None,
-            },
-            Outcome::Conflict { event_id, error } => Recorded {
-                event_id: *event_id,
-                outcome: "conflict",
-                remote_id: None,
-                error: Some(error.clone()),
-                http_status: Some(409),
-                retry_in_ms: None,
-            },
-        };
-        if let Err(e) = Spi::run_with_args(
-            "SELECT identity_sync._record($1, $2, $3, $4, $5, make_interval(secs => $6::float8 / 1000))",
-            &[
-                r.event_id.into(),
-                r.outcome.into(),
-                r.remote_id.into(),
-                r.error.into(),
-                r.http_status.into(),
-                r.retry_in_ms.into(),
-            ],
-        ) {
-            log!("identity_sync: recording the outcome of event {} failed: {e}", r.event_id);
+            } => round.push(
+                *event_id,
+                "failed",
+                None,
+                Some(error.clone()),
+                *http_status,
+                None,
+            ),
+            Outcome::Conflict { event_id, error } => round.push(
+                *event_id,
+                "conflict",
+                None,
+                Some(error.clone()),
+                Some(409),
+                None,
+            ),
         }
+    }
+    let n = round.ids.len();
+    if let Err(e) = Spi::run_with_args(
+        "SELECT identity_sync._record_many($1, $2, $3, $4, $5, $6)",
+        &[
+            round.ids.into(),
+            round.outcomes.into(),
+            round.remote_ids.into(),
+            round.errors.into(),
+            round.statuses.into(),
+            round.retry_ms.into(),
+        ],
+    ) {
+        log!("identity_sync: recording {n} delivery outcomes failed: {e}");
     }
 }
 

@@ -47,6 +47,14 @@ SELECT person_key, kind FROM identity_sync.events WHERE target = 'dir' AND perso
 
 SELECT target, kind, state, accounts_active, accounts_disabled, events_pending, events_failed, dry_run
   FROM identity_sync.status ORDER BY target;
+
+-- Operators pause and resume delivery; both are in the audit log.
+SELECT identity_sync.pause('dir');
+SELECT target, state FROM identity_sync.status;
+SELECT identity_sync.resume('dir');
+SELECT target, state FROM identity_sync.status;
+SELECT identity_sync.pause('nope');
+SELECT action, object FROM identity_sync.audit_log WHERE action IN ('pause', 'resume') ORDER BY id;
 SELECT step, target, detail->>'state' AS state FROM identity_sync.trace('4') WHERE step <> 'plan' ORDER BY at, step;
 
 SET client_min_messages = warning;
