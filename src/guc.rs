@@ -28,7 +28,11 @@ pub fn init() {
         c"Database in which the identity_sync worker runs.",
         c"The extension must be created in this database for provisioning to happen.",
         &DATABASE,
-        if preloading { GucContext::Postmaster } else { GucContext::Sighup },
+        if preloading {
+            GucContext::Postmaster
+        } else {
+            GucContext::Sighup
+        },
         GucFlags::empty(),
     );
     GucRegistry::define_int_guc(
