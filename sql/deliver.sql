@@ -36,11 +36,15 @@ RETURNS TABLE (event_id bigint, target_id int, person_key text, kind text, paylo
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     share int;
+    -- A target with thresholds waits until planning has caught up, so that a threshold judges
+    -- the whole change (a mass termination planned in several batches) before any of it goes.
+    planning boolean := EXISTS (SELECT FROM identity_sync._dirty) OR EXISTS (SELECT FROM identity_sync.change);
 BEGIN
     SELECT greatest(1, ceil(max_events::numeric / nullif(count(*), 0)))::int INTO share
       FROM identity_sync.target t
      WHERE t.kind = ANY (kinds) AND NOT t.paused AND t.held IS NULL
-       AND NOT coalesce((t.options->>'dry_run')::boolean, false);
+       AND NOT coalesce((t.options->>'dry_run')::boolean, false)
+       AND NOT (planning AND t.options ?| ARRAY['max_creates', 'max_disables', 'max_deletes']);
     IF share IS NULL THEN
         RETURN;
     END IF;
@@ -58,7 +62,8 @@ BEGIN
              LIMIT share
                FOR UPDATE SKIP LOCKED) AS e
          WHERE t.kind = ANY (kinds) AND NOT t.paused AND t.held IS NULL
-           AND NOT coalesce((t.options->>'dry_run')::boolean, false)),
+           AND NOT coalesce((t.options->>'dry_run')::boolean, false)
+           AND NOT (planning AND t.options ?| ARRAY['max_creates', 'max_disables', 'max_deletes'])),
     u AS (
         UPDATE identity_sync.event e
            SET state = 'sending', attempts = e.attempts + 1, sent_at = clock_timestamp()
