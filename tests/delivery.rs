@@ -933,7 +933,18 @@ fn table_targets_local_and_postgres_fdw() {
                 .unwrap()
                 .is_empty()
         }),
-        "the leaver's remote row is not deleted after delete_after"
+        "the leaver's remote row is not deleted after delete_after; the leaver's story:\n{}",
+        q_text(
+            &mut c,
+            &format!(
+                "SELECT concat_ws(E'\\n',
+                        (SELECT string_agg(format('%s %s %s %s', at, step, target, detail), E'\\n' ORDER BY at)
+                           FROM identity_sync.trace('{leaver}')),
+                        (SELECT format('clock %s, boundaries checked on %s', clock, boundary_checked_on)
+                           FROM identity_sync._settings))"
+            )
+        )
+        .unwrap_or_default()
     );
     wait_idle(&mut c, 30);
     let m = check(&mut c, &mut r, "after delete_after");
