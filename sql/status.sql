@@ -214,8 +214,11 @@ BEGIN
         IF NOT EXISTS (SELECT FROM identity_sync.change)
            AND NOT EXISTS (SELECT FROM identity_sync._dirty)
            AND NOT EXISTS (SELECT FROM identity_sync.event e JOIN identity_sync.target t ON t.id = e.target_id
-                            WHERE e.state IN ('pending', 'sending') AND NOT t.paused AND t.held IS NULL
-                               OR (e.state = 'retry' AND NOT t.paused AND t.held IS NULL))
+                            WHERE e.state IN ('pending', 'sending', 'retry') AND NOT t.paused AND t.held IS NULL
+                              -- events waiting behind a failed one wait for an operator, not for us
+                              AND NOT EXISTS (SELECT FROM identity_sync.event f
+                                               WHERE f.target_id = e.target_id AND f.person_key = e.person_key
+                                                 AND f.seq < e.seq AND f.state = 'failed'))
         THEN
             RETURN true;
         END IF;
