@@ -73,8 +73,9 @@ CREATE TABLE identity_sync._snapshot (
 
 -- The change outbox. The capture triggers append one row per triggering statement holding the
 -- array of affected person keys: no index lookup and no deduplication on the HR write path.
--- No index: an insert per HR statement is all the write path pays (the planner drains the
--- outbox continuously, so it stays small and is read whole).
+-- No index, and no index may be added: the capture trigger appends to it with
+-- simple_heap_insert (src/capture.rs), so an insert per HR statement is all the write path pays.
+-- The planner drains it continuously, so it stays small and is read whole.
 CREATE TABLE identity_sync.change (
     id        bigint GENERATED ALWAYS AS IDENTITY,
     source_id int,                 -- NULL for changes made by identity_sync itself (resync, config)
@@ -195,7 +196,9 @@ CREATE TABLE identity_sync.event (
     UNIQUE (target_id, person_key, seq)
 );
 -- Delivery looks for due events and for unfinished predecessors; both stay small.
-CREATE INDEX event_due ON identity_sync.event (target_id, due_at) WHERE state IN ('pending', 'retry');
+-- (seq after due_at: among events due at the same moment the lowest sequence numbers come
+-- first, and those are the ones at the head of their person's queue, the only ones claimable.)
+CREATE INDEX event_due ON identity_sync.event (target_id, due_at, seq) WHERE state IN ('pending', 'retry');
 CREATE INDEX event_open ON identity_sync.event (target_id, person_key, seq) WHERE state <> 'done';
 CREATE INDEX event_done ON identity_sync.event (done_at) WHERE state = 'done';
 

@@ -58,7 +58,7 @@ BEGIN
                AND NOT EXISTS (SELECT FROM identity_sync.event p
                                 WHERE p.target_id = e.target_id AND p.person_key = e.person_key
                                   AND p.seq < e.seq AND p.state <> 'done')
-             ORDER BY e.due_at, e.id
+             ORDER BY e.due_at, e.seq
              LIMIT share
                FOR UPDATE SKIP LOCKED) AS e
          WHERE t.kind = ANY (kinds) AND NOT t.paused AND t.held IS NULL

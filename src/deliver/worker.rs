@@ -28,6 +28,9 @@ thread_local! {
         const { std::cell::Cell::new(None) };
 }
 
+/// The worker's nice value (0 is normal priority, 19 the lowest).
+const WORKER_NICE: libc::c_int = 10;
+
 /// Name shown in `pg_stat_activity.backend_type` and in the server log.
 pub const WORKER_NAME: &str = "identity_sync worker";
 
@@ -88,6 +91,10 @@ fn extension_oid() -> Option<pg_sys::Oid> {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // Provisioning is background work: when HR sessions and the worker compete for CPU, the
+    // kernel favours HR writes, and the worker catches up in the cycles left (its backlog shows
+    // in identity_sync.status). Idle or lightly loaded, this changes nothing.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, WORKER_NICE) };
     let database = guc::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     capture::publish_worker();
