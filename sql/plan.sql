@@ -67,26 +67,39 @@ BEGIN
     -- a person earlier in key order in this batch) until their value is free.
     FOR m IN SELECT * FROM identity_sync.mapping WHERE target_id = t.id AND is_unique LOOP
         -- On-create-only values of existing accounts are fixed: keep them.
+        -- (Sublinks with OFFSET 0 stay index probes per person: the registry outgrows its
+        -- statistics during a resync, and a hash of it per batch would be quadratic.)
         UPDATE pg_temp._is_desired d
-           SET attributes = jsonb_set(d.attributes, ARRAY[m.attribute], a.planned_attributes->m.attribute)
-          FROM identity_sync.account a
-         WHERE m.on_create_only AND a.target_id = t.id AND a.person_key = d.person_key
-           AND a.planned_state <> 'deleted' AND a.planned_attributes ? m.attribute AND d.error IS NULL;
+           SET attributes = jsonb_set(d.attributes, ARRAY[m.attribute],
+                 (SELECT a.planned_attributes->m.attribute FROM identity_sync.account a
+                   WHERE a.target_id = t.id AND a.person_key = d.person_key))
+         WHERE m.on_create_only AND d.error IS NULL
+           AND EXISTS (SELECT FROM identity_sync.account a
+                        WHERE a.target_id = t.id AND a.person_key = d.person_key
+                          AND a.planned_state <> 'deleted' AND a.planned_attributes ? m.attribute OFFSET 0);
         loops := 0;
         LOOP
             SELECT array_agg(x.person_key) INTO conflicted
               FROM (SELECT d.person_key, d.attributes->>m.attribute AS v,
-                           row_number() OVER (PARTITION BY d.attributes->>m.attribute ORDER BY d.person_key) AS rn
+                           -- The person already holding the value keeps it; others in the batch
+                           -- vary theirs (else a re-plan could move a value between persons).
+                           row_number() OVER (PARTITION BY d.attributes->>m.attribute
+                                              ORDER BY EXISTS (SELECT FROM identity_sync._unique h
+                                                                WHERE h.target_id = t.id AND h.attribute = m.attribute
+                                                                  AND h.value = d.attributes->>m.attribute
+                                                                  AND h.person_key = d.person_key) DESC,
+                                                       d.person_key) AS rn
                       FROM pg_temp._is_desired d
                      WHERE d.error IS NULL AND d.rules <> '{}' AND d.attributes->>m.attribute IS NOT NULL
                        AND NOT (m.on_create_only AND EXISTS (
                                 SELECT FROM identity_sync.account a
                                  WHERE a.target_id = t.id AND a.person_key = d.person_key
-                                   AND a.planned_state <> 'deleted' AND a.planned_attributes ? m.attribute))) AS x
+                                   AND a.planned_state <> 'deleted' AND a.planned_attributes ? m.attribute
+                                OFFSET 0))) AS x
              WHERE x.rn > 1
                 OR EXISTS (SELECT FROM identity_sync._unique u
                             WHERE u.target_id = t.id AND u.attribute = m.attribute AND u.value = x.v
-                              AND u.person_key IS DISTINCT FROM x.person_key);
+                              AND u.person_key IS DISTINCT FROM x.person_key OFFSET 0);
             EXIT WHEN conflicted IS NULL;
             loops := loops + 1;
             FOR it IN SELECT DISTINCT d.iteration + 1 FROM pg_temp._is_desired d WHERE d.person_key = ANY (conflicted) LOOP
@@ -146,7 +159,10 @@ BEGIN
            ev.events, jsonb_array_length(ev.events), ev.events @> '[{"kind": "update"}]'
       FROM unnest(keys) AS k(person_key)
       LEFT JOIN pg_temp._is_desired d USING (person_key)
-      LEFT JOIN identity_sync.account a ON a.target_id = t.id AND a.person_key = k.person_key
+      -- A probe of the account's primary key per person: the registry grows during a resync
+      -- faster than its statistics, and a hash of every account per batch would be quadratic.
+      LEFT JOIN LATERAL (SELECT * FROM identity_sync.account x
+                          WHERE x.target_id = t.id AND x.person_key = k.person_key OFFSET 0) AS a ON true
      CROSS JOIN LATERAL (
         SELECT coalesce(d.rules <> '{}', false) AS in_scope,
                coalesce(d.rules, '{}') AS rules,

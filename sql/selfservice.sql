@@ -665,8 +665,10 @@ $$;
 
 -- Groups of approved, unexpired requests of a person in a target, for the planner. Withheld
 -- while the person's account is not enabled (before the start, after leaving).
+-- No SET clause, so that the planner's diff inlines it (it runs for every planned person); every
+-- name in it is schema-qualified.
 CREATE OR REPLACE FUNCTION identity_sync._granted_groups(target_id int, person_key text, enabled boolean)
-RETURNS text[] LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS text[] LANGUAGE sql STABLE AS $$
     SELECT CASE WHEN enabled THEN ARRAY(
         SELECT DISTINCT g
           FROM identity_sync.request r
