@@ -66,6 +66,10 @@ BEGIN
     -- is_unique: iterate the persons whose value is taken (by another person's account, or by
     -- a person earlier in key order in this batch) until their value is free.
     FOR m IN SELECT * FROM identity_sync.mapping WHERE target_id = t.id AND is_unique LOOP
+        -- Each unique attribute searches from iteration 0 (its value in attributes is the one
+        -- at iteration 0): continuing from where the previous unique attribute stopped gave
+        -- values a re-plan would change.
+        UPDATE pg_temp._is_desired SET iteration = 0 WHERE iteration <> 0;
         -- On-create-only values of existing accounts are fixed: keep them.
         -- (Sublinks with OFFSET 0 stay index probes per person: the registry outgrows its
         -- statistics during a resync, and a hash of it per batch would be quadratic.)
