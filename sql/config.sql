@@ -502,6 +502,15 @@ BEGIN
            updated_at = now()
      WHERE id = t.id RETURNING * INTO n;
     PERFORM identity_sync._compile(t.id);
+    -- New lifecycle intervals move moments that may already lie behind the date-boundary check
+    -- (a delete_after set for leavers of last year): plan the target's accounts again now.
+    IF EXISTS (SELECT FROM unnest(ARRAY['create_before', 'enable_before', 'disable_after', 'delete_after']) AS k
+                WHERE t.options->k IS DISTINCT FROM n.options->k) THEN
+        INSERT INTO identity_sync._dirty (person_key, target_id, op, first_at)
+        SELECT a.person_key, t.id, 'lifecycle', now() FROM identity_sync.account a
+         WHERE a.target_id = t.id AND a.planned_state <> 'deleted'
+        ON CONFLICT DO NOTHING;
+    END IF;
     PERFORM identity_sync._audit('alter_target', n.name, to_jsonb(t) - 'compiled', to_jsonb(n) - 'compiled');
     PERFORM identity_sync._wake_at_commit();
 END
