@@ -280,7 +280,7 @@ BEGIN
     keytype := identity_sync._column_type(p.relation, p.key_column, 'person key');
     sql := format('FROM %s AS person CROSS JOIN LATERAL (SELECT $2::date AS today, $3::int AS iteration) AS _p ', p.relation);
     IF c.id IS NULL THEN
-        sql := sql || 'CROSS JOIN LATERAL (SELECT NULL::record AS contract, NULL::record[] AS contracts, true AS _exists, true AS _enabled) AS _c ';
+        sql := sql || 'CROSS JOIN LATERAL (SELECT NULL::record AS contract, NULL::record[] AS contracts, true AS _exists, true AS _enabled, true AS _creatable) AS _c ';
     ELSE
         ord := coalesce(ord, format(
             '(contract.%1$I <= today AND (contract.%2$I IS NULL OR contract.%2$I >= today)) DESC, contract.%2$I DESC NULLS FIRST, contract.%1$I DESC',
@@ -288,7 +288,10 @@ BEGIN
         sql := sql || format(
             'LEFT JOIN LATERAL (SELECT array_agg(c ORDER BY c.%2$I, c.%3$I) AS contracts, '
             || 'coalesce(bool_or(c.%2$I::date - %5$s::interval <= today AND (%8$s::interval IS NULL OR c.%3$I IS NULL OR today <= c.%3$I::date + %8$s::interval)), false) AS _exists, '
-            || 'coalesce(bool_or(c.%2$I::date - %6$s::interval <= today AND (c.%3$I IS NULL OR today <= c.%3$I::date + %7$s::interval)), false) AS _enabled '
+            || 'coalesce(bool_or(c.%2$I::date - %6$s::interval <= today AND (c.%3$I IS NULL OR today <= c.%3$I::date + %7$s::interval)), false) AS _enabled, '
+            -- A new account only for a person who is (about to be) working: not for a leaver of
+            -- years ago whom a first sync meets.
+            || 'coalesce(bool_or(c.%2$I::date - %5$s::interval <= today AND (c.%3$I IS NULL OR today <= c.%3$I::date + %7$s::interval)), false) AS _creatable '
             || 'FROM %1$s AS c WHERE c.%4$I = person.%9$I) AS _cs ON true '
             || 'LEFT JOIN LATERAL (SELECT * FROM %1$s AS contract WHERE contract.%4$I = person.%9$I ORDER BY %10$s LIMIT 1) AS contract ON true ',
             c.relation, c.starts_column, c.ends_column, c.key_column,
@@ -603,7 +606,7 @@ BEGIN
     END IF;
     sql := format('SELECT %s AS person_key, array_remove(%s, NULL) AS rules, '
                   'ARRAY(SELECT DISTINCT g FROM unnest(%s) AS g WHERE g IS NOT NULL ORDER BY g) AS groups, '
-                  '%s AS attributes, _exists AS exists_now, _enabled AS enabled_now ',
+                  '%s AS attributes, _exists AS exists_now, _enabled AS enabled_now, _creatable AS creatable_now ',
                   identity_sync._person_key_expr(), rules, groups, attrs)
            || identity_sync._from_clause(t.options);
     -- Parse and plan it once now, so a broken configuration never reaches the worker.

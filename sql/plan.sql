@@ -39,7 +39,7 @@ BEGIN
     IF to_regclass('pg_temp._is_desired') IS NULL THEN
         CREATE TEMP TABLE _is_desired (
         person_key text PRIMARY KEY, rules text[], groups text[], attributes jsonb,
-        exists_now boolean, enabled_now boolean, iteration int NOT NULL DEFAULT 0, error text
+        exists_now boolean, enabled_now boolean, creatable_now boolean, iteration int NOT NULL DEFAULT 0, error text
     ) ON COMMIT DELETE ROWS;
     END IF;
     DELETE FROM pg_temp._is_desired;
@@ -48,14 +48,14 @@ BEGIN
     END IF;
     PERFORM identity_sync._use_user_search_path();
     BEGIN
-        EXECUTE 'INSERT INTO pg_temp._is_desired (person_key, rules, groups, attributes, exists_now, enabled_now) '
+        EXECUTE 'INSERT INTO pg_temp._is_desired (person_key, rules, groups, attributes, exists_now, enabled_now, creatable_now) '
                 || t.compiled USING keys, today, 0;
     EXCEPTION WHEN OTHERS THEN
         -- One person's data broke the batch (say a subquery returned two rows): evaluate
         -- persons one by one so that only that person fails.
         FOREACH k IN ARRAY keys LOOP
             BEGIN
-                EXECUTE 'INSERT INTO pg_temp._is_desired (person_key, rules, groups, attributes, exists_now, enabled_now) '
+                EXECUTE 'INSERT INTO pg_temp._is_desired (person_key, rules, groups, attributes, exists_now, enabled_now, creatable_now) '
                         || t.compiled USING ARRAY[k], today, 0;
             EXCEPTION WHEN OTHERS THEN
                 INSERT INTO pg_temp._is_desired (person_key, error) VALUES (k, SQLERRM);
@@ -175,7 +175,8 @@ BEGIN
                coalesce(a.seq, 0) AS seq,
                -- A person gone from HR is out of scope and, if the target deletes, past it.
                coalesce(d.exists_now, t.options->>'delete_after' IS NULL) AS exists_now,
-               coalesce(d.enabled_now, false) AS enabled_now
+               coalesce(d.enabled_now, false) AS enabled_now,
+               coalesce(d.creatable_now, false) AS creatable_now
          -- OFFSET 0 keeps each lateral step computed once per person instead of being
          -- flattened into (and recomputed by) every expression that uses it.
          OFFSET 0) AS b
@@ -185,7 +186,7 @@ BEGIN
                    CASE WHEN NOT b.exists_now THEN 'deleted'
                         WHEN b.in_scope AND b.enabled_now THEN 'active'
                         ELSE 'disabled' END
-                 WHEN b.in_scope AND b.exists_now THEN
+                 WHEN b.in_scope AND b.exists_now AND b.creatable_now THEN
                    CASE WHEN b.enabled_now THEN 'active' ELSE 'disabled' END
                END AS want_state OFFSET 0) AS w
      CROSS JOIN LATERAL (
@@ -392,11 +393,16 @@ BEGIN
         -- Driven by the planned persons (index on _unique (target_id, person_key)), whatever
         -- _unique's statistics say while a resync grows it.
         DELETE FROM identity_sync._unique u
-         USING pg_temp._is_plan p
-         WHERE (p.n_events > 0 OR p.changed <> '{}' OR p.want_state IS NULL)
-           AND u.target_id = t.id AND u.person_key = p.person_key AND u.attribute = m.attribute
-           AND NOT (p.want_state IS NOT NULL AND p.want_state IN ('active', 'disabled')
-                    AND u.value IS NOT DISTINCT FROM p.attributes->>m.attribute);
+         USING (SELECT x.ctid AS row
+                  FROM pg_temp._is_plan p
+                 CROSS JOIN LATERAL (
+                    SELECT v.ctid FROM identity_sync._unique v
+                     WHERE v.target_id = t.id AND v.person_key = p.person_key AND v.attribute = m.attribute
+                       AND NOT (p.want_state IS NOT NULL AND p.want_state IN ('active', 'disabled')
+                                AND v.value IS NOT DISTINCT FROM p.attributes->>m.attribute)
+                    OFFSET 0) AS x
+                 WHERE p.n_events > 0 OR p.changed <> '{}' OR p.want_state IS NULL) AS gone
+         WHERE u.ctid = gone.row;
         INSERT INTO identity_sync._unique (target_id, attribute, value, person_key)
         SELECT t.id, m.attribute, p.attributes->>m.attribute, p.person_key
           FROM pg_temp._is_plan p
