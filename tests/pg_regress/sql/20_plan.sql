@@ -27,7 +27,8 @@ SELECT target, in_scope, matched_rules, attributes, groups, account, jsonb_prett
 SELECT target, in_scope, attributes->>'login' AS login, events->0->'payload'->'active' AS created_active
   FROM identity_sync.preview('4', 'dir');
 
--- Plan everybody (resync marks all persons dirty; _plan is what the worker runs).
+-- Plan everybody (resync marks all persons dirty; _plan is what the worker runs). Bob (2)
+-- left two days ago: a first sync creates no account for him.
 SELECT identity_sync.resync('dir');
 SELECT identity_sync._plan(100);
 SELECT person_key, state, attributes, groups FROM identity_sync.accounts WHERE target = 'dir' ORDER BY person_key;
