@@ -227,16 +227,26 @@ fn config_fingerprint(c: &mut Client) -> String {
 /// `prev`: active, disabled, joiners (creates), leavers (disables), rehires (enables) and
 /// movers (primary department changed, for persons who had an account on `prev`).
 ///
-/// Lifecycle per design.md with all intervals 0 and delete_after NULL: an account exists from
-/// the first contract start on (and is never deleted), it is active on the days a contract
-/// covers (ends inclusive). The primary contract is the design's default: active first, then
-/// latest end, then latest start.
+/// Lifecycle per design.md with all intervals 0 and delete_after NULL, seen the way the replay's
+/// checks see it: on the first of each month from 1985-01. A person gets an account at the
+/// first check day a contract covers ("seen"), so a person whose whole employment fell between
+/// two check days never gets one (a first sync creates no account for a leaver); from then on
+/// the account (never deleted) is active on the check days a contract covers (ends inclusive),
+/// disabled otherwise. The primary contract is the design's default: active first, then latest
+/// end, then latest start.
 const ORACLE: &str = "
-    WITH p AS (
-        SELECT emp_no, min(from_date) AS first_start,
+    WITH c AS (
+        SELECT emp_no, dept_no, from_date, to_date,
+               -- the first check day on or after the contract's start
+               greatest(date '1985-01-01',
+                        (date_trunc('month', from_date - 1) + interval '1 month')::date) AS first_check
+          FROM dept_emp),
+    p AS (
+        SELECT emp_no,
+               min(first_check) FILTER (WHERE first_check <= to_date) AS seen,
                bool_or(from_date <= $1::text::date AND to_date >= $1::text::date) AS active_now,
                bool_or(from_date <= $2::text::date AND to_date >= $2::text::date) AS active_prev
-          FROM dept_emp GROUP BY emp_no),
+          FROM c GROUP BY emp_no),
     dept_now AS (
         SELECT DISTINCT ON (emp_no) emp_no, dept_no FROM dept_emp
          ORDER BY emp_no, (from_date <= $1::text::date AND to_date >= $1::text::date) DESC,
@@ -246,11 +256,11 @@ const ORACLE: &str = "
          ORDER BY emp_no, (from_date <= $2::text::date AND to_date >= $2::text::date) DESC,
                   to_date DESC, from_date DESC)
     SELECT count(*) FILTER (WHERE p.active_now),
-           count(*) FILTER (WHERE p.first_start <= $1::text::date AND NOT p.active_now),
-           count(*) FILTER (WHERE p.first_start > $2::text::date AND p.first_start <= $1::text::date),
-           count(*) FILTER (WHERE p.first_start <= $2::text::date AND p.active_prev AND NOT p.active_now),
-           count(*) FILTER (WHERE p.first_start <= $2::text::date AND NOT p.active_prev AND p.active_now),
-           count(*) FILTER (WHERE p.first_start <= $2::text::date AND n.dept_no <> o.dept_no)
+           count(*) FILTER (WHERE p.seen <= $1::text::date AND NOT p.active_now),
+           count(*) FILTER (WHERE p.seen > $2::text::date AND p.seen <= $1::text::date),
+           count(*) FILTER (WHERE p.seen <= $2::text::date AND p.active_prev AND NOT p.active_now),
+           count(*) FILTER (WHERE p.seen <= $2::text::date AND NOT p.active_prev AND p.active_now),
+           count(*) FILTER (WHERE p.seen <= $2::text::date AND n.dept_no <> o.dept_no)
       FROM p JOIN dept_now n USING (emp_no) JOIN dept_prev o USING (emp_no)";
 
 /// What the planner did: accounts by state in the dry-run target, and events after `after`.
@@ -348,9 +358,17 @@ fn replay_of_hr_history_matches_oracle() {
         mismatches.join("\n")
     );
     assert_eq!(plan_errors, 0);
-    assert!(
-        totals[2] == 10_000,
-        "every employee joined once: {totals:?}"
+    // Every employee a check day saw working joined once (those whose whole employment fell
+    // between two first-of-the-month checks never got an account).
+    let seen = count(
+        &mut c,
+        "SELECT count(DISTINCT emp_no) FROM dept_emp
+          WHERE greatest(date '1985-01-01', (date_trunc('month', from_date - 1) + interval '1 month')::date) <= to_date",
+    );
+    assert!(seen > 9_900, "the sample's employees: {seen}");
+    assert_eq!(
+        totals[2], seen,
+        "every employee seen working joined once: {totals:?}"
     );
     assert!(
         totals[3] > 0 && totals[5] > 0,
