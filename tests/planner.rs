@@ -363,7 +363,8 @@ fn replay_of_hr_history_matches_oracle() {
     let seen = count(
         &mut c,
         "SELECT count(DISTINCT emp_no) FROM dept_emp
-          WHERE greatest(date '1985-01-01', (date_trunc('month', from_date - 1) + interval '1 month')::date) <= to_date",
+          WHERE greatest(date '1985-01-01', (date_trunc('month', from_date - 1) + interval '1 month')::date)
+                <= least(to_date, date '2003-01-01')",
     );
     assert!(seen > 9_900, "the sample's employees: {seen}");
     assert_eq!(
