@@ -454,6 +454,11 @@ DECLARE
     plan_id bigint;
     n_events int := 0;
 BEGIN
+    -- Plans made for each execution: cached generic plans would be the ones made while the
+    -- registry was small (a new target, the first batches of a resync), a sequential scan that
+    -- is right for a hundred accounts and ruinous for a hundred thousand (bench/run saw batches
+    -- go from 0.2 s to 18 s). For this transaction only: delivery keeps its cached plans.
+    PERFORM pg_catalog.set_config('plan_cache_mode', 'force_custom_plan', true);
     PERFORM identity_sync._claim_changes(greatest(batch_size / 10, 10));
     IF to_regclass('pg_temp._is_batch') IS NULL THEN
         CREATE TEMP TABLE _is_batch (person_key text, target_id int) ON COMMIT DELETE ROWS;

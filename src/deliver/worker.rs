@@ -104,13 +104,6 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
     // that takes a few ms on a batch of 1,000 persons (bench/run, plan_rate). JIT never pays
     // off for these short batched statements.
     in_transaction("setting up the session", || Spi::run("SET jit = off"));
-    // The planner's PL/pgSQL statements would otherwise settle on generic plans made while the
-    // registry was small (a new target, the first batches of a resync): a sequential scan that
-    // is right for a hundred accounts and ruinous for a hundred thousand (bench/run saw batches
-    // go from 0.2 s to 18 s). A plan made for each execution costs a fraction of a millisecond.
-    in_transaction("setting up the session", || {
-        Spi::run("SET plan_cache_mode = force_custom_plan")
-    });
     // The worker's commits are the delivery ledger (claimed, done): one lost in a crash with
     // asynchronous commit means requests sent again that were not in flight. Whatever the
     // cluster's default, its own commits wait for the WAL.
