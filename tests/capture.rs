@@ -503,9 +503,9 @@ fn commit_wakes_the_worker() {
         "no worker"
     );
     load_employees(&mut c, "small");
+    drop_extension(&mut c);
     c.batch_execute(
         "SET client_min_messages = warning;
-         DROP EXTENSION IF EXISTS identity_sync CASCADE;
          CREATE EXTENSION identity_sync;
          SELECT identity_sync.add_person_source('employee', 'emp_no');
          SELECT identity_sync.add_target('quiet', 'webhook', 'http://127.0.0.1:9/never', '{\"dry_run\": true}');
@@ -548,8 +548,7 @@ fn commit_wakes_the_worker() {
         .unwrap()
         .get(0);
     assert_eq!(account, "active");
-    c.batch_execute("SET client_min_messages = warning; DROP EXTENSION identity_sync CASCADE;")
-        .unwrap();
+    drop_extension(&mut c);
 }
 
 /// pg_dump and pg_restore keep the configuration, the registry and working capture triggers

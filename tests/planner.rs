@@ -31,11 +31,8 @@ const USERNAME_EXPR: &str = "identity_sync.slug(person.first_name || '.' || pers
 /// set to `clock` (a date), with the boundary check caught up.
 fn setup(size: &str, clock: &str) -> Client {
     let mut c = db();
-    exec(
-        &mut c,
-        "DROP EXTENSION IF EXISTS identity_sync CASCADE;
-         DROP TABLE IF EXISTS planner_users;",
-    );
+    drop_extension(&mut c);
+    exec(&mut c, "DROP TABLE IF EXISTS planner_users;");
     load_employees(&mut c, size);
     exec(
         &mut c,

@@ -881,3 +881,23 @@ fn reason(status: u16) -> &'static str {
         _ => "Status",
     }
 }
+
+/// `DROP EXTENSION IF EXISTS identity_sync CASCADE` in the worker's database. The worker may be
+/// in the middle of a round holding locks on the extension's tables in another order; the
+/// deadlock detector then cancels the DROP, which goes through on another try.
+pub fn drop_extension(c: &mut Client) {
+    for attempt in 1.. {
+        match c.batch_execute(
+            "SET client_min_messages = warning; DROP EXTENSION IF EXISTS identity_sync CASCADE",
+        ) {
+            Ok(()) => return,
+            Err(e)
+                if attempt < 10
+                    && e.code() == Some(&postgres::error::SqlState::T_R_DEADLOCK_DETECTED) =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("DROP EXTENSION identity_sync: {e}"),
+        }
+    }
+}
