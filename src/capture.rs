@@ -112,12 +112,6 @@ pub fn wake_at_commit() {
     WAKE_AT_COMMIT.with(|w| w.set(true));
 }
 
-/// Wake the worker now (for operator functions such as `resync`, `release`, `retry`).
-#[pg_extern(volatile, parallel_unsafe, name = "_wake")]
-fn wake_now() {
-    wake_worker();
-}
-
 /// The errors of the capture trigger.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -129,45 +123,20 @@ pub enum CaptureError {
     Spi(#[from] pgrx::spi::Error),
 }
 
-/// SQL giving the affected person keys as text from transition table `rows`.
-fn keys_sql(role: &str, key_or_query: &str, rows: &str) -> String {
-    if role == "related" {
-        // The user's query reads the changed rows as "changed".
-        format!("SELECT (a.k)::pg_catalog.text FROM (WITH changed AS (SELECT * FROM {rows}) {key_or_query}\n) AS a(k)")
-    } else {
-        format!(
-            "SELECT t.{}::pg_catalog.text FROM {rows} AS t",
-            spi::quote_identifier(key_or_query)
-        )
-    }
-}
-
-/// The outbox INSERT for one source and operation.
-fn capture_sql(source_id: i32, role: &str, key_or_query: &str, op: &str) -> String {
-    let keys = match op {
-        "insert" => format!("ARRAY({})", keys_sql(role, key_or_query, "new_rows")),
-        "delete" => format!("ARRAY({})", keys_sql(role, key_or_query, "old_rows")),
-        // Old and new keys both: an UPDATE that changes a key dirties both persons.
-        _ if role == "related" => format!(
-            "ARRAY({})",
-            keys_sql(
-                role,
-                key_or_query,
-                "(SELECT * FROM new_rows UNION ALL SELECT * FROM old_rows) AS both_rows"
-            )
-        ),
-        // Transition tables hold old and new rows in the same order: when no key changed the
-        // two arrays are equal and one is stored.
-        _ => format!(
-            "(SELECT CASE WHEN o OPERATOR(pg_catalog.=) n THEN n ELSE n OPERATOR(pg_catalog.||) o END \
-               FROM (SELECT ARRAY({}) AS n, ARRAY({}) AS o) AS no)",
-            keys_sql(role, key_or_query, "new_rows"),
-            keys_sql(role, key_or_query, "old_rows")
-        ),
+/// The outbox INSERT of a related source for one operation: the user's `affected` query reads
+/// the changed rows as "changed" (for an UPDATE, old and new rows both).
+fn related_capture_sql(source_id: i32, affected: &str, op: &str) -> String {
+    let rows = match op {
+        "insert" => "new_rows",
+        "delete" => "old_rows",
+        _ => "(SELECT * FROM new_rows UNION ALL SELECT * FROM old_rows) AS both_rows",
     };
     format!(
         "INSERT INTO identity_sync.change (source_id, op, keys) \
-         SELECT {source_id}, '{op}', k FROM (SELECT {keys} AS k) AS s WHERE pg_catalog.cardinality(k) OPERATOR(pg_catalog.>) 0 \
+         SELECT {source_id}, '{op}', k \
+           FROM (SELECT ARRAY(SELECT (a.k)::pg_catalog.text \
+                                FROM (WITH changed AS (SELECT * FROM {rows}) {affected}\n) AS a(k)) AS k) AS s \
+          WHERE pg_catalog.cardinality(k) OPERATOR(pg_catalog.>) 0 \
          RETURNING 1"
     )
 }
@@ -229,7 +198,7 @@ fn _capture<'a>(
         }
         return Ok(None);
     }
-    let sql = capture_sql(source_id, role, key_or_query, op);
+    let sql = related_capture_sql(source_id, key_or_query, op);
     let data = trigger.trigger_data() as *const pg_sys::TriggerData as *mut pg_sys::TriggerData;
     let inserted = with_search_path(args.get(3).map(String::as_str), || {
         Spi::connect_mut(|client| -> Result<u64, CaptureError> {
