@@ -26,7 +26,9 @@ CREATE TABLE identity_sync._settings (
     primary_contract_order text,          -- NULL: active first, then latest end, then latest start
     login_expression       text,          -- self-service: SQL over person giving its role name
     clock                  timestamptz,   -- NULL: real time
-    boundary_checked_on    date,          -- last day the date-boundary check covered
+    boundary_checked_on    date DEFAULT current_date, -- last day the date-boundary check covered
+                                          -- (from installation on: a first check must not skip
+                                          -- moments the clock was moved past before it ran)
     search_path            text NOT NULL DEFAULT 'public'  -- for user expressions (set_search_path)
 );
 INSERT INTO identity_sync._settings DEFAULT VALUES;
