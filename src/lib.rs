@@ -16,26 +16,94 @@ mod status;
 
 ::pgrx::pg_module_magic!(name, version);
 
-pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+// The SQL of each stage, in load order (sql/ numbers its files the same way). A Rust function
+// that a file grants, comments or alters is in its `requires`, so it is created before it.
+pgrx::extension_sql_file!("../sql/00_schema.sql", name = "schema", bootstrap);
 pgrx::extension_sql_file!(
-    "../sql/config.sql",
+    "../sql/10_config.sql",
     name = "config",
-    requires = ["bootstrap"]
+    requires = ["schema", normalize_diacritics, slug, name_variants]
 );
 pgrx::extension_sql_file!(
-    "../sql/capture.sql",
+    "../sql/20_capture.sql",
     name = "capture",
-    requires = ["config"]
+    requires = ["config", _capture]
 );
-pgrx::extension_sql_file!("../sql/plan.sql", name = "plan", requires = ["capture"]);
-pgrx::extension_sql_file!("../sql/deliver.sql", name = "deliver", requires = ["plan"]);
-pgrx::extension_sql_file!("../sql/status.sql", name = "status", requires = ["deliver"]);
 pgrx::extension_sql_file!(
-    "../sql/selfservice.sql",
-    name = "selfservice",
+    "../sql/30_plan/00_person.sql",
+    name = "plan_person",
+    requires = ["capture"]
+);
+pgrx::extension_sql_file!(
+    "../sql/30_plan/10_compile.sql",
+    name = "plan_compile",
+    requires = ["plan_person"]
+);
+pgrx::extension_sql_file!(
+    "../sql/30_plan/20_desired.sql",
+    name = "plan_desired",
+    requires = ["plan_compile"]
+);
+pgrx::extension_sql_file!(
+    "../sql/30_plan/30_diff.sql",
+    name = "plan_diff",
+    requires = ["plan_desired"]
+);
+pgrx::extension_sql_file!(
+    "../sql/30_plan/40_thresholds.sql",
+    name = "plan_thresholds",
+    requires = ["plan_diff"]
+);
+pgrx::extension_sql_file!(
+    "../sql/30_plan/50_apply.sql",
+    name = "plan_apply",
+    requires = ["plan_thresholds"]
+);
+pgrx::extension_sql_file!(
+    "../sql/30_plan/60_plan.sql",
+    name = "plan",
+    requires = ["plan_apply"]
+);
+pgrx::extension_sql_file!(
+    "../sql/40_deliver.sql",
+    name = "deliver",
+    requires = ["plan"]
+);
+pgrx::extension_sql_file!(
+    "../sql/45_housekeeping.sql",
+    name = "housekeeping",
+    requires = ["deliver"]
+);
+pgrx::extension_sql_file!(
+    "../sql/50_status.sql",
+    name = "status",
+    requires = ["housekeeping", worker_status]
+);
+pgrx::extension_sql_file!(
+    "../sql/60_selfservice/10_login.sql",
+    name = "selfservice_login",
     requires = ["status"]
 );
-pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+pgrx::extension_sql_file!(
+    "../sql/60_selfservice/20_products.sql",
+    name = "selfservice_products",
+    requires = ["selfservice_login"]
+);
+pgrx::extension_sql_file!(
+    "../sql/60_selfservice/30_requests.sql",
+    name = "selfservice_requests",
+    requires = ["selfservice_products"]
+);
+pgrx::extension_sql_file!(
+    "../sql/60_selfservice/40_views.sql",
+    name = "selfservice_views",
+    requires = ["selfservice_requests"]
+);
+pgrx::extension_sql_file!(
+    "../sql/99_private_by_default.sql",
+    name = "private_by_default",
+    finalize
+);
 
 /// Called when the library is loaded: in the postmaster when it is in
 /// `shared_preload_libraries` (then the worker and its shared memory are registered), or

@@ -1,53 +1,13 @@
--- Configuration: sources, targets, mappings, rules, secrets.
+-- Configuration: sources, settings, targets (option validation), mappings, rules, secrets.
 --
 -- Every function here is SECURITY DEFINER with a fixed search_path, executable by
--- identity_sync_admin only (see finalize.sql), and records what it did in the audit log.
+-- identity_sync_admin only (see the end of this file), and records what it did in the audit log.
 -- Identifiers from users are quoted with %I or taken as regclass; mapping and rule expressions
 -- are the one place where user text becomes SQL, and only admins can write them.
 
-CREATE FUNCTION identity_sync._audit(action text, object text, old jsonb, new jsonb)
-RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    INSERT INTO identity_sync._audit (action, object, old, new) VALUES ($1, $2, $3, $4)
-$$;
-
--- "Now" for planning: the stored clock if set (tests, replays, what-if), else real time.
-CREATE FUNCTION identity_sync._now() RETURNS timestamptz
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce((SELECT clock FROM identity_sync._settings), now())
-$$;
-
-CREATE FUNCTION identity_sync._today() RETURNS date
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT identity_sync._now()::date
-$$;
-
--- User SQL (mappings, rules, affected queries, owners) is evaluated with the search_path set by
--- set_search_path(), the same in configuration checks and in the worker. Our own functions run
--- with search_path = pg_catalog, pg_temp and switch to it (until they return) just before
--- executing user SQL; everything of ours they touch afterwards is schema-qualified.
--- pg_temp goes last: unlisted, it would be searched first, and a caller of a SECURITY DEFINER
--- function could shadow an HR table named in the user SQL with a temporary table or view.
-CREATE FUNCTION identity_sync._use_user_search_path() RETURNS void
-LANGUAGE sql AS $$
-    SELECT pg_catalog.set_config('search_path',
-                                 CASE WHEN btrim(s.search_path) = '' THEN 'pg_temp' ELSE s.search_path || ', pg_temp' END,
-                                 true)
-      FROM identity_sync._settings s
-$$;
-
-CREATE FUNCTION identity_sync.set_search_path(path text)
-RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    old text := (SELECT search_path FROM identity_sync._settings);
-BEGIN
-    PERFORM set_config('search_path', path, true);   -- rejects a malformed list
-    UPDATE identity_sync._settings SET search_path = path;
-    PERFORM identity_sync._recompile_all();          -- expressions must still resolve
-    PERFORM identity_sync._uninstall_capture(id), identity_sync._install_capture(id)
-       FROM identity_sync.source WHERE role = 'related';
-    PERFORM identity_sync._audit('set_search_path', NULL, to_jsonb(old), to_jsonb(path));
-END
-$$;
+------------------------------------------------------------------------------------------------
+-- Sources
+------------------------------------------------------------------------------------------------
 
 -- The type of a column, or an error naming the relation and listing its columns.
 CREATE FUNCTION identity_sync._column_type(rel regclass, col text, what text)
@@ -226,6 +186,24 @@ BEGIN
 END
 $$;
 
+------------------------------------------------------------------------------------------------
+-- Settings
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION identity_sync.set_search_path(path text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    old text := (SELECT search_path FROM identity_sync._settings);
+BEGIN
+    PERFORM set_config('search_path', path, true);   -- rejects a malformed list
+    UPDATE identity_sync._settings SET search_path = path;
+    PERFORM identity_sync._recompile_all();          -- expressions must still resolve
+    PERFORM identity_sync._uninstall_capture(id), identity_sync._install_capture(id)
+       FROM identity_sync.source WHERE role = 'related';
+    PERFORM identity_sync._audit('set_search_path', NULL, to_jsonb(old), to_jsonb(path));
+END
+$$;
+
 CREATE FUNCTION identity_sync.set_primary_contract(order_by text)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -251,79 +229,6 @@ BEGIN
     UPDATE identity_sync._settings SET clock = at;
     PERFORM identity_sync._audit('set_clock', NULL, to_jsonb(old), to_jsonb(at));
     PERFORM identity_sync._wake_at_commit();
-END
-$$;
-
-------------------------------------------------------------------------------------------------
--- The person document: person row, all contracts, the primary contract, activity on a day.
-------------------------------------------------------------------------------------------------
-
--- SQL text of the FROM clause that binds the names person, contract, contracts, today and
--- iteration for one target (NULL: neutral lifecycle). $1 = keys (text[]), $2 = day, $3 = iteration.
-CREATE FUNCTION identity_sync._from_clause(opts jsonb DEFAULT '{}')
-RETURNS text LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    p identity_sync.source := identity_sync._person_source();
-    c identity_sync.source := identity_sync._contract_source();
-    keytype regtype;
-    ord text := (SELECT primary_contract_order FROM identity_sync._settings);
-    create_before text := quote_literal(coalesce(opts->>'create_before', '0'));
-    enable_before text := quote_literal(coalesce(opts->>'enable_before', '0'));
-    disable_after text := quote_literal(coalesce(opts->>'disable_after', '0'));
-    delete_after  text := CASE WHEN opts->>'delete_after' IS NULL THEN 'NULL' ELSE quote_literal(opts->>'delete_after') END;
-    sql text;
-BEGIN
-    IF p.id IS NULL THEN
-        RAISE EXCEPTION 'no person source is registered' USING ERRCODE = 'object_not_in_prerequisite_state',
-            HINT = 'Register one first: SELECT identity_sync.add_person_source(''hr.employee'', ''emp_no'');';
-    END IF;
-    keytype := identity_sync._column_type(p.relation, p.key_column, 'person key');
-    sql := format('FROM %s AS person CROSS JOIN LATERAL (SELECT $2::date AS today, $3::int AS iteration) AS _p ', p.relation);
-    IF c.id IS NULL THEN
-        sql := sql || 'CROSS JOIN LATERAL (SELECT NULL::record AS contract, NULL::record[] AS contracts, true AS _exists, true AS _enabled, true AS _creatable) AS _c ';
-    ELSE
-        ord := coalesce(ord, format(
-            '(contract.%1$I <= today AND (contract.%2$I IS NULL OR contract.%2$I >= today)) DESC, contract.%2$I DESC NULLS FIRST, contract.%1$I DESC',
-            c.starts_column, c.ends_column));
-        sql := sql || format(
-            'LEFT JOIN LATERAL (SELECT array_agg(c ORDER BY c.%2$I, c.%3$I) AS contracts, '
-            || 'coalesce(bool_or(c.%2$I::date - %5$s::interval <= today AND (%8$s::interval IS NULL OR c.%3$I IS NULL OR today <= c.%3$I::date + %8$s::interval)), false) AS _exists, '
-            || 'coalesce(bool_or(c.%2$I::date - %6$s::interval <= today AND (c.%3$I IS NULL OR today <= c.%3$I::date + %7$s::interval)), false) AS _enabled, '
-            -- A new account only for a person who is (about to be) working: not for a leaver of
-            -- years ago whom a first sync meets.
-            || 'coalesce(bool_or(c.%2$I::date - %5$s::interval <= today AND (c.%3$I IS NULL OR today <= c.%3$I::date + %7$s::interval)), false) AS _creatable '
-            || 'FROM %1$s AS c WHERE c.%4$I = person.%9$I) AS _cs ON true '
-            || 'LEFT JOIN LATERAL (SELECT * FROM %1$s AS contract WHERE contract.%4$I = person.%9$I ORDER BY %10$s LIMIT 1) AS contract ON true ',
-            c.relation, c.starts_column, c.ends_column, c.key_column,
-            create_before, enable_before, disable_after, delete_after, p.key_column, ord);
-    END IF;
-    sql := sql || format('WHERE person.%I = ANY ($1::text[]::%s[])', p.key_column, keytype);
-    RETURN sql;
-END
-$$;
-
-CREATE FUNCTION identity_sync._person_key_expr() RETURNS text
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT format('person.%I::text', (identity_sync._person_source()).key_column)
-$$;
-
-CREATE FUNCTION identity_sync.person(person_key text)
-RETURNS jsonb LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    doc jsonb;
-    has_contracts boolean := (identity_sync._contract_source()).id IS NOT NULL;
-    q text;
-BEGIN
-    q := format('SELECT jsonb_build_object(''person_key'', %s, ''person'', to_jsonb(person), '
-                   '''contract'', %s, ''contracts'', %s, ''active'', %s, ''today'', today) %s',
-                   identity_sync._person_key_expr(),
-                   CASE WHEN has_contracts THEN 'CASE WHEN contract IS NULL THEN NULL ELSE to_jsonb(contract) END' ELSE 'NULL::jsonb' END,
-                   CASE WHEN has_contracts THEN 'coalesce(to_jsonb(contracts), ''[]'')' ELSE '''[]''::jsonb' END,
-                   CASE WHEN has_contracts THEN '_enabled' ELSE 'true' END,
-                   identity_sync._from_clause());
-    PERFORM identity_sync._use_user_search_path();
-    EXECUTE q INTO doc USING ARRAY[person_key], identity_sync._today(), 0;
-    RETURN doc;
 END
 $$;
 
@@ -552,7 +457,7 @@ END
 $$;
 
 ------------------------------------------------------------------------------------------------
--- Mappings and rules, compiled into one set-based query per target.
+-- Mappings and rules (compiled into one query per target by 30_plan/10_compile.sql)
 ------------------------------------------------------------------------------------------------
 
 -- Check one user expression in the context of a target; returns its type. Errors carry the
@@ -571,59 +476,6 @@ BEGIN
     q := 'SELECT (' || expr || E'\n) AS v ' || identity_sync._from_clause(t.options) || ' LIMIT 0';
     PERFORM identity_sync._use_user_search_path();
     RETURN identity_sync._check_expression(q, 8, expr);
-END
-$$;
-
-CREATE FUNCTION identity_sync._compile(target_id int)
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    t identity_sync.target;
-    rules text := '''{}''::text[]';
-    groups text := '''{}''::text[]';
-    attrs text := '''{}''::jsonb';
-    r record;
-    pairs text[] := '{}';
-    sql text;
-BEGIN
-    SELECT * INTO t FROM identity_sync.target WHERE id = target_id;
-    IF (identity_sync._person_source()).id IS NULL THEN
-        UPDATE identity_sync.target SET compiled = NULL WHERE id = target_id;
-        RETURN;
-    END IF;
-    FOR r IN SELECT * FROM identity_sync.rule WHERE rule.target_id = t.id ORDER BY name LOOP
-        rules := rules || format(' || CASE WHEN (%s%s) THEN %L::text END', r.condition, E'\n', r.name);
-        groups := groups || format(' || CASE WHEN (%s%s) THEN %L::text[] END', r.condition, E'\n', r.groups);
-    END LOOP;
-    FOR r IN SELECT * FROM identity_sync.mapping WHERE mapping.target_id = t.id ORDER BY position LOOP
-        pairs := pairs || format('%L, to_jsonb((%s%s))', r.attribute, r.expression, E'\n');
-        IF cardinality(pairs) = 50 THEN
-            attrs := attrs || ' || jsonb_build_object(' || array_to_string(pairs, ', ') || ')';
-            pairs := '{}';
-        END IF;
-    END LOOP;
-    IF cardinality(pairs) > 0 THEN
-        attrs := attrs || ' || jsonb_build_object(' || array_to_string(pairs, ', ') || ')';
-    END IF;
-    sql := format('SELECT %s AS person_key, array_remove(%s, NULL) AS rules, '
-                  'ARRAY(SELECT DISTINCT g FROM unnest(%s) AS g WHERE g IS NOT NULL ORDER BY g) AS groups, '
-                  '%s AS attributes, _exists AS exists_now, _enabled AS enabled_now, _creatable AS creatable_now ',
-                  identity_sync._person_key_expr(), rules, groups, attrs)
-           || identity_sync._from_clause(t.options);
-    -- Parse and plan it once now, so a broken configuration never reaches the worker.
-    PERFORM identity_sync._use_user_search_path();
-    EXECUTE 'SELECT count(*) FROM (' || sql || ') AS q' USING '{}'::text[], CURRENT_DATE, 0;
-    UPDATE identity_sync.target SET compiled = sql WHERE id = t.id;
-END
-$$;
-
-CREATE FUNCTION identity_sync._recompile_all() RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    id int;
-BEGIN
-    FOR id IN SELECT target.id FROM identity_sync.target LOOP
-        PERFORM identity_sync._compile(id);
-    END LOOP;
 END
 $$;
 
@@ -722,3 +574,47 @@ BEGIN
     PERFORM identity_sync._audit('drop_rule', target || '.' || name, to_jsonb(old), NULL);
 END
 $$;
+
+-- Privileges: nothing for PUBLIC but what is granted below (_revoke_public_execute, 00_schema.sql).
+SELECT identity_sync._revoke_public_execute();
+
+-- Admins: configuration.
+GRANT EXECUTE ON FUNCTION identity_sync.add_person_source(regclass, text),
+                          identity_sync.add_contract_source(regclass, text, text, text),
+                          identity_sync.add_related_source(regclass, text),
+                          identity_sync.drop_source(regclass),
+                          identity_sync.set_primary_contract(text),
+                          identity_sync.set_search_path(text),
+                          identity_sync.set_clock(timestamptz),
+                          identity_sync.add_target(text, text, text, jsonb),
+                          identity_sync.alter_target(text, text, jsonb, text),
+                          identity_sync.drop_target(text),
+                          identity_sync.set_secret(text, text),
+                          identity_sync.map(text, text, text, boolean, boolean),
+                          identity_sync.unmap(text, text),
+                          identity_sync.add_rule(text, text, text, text[]),
+                          identity_sync.drop_rule(text, text)
+   TO identity_sync_admin;
+-- The text helpers of mapping expressions (written in Rust, src/config/; lib.rs makes them come
+-- before this file).
+GRANT EXECUTE ON FUNCTION identity_sync.normalize_diacritics(text), identity_sync.slug(text)
+   TO identity_sync_reader;
+
+COMMENT ON FUNCTION identity_sync.add_person_source(regclass, text) IS 'Register the person source: one row per person, identified by key (primary key or unique column).';
+COMMENT ON FUNCTION identity_sync.add_contract_source(regclass, text, text, text) IS 'Register the contract source: time-ranged rows (starts, inclusive ends; NULL = open) of a person.';
+COMMENT ON FUNCTION identity_sync.add_related_source(regclass, text) IS 'Register a related table; affected is a query over the changed rows ("changed") returning person keys.';
+COMMENT ON FUNCTION identity_sync.drop_source(regclass) IS 'Unregister a source and remove its capture triggers.';
+COMMENT ON FUNCTION identity_sync.set_primary_contract(text) IS 'ORDER BY over contract (and today) choosing the primary contract; NULL restores the default (active first, latest end, latest start).';
+COMMENT ON FUNCTION identity_sync.set_search_path(text) IS 'search_path for user expressions (mappings, rules, affected queries, owners), in checks and in the worker; default public.';
+COMMENT ON FUNCTION identity_sync.set_clock(timestamptz) IS 'Evaluate "now" as the given time (NULL = real time): for tests, replays and what-if checks.';
+COMMENT ON FUNCTION identity_sync.add_target(text, text, text, jsonb) IS 'Add a target (scim, webhook or table) with validated options.';
+COMMENT ON FUNCTION identity_sync.alter_target(text, text, jsonb, text) IS 'Change a target: NULL means unchanged; options are merged, a key set to null is removed.';
+COMMENT ON FUNCTION identity_sync.drop_target(text) IS 'Drop a target with its mappings, rules, registry and events.';
+COMMENT ON FUNCTION identity_sync.set_secret(text, text) IS 'Set a target''s token, password, client secret or signing key; never readable back.';
+COMMENT ON FUNCTION identity_sync.map(text, text, text, boolean, boolean) IS 'Map attribute <- SQL expression; validated now, with the position of any error inside the expression.';
+COMMENT ON FUNCTION identity_sync.unmap(text, text) IS 'Remove an attribute mapping.';
+COMMENT ON FUNCTION identity_sync.add_rule(text, text, text, text[]) IS 'Add a business rule: a boolean SQL condition and the groups it grants.';
+COMMENT ON FUNCTION identity_sync.drop_rule(text, text) IS 'Remove a business rule.';
+COMMENT ON FUNCTION identity_sync.normalize_diacritics(text) IS 'Remove diacritics, Unicode-correct: ''Zoë Ångström-Çelik'' -> ''Zoe Angstrom-Celik'' (also ß, ø, ł, dotless i).';
+COMMENT ON FUNCTION identity_sync.slug(text) IS 'Login-safe form: diacritics removed, lower case, only a-z 0-9 . - _.';
+COMMENT ON FUNCTION identity_sync.name_variants(text, text) IS 'Family-name prefixes (''van der Berg''): prefix, core name, family, display, sort key and login forms.';

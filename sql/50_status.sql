@@ -306,3 +306,49 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     ) AS q(at, step, target, detail)
     ORDER BY 1, 2
 $$;
+
+-- Privileges: nothing for PUBLIC but what is granted below (_revoke_public_execute, 00_schema.sql).
+SELECT identity_sync._revoke_public_execute();
+
+-- Readers: status, registry, events, audit.
+GRANT SELECT ON identity_sync.status, identity_sync.accounts, identity_sync.events, identity_sync.audit_log
+   TO identity_sync_reader;
+GRANT SELECT ON identity_sync.status TO pg_monitor;
+-- (worker_status is written in Rust, src/status.rs; lib.rs makes it come before this file.)
+GRANT EXECUTE ON FUNCTION identity_sync.wait_idle(interval), identity_sync.worker_status()
+   TO identity_sync_reader;
+
+-- Operators: the levers.
+GRANT EXECUTE ON FUNCTION identity_sync.pause(text), identity_sync.resume(text), identity_sync.release(text),
+                          identity_sync.discard(text), identity_sync.retry(text), identity_sync.skip(bigint),
+                          identity_sync.resync(text), identity_sync.preview(text, text), identity_sync.trace(text)
+   TO identity_sync_operator;
+
+COMMENT ON VIEW identity_sync.status IS 'One row per target: state (active, paused, held, failing), accounts and events by state, oldest pending age, last success and error, deliveries in the last hour, resync progress.';
+COMMENT ON VIEW identity_sync.accounts IS 'The account registry by target name.';
+COMMENT ON VIEW identity_sync.events IS 'Provisioning events by target name, with their delivery latency.';
+COMMENT ON VIEW identity_sync.audit_log IS 'Every configuration and operator call: who, when, what, old and new (secrets never).';
+COMMENT ON FUNCTION identity_sync.pause(text) IS 'Stop delivering to a target (planning goes on).';
+COMMENT ON FUNCTION identity_sync.resume(text) IS 'Resume delivering to a paused target.';
+COMMENT ON FUNCTION identity_sync.release(text) IS 'Let the events held by a threshold go out.';
+COMMENT ON FUNCTION identity_sync.discard(text) IS 'Drop the events held by a threshold.';
+COMMENT ON FUNCTION identity_sync.retry(text) IS 'Retry failed events of a target (by name) or one event (by id).';
+COMMENT ON FUNCTION identity_sync.skip(bigint) IS 'Give up on one failed event so the person''s later events go on.';
+COMMENT ON FUNCTION identity_sync.resync(text) IS 'Full reconcile of every person for a target, in batches; progress in status.';
+COMMENT ON FUNCTION identity_sync.wait_idle(interval) IS 'Wait until nothing is dirty, pending or in flight; false on timeout.';
+COMMENT ON FUNCTION identity_sync.preview(text, text) IS 'What a plan would do for a person now, per target; changes nothing.';
+COMMENT ON FUNCTION identity_sync.trace(text) IS 'The story of one person: changes, plans, events and results in time order.';
+COMMENT ON FUNCTION identity_sync.worker_status() IS 'Whether a worker serves this database: ''running (pid N)'' or ''no worker: ... HINT: ...''.';
+
+-- Say so when provisioning cannot happen here (pg_cron refuses to half-work in silence). A
+-- WARNING, because PostgreSQL silences NOTICEs while it runs an extension script.
+DO $check$
+DECLARE
+    s text := identity_sync.worker_status();
+BEGIN
+    IF s LIKE 'no worker%' THEN
+        RAISE WARNING 'identity_sync: %', split_part(s, ' HINT: ', 1)
+            USING HINT = split_part(s, ' HINT: ', 2);
+    END IF;
+END
+$check$;

@@ -196,3 +196,16 @@ SELECT person_key,
           FROM identity_sync._dirty d
           LEFT JOIN identity_sync.source s ON s.id = d.source_id) AS q
  GROUP BY person_key;
+
+-- HR writers need no privilege on the outbox: the capture trigger runs as the extension owner.
+-- (_capture is written in Rust, src/capture.rs; lib.rs makes it come before this file.)
+ALTER FUNCTION identity_sync._capture() SECURITY DEFINER;
+
+-- Privileges: nothing for PUBLIC but what is granted below (_revoke_public_execute, 00_schema.sql).
+SELECT identity_sync._revoke_public_execute();
+
+GRANT EXECUTE ON FUNCTION identity_sync.set_snapshot_interval(regclass, interval) TO identity_sync_admin;
+GRANT SELECT ON identity_sync.pending_changes TO identity_sync_reader;
+
+COMMENT ON FUNCTION identity_sync.set_snapshot_interval(regclass, interval) IS 'How often a view or foreign table source is compared with its last snapshot.';
+COMMENT ON VIEW identity_sync.pending_changes IS 'Persons changed in HR and not yet planned, one row each, with the source and time of the first change.';

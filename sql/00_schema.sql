@@ -1,0 +1,413 @@
+-- identity_sync: roles, settings, every table, and the helpers every stage uses.
+--
+-- The files of sql/ load in the order of their numbers (src/lib.rs lists them); each ends with
+-- the GRANTs and COMMENT ONs of what it creates. Naming: public objects are documented with
+-- COMMENT ON; objects whose name starts with "_" are private to the extension and may change
+-- between versions.
+
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'identity_sync_reader') THEN
+        CREATE ROLE identity_sync_reader NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'identity_sync_operator') THEN
+        CREATE ROLE identity_sync_operator NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'identity_sync_admin') THEN
+        CREATE ROLE identity_sync_admin NOLOGIN;
+    END IF;
+END
+$roles$;
+GRANT identity_sync_reader TO identity_sync_operator;
+GRANT identity_sync_operator TO identity_sync_admin;
+
+-- Singleton of global settings that are data, not GUCs (they must survive restarts and be seen
+-- by the worker in its own transactions).
+CREATE TABLE identity_sync._settings (
+    singleton              boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    primary_contract_order text,          -- NULL: active first, then latest end, then latest start
+    login_expression       text,          -- self-service: SQL over person giving its role name
+    clock                  timestamptz,   -- NULL: real time
+    boundary_checked_on    date DEFAULT current_date, -- last day the date-boundary check covered
+                                          -- (from installation on: a first check must not skip
+                                          -- moments the clock was moved past before it ran)
+    search_path            text NOT NULL DEFAULT 'public'  -- for user expressions (set_search_path)
+);
+INSERT INTO identity_sync._settings DEFAULT VALUES;
+
+-- pg_restore copies the dumped settings row into the one CREATE EXTENSION made: an INSERT
+-- into the singleton updates it instead of failing on the key.
+CREATE FUNCTION identity_sync._settings_upsert() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF EXISTS (SELECT FROM identity_sync._settings) THEN
+        UPDATE identity_sync._settings
+           SET primary_contract_order = NEW.primary_contract_order, login_expression = NEW.login_expression,
+               clock = NEW.clock, boundary_checked_on = NEW.boundary_checked_on, search_path = NEW.search_path;
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER settings_upsert BEFORE INSERT ON identity_sync._settings
+    FOR EACH ROW EXECUTE FUNCTION identity_sync._settings_upsert();
+
+-- Registered HR sources.
+CREATE TABLE identity_sync.source (
+    id                int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    relation          regclass NOT NULL UNIQUE,
+    role              text NOT NULL CHECK (role IN ('person', 'contract', 'related')),
+    key_column        name,        -- person: the person key; contract: the person key it belongs to
+    starts_column     name,        -- contract
+    ends_column       name,        -- contract
+    affected          text,        -- related: SQL over "changed" returning person keys
+    capture           text NOT NULL CHECK (capture IN ('trigger', 'snapshot')),
+    snapshot_interval interval,    -- snapshot capture: how often
+    snapshot_at       timestamptz, -- snapshot capture: last run
+    created_at        timestamptz NOT NULL DEFAULT now()
+);
+
+-- Per-person hashes of snapshot-captured sources.
+CREATE TABLE identity_sync._snapshot (
+    source_id  int NOT NULL REFERENCES identity_sync.source ON DELETE CASCADE,
+    person_key text NOT NULL,
+    hash       bytea NOT NULL,
+    PRIMARY KEY (source_id, person_key)
+);
+
+-- The change outbox. The capture triggers append one row per triggering statement holding the
+-- array of affected person keys: no index lookup and no deduplication on the HR write path.
+-- No index, and no index may be added: the capture trigger appends to it with
+-- simple_heap_insert (src/capture.rs), so an insert per HR statement is all the write path pays.
+-- The planner drains it continuously, so it stays small and is read whole.
+CREATE TABLE identity_sync.change (
+    id        bigint GENERATED ALWAYS AS IDENTITY,
+    source_id int,                 -- NULL for changes made by identity_sync itself (resync, config)
+    op        text NOT NULL,       -- insert, update, delete, truncate, snapshot, boundary, resync, ...
+    keys      text[] NOT NULL,
+    at        timestamptz NOT NULL DEFAULT now()
+);
+-- Arrays of keys do not compress much; compressing them would cost the HR statement time.
+ALTER TABLE identity_sync.change ALTER COLUMN keys SET STORAGE EXTERNAL;
+
+-- Persons claimed from the outbox, deduplicated, waiting to be planned.
+-- target_id 0 means every target; resync(target) marks persons for one target only.
+CREATE TABLE identity_sync._dirty (
+    person_key text NOT NULL,
+    target_id  int NOT NULL DEFAULT 0,
+    source_id  int,
+    op         text NOT NULL,
+    first_at   timestamptz NOT NULL,
+    PRIMARY KEY (person_key, target_id)
+);
+CREATE INDEX ON identity_sync._dirty (first_at);
+
+-- Targets and their configuration.
+CREATE TABLE identity_sync.target (
+    id         int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name       text NOT NULL UNIQUE CHECK (name <> ''),
+    kind       text NOT NULL CHECK (kind IN ('scim', 'webhook', 'table')),
+    url        text,
+    options    jsonb NOT NULL DEFAULT '{}',
+    paused     boolean NOT NULL DEFAULT false,
+    held       jsonb,              -- why the target is held by a threshold, NULL when not
+    released_at timestamptz,       -- last release(): events planned before it were approved
+    compiled   text,               -- the compiled desired-state query (30_plan/10_compile.sql)
+    resync_total int,              -- persons in the running resync, NULL when none runs
+    resync_started_at timestamptz,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Secrets: readable by the extension owner only; never shown anywhere.
+CREATE TABLE identity_sync._secret (
+    target_id int PRIMARY KEY REFERENCES identity_sync.target ON DELETE CASCADE,
+    secret    text NOT NULL,
+    set_at    timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE identity_sync.mapping (
+    target_id      int NOT NULL REFERENCES identity_sync.target ON DELETE CASCADE,
+    attribute      text NOT NULL,
+    expression     text NOT NULL,
+    on_create_only boolean NOT NULL DEFAULT false,
+    is_unique      boolean NOT NULL DEFAULT false,
+    position       int GENERATED ALWAYS AS IDENTITY,
+    PRIMARY KEY (target_id, attribute)
+);
+
+CREATE TABLE identity_sync.rule (
+    target_id int NOT NULL REFERENCES identity_sync.target ON DELETE CASCADE,
+    name      text NOT NULL,
+    condition text NOT NULL,
+    groups    text[] NOT NULL DEFAULT '{}',
+    PRIMARY KEY (target_id, name)
+);
+
+-- The account registry: person x target.
+-- High-volume tables (account, event, _unique, _plan_error) carry no foreign key to target: a
+-- per-row RI check would cost more than the planner's own work; drop_target() cleans them up.
+CREATE TABLE identity_sync.account (
+    target_id          int NOT NULL,
+    person_key         text NOT NULL,
+    remote_id          text,           -- the target's own id, once created
+    state              text NOT NULL DEFAULT 'pending'
+                       CHECK (state IN ('pending', 'active', 'disabled', 'deleted')),
+    attributes         jsonb NOT NULL DEFAULT '{}',   -- last applied
+    groups             text[] NOT NULL DEFAULT '{}',  -- last applied
+    planned_state      text NOT NULL DEFAULT 'pending'
+                       CHECK (planned_state IN ('pending', 'active', 'disabled', 'deleted')),
+    planned_attributes jsonb NOT NULL DEFAULT '{}',   -- after every event planned so far
+    planned_groups     text[] NOT NULL DEFAULT '{}',
+    refs               text[] NOT NULL DEFAULT '{}',  -- person keys referenced (manager, ...)
+    seq                bigint NOT NULL DEFAULT 0,     -- last event sequence number
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    planned_at         timestamptz NOT NULL DEFAULT now(),
+    applied_at         timestamptz,
+    PRIMARY KEY (target_id, person_key)
+);
+CREATE INDEX ON identity_sync.account USING gin (refs) WHERE refs <> '{}';
+
+-- Values of is_unique attributes in use per target.
+CREATE TABLE identity_sync._unique (
+    target_id  int NOT NULL,
+    attribute  text NOT NULL,
+    value      text NOT NULL,
+    person_key text,                 -- NULL: taken in the target by an account we do not manage
+    PRIMARY KEY (target_id, attribute, value)
+);
+CREATE INDEX ON identity_sync._unique (target_id, person_key);
+
+-- Provisioning events.
+CREATE TABLE identity_sync.event (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    target_id   int NOT NULL,
+    person_key  text NOT NULL,
+    seq         bigint NOT NULL,
+    kind        text NOT NULL
+                CHECK (kind IN ('create', 'update', 'enable', 'disable', 'delete', 'grant', 'revoke')),
+    payload     jsonb NOT NULL,
+    state       text NOT NULL DEFAULT 'pending'
+                CHECK (state IN ('pending', 'sending', 'done', 'retry', 'failed', 'held')),
+    attempts    int NOT NULL DEFAULT 0,
+    due_at      timestamptz NOT NULL DEFAULT now(),
+    last_error  text,
+    http_status int,
+    plan_id     bigint,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    sent_at     timestamptz,
+    done_at     timestamptz,
+    UNIQUE (target_id, person_key, seq)
+);
+-- Delivery looks for due events and for unfinished predecessors; both stay small.
+-- (seq after due_at: among events due at the same moment the lowest sequence numbers come
+-- first, and those are the ones at the head of their person's queue, the only ones claimable.)
+CREATE INDEX event_due ON identity_sync.event (target_id, due_at, seq) WHERE state IN ('pending', 'retry');
+CREATE INDEX event_open ON identity_sync.event (target_id, person_key, seq) WHERE state <> 'done';
+CREATE INDEX event_done ON identity_sync.event (done_at) WHERE state = 'done';
+
+-- Planner runs, for trace and thresholds.
+CREATE TABLE identity_sync.plan_run (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    persons    int NOT NULL,
+    events     int NOT NULL DEFAULT 0,
+    keys       text[] NOT NULL
+);
+
+-- Events of the kinds thresholds guard (create, disable, delete) planned per target: the window
+-- a threshold looks at is the last hour since the last release.
+CREATE TABLE identity_sync._plan_count (
+    target_id int NOT NULL,
+    kind      text NOT NULL,
+    at        timestamptz NOT NULL DEFAULT now(),
+    n         int NOT NULL
+);
+CREATE INDEX ON identity_sync._plan_count (target_id, at);
+
+-- Per-person planning errors (a mapping that fails for this person only).
+CREATE TABLE identity_sync._plan_error (
+    target_id  int NOT NULL,
+    person_key text NOT NULL,
+    message    text NOT NULL,
+    at         timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (target_id, person_key)
+);
+
+-- Who changed what, when. Written by SECURITY DEFINER functions only.
+CREATE TABLE identity_sync._audit (
+    id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at       timestamptz NOT NULL DEFAULT now(),
+    actor    text NOT NULL DEFAULT session_user,
+    action   text NOT NULL,
+    object   text,
+    old      jsonb,
+    new      jsonb
+);
+
+-- Self-service products, requests and decisions (60_selfservice/); the planner reads approved
+-- requests too (_granted_groups, 30_plan/20_desired.sql).
+
+CREATE TABLE identity_sync.product (
+    id          int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name        text NOT NULL UNIQUE CHECK (btrim(name) <> ''),
+    target_id   int NOT NULL REFERENCES identity_sync.target ON DELETE CASCADE,
+    groups      text[] NOT NULL CHECK (cardinality(groups) > 0),
+    owners      text NOT NULL,          -- SQL condition over owner, requester, requester_contract, ...
+    approval    text NOT NULL DEFAULT 'any' CHECK (approval IN ('any', 'all')),
+    valid_for   interval CHECK (valid_for > interval '0'),   -- NULL: until revoked
+    description text,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE identity_sync.request (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    product_id   int NOT NULL REFERENCES identity_sync.product ON DELETE CASCADE,
+    person_key   text NOT NULL,          -- the requester, who is also the person granted
+    requested_by text NOT NULL,          -- the requester's role
+    reason       text,
+    state        text NOT NULL DEFAULT 'pending'
+                 CHECK (state IN ('pending', 'approved', 'denied', 'withdrawn', 'revoked', 'expired')),
+    approvals    int NOT NULL DEFAULT 0, -- approvals so far (approval 'all' needs every current owner)
+    requested_at timestamptz NOT NULL,   -- times are identity_sync's "now" (set_clock)
+    decided_at   timestamptz,
+    expires_at   timestamptz,            -- approved with valid_for: when the grant ends
+    ended_at     timestamptz,            -- revoked, withdrawn or expired
+    ended_by     text                    -- role that revoked or withdrew; 'identity_sync' for expiry
+);
+-- One open request per person and product.
+CREATE UNIQUE INDEX request_open ON identity_sync.request (product_id, person_key)
+    WHERE state IN ('pending', 'approved');
+CREATE INDEX request_person ON identity_sync.request (person_key);
+CREATE INDEX request_pending ON identity_sync.request (id) WHERE state = 'pending';
+CREATE INDEX request_expiry ON identity_sync.request (expires_at) WHERE state = 'approved';
+
+CREATE TABLE identity_sync.decision (
+    request_id bigint NOT NULL REFERENCES identity_sync.request ON DELETE CASCADE,
+    person_key text NOT NULL,            -- the owner who decided
+    decided_by text NOT NULL,            -- the owner's role
+    requester  text NOT NULL,            -- the request's person (row-level security without a join)
+    decision   text NOT NULL CHECK (decision IN ('approve', 'deny')),
+    comment    text,
+    at         timestamptz NOT NULL,
+    PRIMARY KEY (request_id, person_key)
+);
+CREATE INDEX decision_person ON identity_sync.decision (person_key);
+CREATE INDEX decision_requester ON identity_sync.decision (requester);
+
+------------------------------------------------------------------------------------------------
+-- Helpers of every stage
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION identity_sync._audit(action text, object text, old jsonb, new jsonb)
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO identity_sync._audit (action, object, old, new) VALUES ($1, $2, $3, $4)
+$$;
+
+-- "Now" for planning: the stored clock if set (tests, replays, what-if), else real time.
+CREATE FUNCTION identity_sync._now() RETURNS timestamptz
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce((SELECT clock FROM identity_sync._settings), now())
+$$;
+
+CREATE FUNCTION identity_sync._today() RETURNS date
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT identity_sync._now()::date
+$$;
+
+-- User SQL (mappings, rules, affected queries, owners) is evaluated with the search_path set by
+-- set_search_path(), the same in configuration checks and in the worker. Our own functions run
+-- with search_path = pg_catalog, pg_temp and switch to it (until they return) just before
+-- executing user SQL; everything of ours they touch afterwards is schema-qualified.
+-- pg_temp goes last: unlisted, it would be searched first, and a caller of a SECURITY DEFINER
+-- function could shadow an HR table named in the user SQL with a temporary table or view.
+CREATE FUNCTION identity_sync._use_user_search_path() RETURNS void
+LANGUAGE sql AS $$
+    SELECT pg_catalog.set_config('search_path',
+                                 CASE WHEN btrim(s.search_path) = '' THEN 'pg_temp' ELSE s.search_path || ', pg_temp' END,
+                                 true)
+      FROM identity_sync._settings s
+$$;
+
+-- PostgreSQL lets PUBLIC execute every new function; ours are private unless a GRANT says
+-- otherwise. Each file calls this just before its own GRANTs (for the functions created so far),
+-- and the last step of the script (99_private_by_default.sql) calls it once more, for the
+-- functions pgrx generates from Rust wherever it places them. A function whose privileges were
+-- set already (a GRANT ... TO PUBLIC of an earlier file) is left as it is.
+CREATE FUNCTION identity_sync._revoke_public_execute() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid FROM pg_proc p
+              WHERE p.pronamespace = 'identity_sync'::regnamespace AND p.proacl IS NULL LOOP
+        EXECUTE format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', f);
+    END LOOP;
+END
+$$;
+
+-- Privileges: nothing for PUBLIC but what is granted below (_revoke_public_execute, 00_schema.sql).
+SELECT identity_sync._revoke_public_execute();
+
+-- Every role of the extension uses the schema; PUBLIC too, for the self-service entry points.
+GRANT USAGE ON SCHEMA identity_sync TO identity_sync_reader, identity_sync_operator, identity_sync_admin;
+GRANT USAGE ON SCHEMA identity_sync TO PUBLIC;
+
+-- Readers: registry, events, configuration (never secrets).
+GRANT SELECT ON identity_sync.source, identity_sync.mapping, identity_sync.rule,
+                identity_sync.plan_run, identity_sync.change, identity_sync.account, identity_sync.event
+   TO identity_sync_reader;
+GRANT SELECT (id, name, kind, url, options, paused, held, released_at, resync_total, resync_started_at, created_at, updated_at)
+   ON identity_sync.target TO identity_sync_reader;
+GRANT SELECT ON identity_sync.product TO identity_sync_reader;
+
+-- Self-service (any login mapped to a person): PUBLIC reads the product catalog and its own rows
+-- of request and decision (row-level security, 60_selfservice/40_views.sql).
+GRANT SELECT ON identity_sync.request, identity_sync.decision TO PUBLIC;
+GRANT SELECT (id, name, target_id, groups, approval, valid_for, description) ON identity_sync.product TO PUBLIC;
+GRANT SELECT (id, name) ON identity_sync.target TO PUBLIC;
+
+-- Configuration, registry and history survive pg_dump / pg_restore.
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._settings', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.source', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._snapshot', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.target', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._secret', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.mapping', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.rule', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.account', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._unique', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.change', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._dirty', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.event', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._audit', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.product', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.request', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.decision', '');
+-- (one statement each: every call rewrites the pg_extension row)
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.source', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.target', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.mapping', 'position')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.change', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.event', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync._audit', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.product', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.request', 'id')::regclass, '');
+
+COMMENT ON SCHEMA identity_sync IS 'identity_sync: HR tables as the source of truth for identities';
+COMMENT ON TABLE identity_sync.source IS 'Registered HR sources: the person source, the contract source, related sources.';
+COMMENT ON TABLE identity_sync.change IS 'The change outbox: one row per captured statement, holding the affected person keys.';
+COMMENT ON TABLE identity_sync.target IS 'Targets that get accounts: scim, webhook or table.';
+COMMENT ON TABLE identity_sync.mapping IS 'Per target: attribute <- SQL expression over person, contract, contracts, today, iteration.';
+COMMENT ON TABLE identity_sync.rule IS 'Per target: business rules (SQL conditions) and the groups they grant; a person is in scope when one matches.';
+COMMENT ON TABLE identity_sync.account IS 'The account registry: person x target, applied and planned state.';
+COMMENT ON TABLE identity_sync.event IS 'Provisioning events, delivered strictly in seq order per person and target.';
+COMMENT ON TABLE identity_sync.plan_run IS 'One row per planner transaction: which persons it planned and how many events it wrote.';
+COMMENT ON TABLE identity_sync.product IS 'Self-service products: groups in a target that persons can request, approved by owners computed from HR data.';
+COMMENT ON COLUMN identity_sync.product.owners IS 'SQL condition over owner (candidate person row), requester, requester_contract, owner_contract and today; owners are active persons other than the requester.';
+COMMENT ON COLUMN identity_sync.product.approval IS 'any: one current owner approves; all: every current owner approves.';
+COMMENT ON COLUMN identity_sync.product.valid_for IS 'How long an approved grant lasts before the worker expires it; NULL = until revoked.';
+COMMENT ON TABLE identity_sync.request IS 'Self-service requests (row-level security: a login reads its own, the ones it can decide and the ones it decided).';
+COMMENT ON COLUMN identity_sync.request.state IS 'pending, approved, denied, withdrawn (by the requester while pending), revoked, expired.';
+COMMENT ON TABLE identity_sync.decision IS 'Approvals and denials of requests by owners (row-level security: read by the owner and the requester).';

@@ -1,0 +1,93 @@
+-- The person document: the person row, all contracts, the primary contract and activity on a
+-- day, as the names person, contract, contracts, today and iteration that mapping expressions,
+-- rules and person() see.
+--
+-- Planning, in the files of 30_plan/ (in load order): the person document (here) -> the compiled
+-- mapping + rules query per target (10_compile) -> desired state of a batch of persons
+-- (20_desired) -> diff against the account registry (30_diff) -> thresholds (40_thresholds) ->
+-- events and planned state (60_plan). 50_apply applies a delivered event to the registry.
+
+-- SQL text of the FROM clause that binds the names person, contract, contracts, today and
+-- iteration for one target (NULL: neutral lifecycle). $1 = keys (text[]), $2 = day, $3 = iteration.
+CREATE FUNCTION identity_sync._from_clause(opts jsonb DEFAULT '{}')
+RETURNS text LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    p identity_sync.source := identity_sync._person_source();
+    c identity_sync.source := identity_sync._contract_source();
+    keytype regtype;
+    ord text := (SELECT primary_contract_order FROM identity_sync._settings);
+    create_before text := quote_literal(coalesce(opts->>'create_before', '0'));
+    enable_before text := quote_literal(coalesce(opts->>'enable_before', '0'));
+    disable_after text := quote_literal(coalesce(opts->>'disable_after', '0'));
+    delete_after  text := CASE WHEN opts->>'delete_after' IS NULL THEN 'NULL' ELSE quote_literal(opts->>'delete_after') END;
+    sql text;
+BEGIN
+    IF p.id IS NULL THEN
+        RAISE EXCEPTION 'no person source is registered' USING ERRCODE = 'object_not_in_prerequisite_state',
+            HINT = 'Register one first: SELECT identity_sync.add_person_source(''hr.employee'', ''emp_no'');';
+    END IF;
+    keytype := identity_sync._column_type(p.relation, p.key_column, 'person key');
+    sql := format('FROM %s AS person CROSS JOIN LATERAL (SELECT $2::date AS today, $3::int AS iteration) AS _p ', p.relation);
+    IF c.id IS NULL THEN
+        sql := sql || 'CROSS JOIN LATERAL (SELECT NULL::record AS contract, NULL::record[] AS contracts, true AS _exists, true AS _enabled, true AS _creatable) AS _c ';
+    ELSE
+        ord := coalesce(ord, format(
+            '(contract.%1$I <= today AND (contract.%2$I IS NULL OR contract.%2$I >= today)) DESC, contract.%2$I DESC NULLS FIRST, contract.%1$I DESC',
+            c.starts_column, c.ends_column));
+        sql := sql || format(
+            'LEFT JOIN LATERAL (SELECT array_agg(c ORDER BY c.%2$I, c.%3$I) AS contracts, '
+            || 'coalesce(bool_or(c.%2$I::date - %5$s::interval <= today AND (%8$s::interval IS NULL OR c.%3$I IS NULL OR today <= c.%3$I::date + %8$s::interval)), false) AS _exists, '
+            || 'coalesce(bool_or(c.%2$I::date - %6$s::interval <= today AND (c.%3$I IS NULL OR today <= c.%3$I::date + %7$s::interval)), false) AS _enabled, '
+            -- A new account only for a person who is (about to be) working: not for a leaver of
+            -- years ago whom a first sync meets.
+            || 'coalesce(bool_or(c.%2$I::date - %5$s::interval <= today AND (c.%3$I IS NULL OR today <= c.%3$I::date + %7$s::interval)), false) AS _creatable '
+            || 'FROM %1$s AS c WHERE c.%4$I = person.%9$I) AS _cs ON true '
+            || 'LEFT JOIN LATERAL (SELECT * FROM %1$s AS contract WHERE contract.%4$I = person.%9$I ORDER BY %10$s LIMIT 1) AS contract ON true ',
+            c.relation, c.starts_column, c.ends_column, c.key_column,
+            create_before, enable_before, disable_after, delete_after, p.key_column, ord);
+    END IF;
+    sql := sql || format('WHERE person.%I = ANY ($1::text[]::%s[])', p.key_column, keytype);
+    RETURN sql;
+END
+$$;
+
+CREATE FUNCTION identity_sync._person_key_expr() RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format('person.%I::text', (identity_sync._person_source()).key_column)
+$$;
+
+-- ORDER BY choosing the primary contract (as in _from_clause): the configured one or the default.
+CREATE FUNCTION identity_sync._primary_contract_order() RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce((SELECT primary_contract_order FROM identity_sync._settings), format(
+        '(contract.%1$I <= today AND (contract.%2$I IS NULL OR contract.%2$I >= today)) DESC, contract.%2$I DESC NULLS FIRST, contract.%1$I DESC',
+        c.starts_column, c.ends_column))
+      FROM identity_sync._contract_source() AS c
+$$;
+
+CREATE FUNCTION identity_sync.person(person_key text)
+RETURNS jsonb LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    doc jsonb;
+    has_contracts boolean := (identity_sync._contract_source()).id IS NOT NULL;
+    q text;
+BEGIN
+    q := format('SELECT jsonb_build_object(''person_key'', %s, ''person'', to_jsonb(person), '
+                   '''contract'', %s, ''contracts'', %s, ''active'', %s, ''today'', today) %s',
+                   identity_sync._person_key_expr(),
+                   CASE WHEN has_contracts THEN 'CASE WHEN contract IS NULL THEN NULL ELSE to_jsonb(contract) END' ELSE 'NULL::jsonb' END,
+                   CASE WHEN has_contracts THEN 'coalesce(to_jsonb(contracts), ''[]'')' ELSE '''[]''::jsonb' END,
+                   CASE WHEN has_contracts THEN '_enabled' ELSE 'true' END,
+                   identity_sync._from_clause());
+    PERFORM identity_sync._use_user_search_path();
+    EXECUTE q INTO doc USING ARRAY[person_key], identity_sync._today(), 0;
+    RETURN doc;
+END
+$$;
+
+-- Privileges: nothing for PUBLIC but what is granted below (_revoke_public_execute, 00_schema.sql).
+SELECT identity_sync._revoke_public_execute();
+
+GRANT EXECUTE ON FUNCTION identity_sync.person(text) TO identity_sync_operator;
+
+COMMENT ON FUNCTION identity_sync.person(text) IS 'The person document: person row, contracts, primary contract, active today.';

@@ -1,0 +1,38 @@
+-- Housekeeping: what the worker does on each tick besides planning and delivering (snapshots,
+-- date boundaries, expiry of self-service grants, retention), and when it must wake next.
+
+-- Milliseconds until something is due: a retry, a snapshot, or the next day's boundaries.
+CREATE FUNCTION identity_sync._next_due_ms() RETURNS bigint
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN greatest(0, (extract(epoch FROM (least(
+               -- per target, so that the event_due index answers
+               (SELECT min(d.due) FROM identity_sync.target t
+                 CROSS JOIN LATERAL (SELECT min(e.due_at) AS due FROM identity_sync.event e
+                                      WHERE e.target_id = t.id AND e.state IN ('pending', 'retry')) AS d
+                 WHERE NOT t.paused AND t.held IS NULL),
+               (SELECT min(snapshot_at + snapshot_interval) FROM identity_sync.source WHERE capture = 'snapshot'),
+               date_trunc('day', now()) + interval '1 day') - now())) * 1000)::bigint);
+END
+$$;
+
+-- Everything the worker does on each tick besides planning and delivering.
+CREATE FUNCTION identity_sync._housekeeping() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s int;
+    retention interval := coalesce(nullif(current_setting('identity_sync.event_retention', true), '')::interval, '7 days');
+BEGIN
+    FOR s IN SELECT id FROM identity_sync.source
+              WHERE capture = 'snapshot' AND (snapshot_at IS NULL OR snapshot_at + snapshot_interval <= now()) LOOP
+        PERFORM identity_sync._snapshot_source(s);
+    END LOOP;
+    PERFORM identity_sync._check_boundaries();
+    PERFORM identity_sync._expire_grants();
+    IF retention > interval '0' THEN
+        DELETE FROM identity_sync.event WHERE state = 'done' AND done_at < now() - retention;
+        DELETE FROM identity_sync.plan_run WHERE started_at < now() - retention;
+        DELETE FROM identity_sync._plan_count WHERE at < now() - interval '1 hour';
+    END IF;
+END
+$$;
