@@ -98,9 +98,11 @@ CREATE TABLE identity_sync._dirty (
     source_id  int,
     op         text NOT NULL,
     first_at   timestamptz NOT NULL,
+    held_by    bigint,          -- a reconcile run (repair or adoption) that plans this person itself
     PRIMARY KEY (person_key, target_id)
 );
-CREATE INDEX ON identity_sync._dirty (first_at);
+CREATE INDEX ON identity_sync._dirty (first_at) WHERE held_by IS NULL;
+CREATE INDEX ON identity_sync._dirty (held_by) WHERE held_by IS NOT NULL;
 
 -- Targets and their configuration.
 CREATE TABLE identity_sync.target (
@@ -115,6 +117,7 @@ CREATE TABLE identity_sync.target (
     compiled   text,               -- the compiled desired-state query (30_plan/10_compile.sql)
     resync_total int,              -- persons in the running resync, NULL when none runs
     resync_started_at timestamptz,
+    adopting   bigint,         -- the reconcile run whose scan the planner adopts accounts from
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now()
 );
@@ -164,6 +167,7 @@ CREATE TABLE identity_sync.account (
     created_at         timestamptz NOT NULL DEFAULT now(),
     planned_at         timestamptz NOT NULL DEFAULT now(),
     applied_at         timestamptz,
+    orphan             boolean NOT NULL DEFAULT false, -- an account of nobody, found by reconcile and retired per the target's option orphans
     PRIMARY KEY (target_id, person_key)
 );
 CREATE INDEX ON identity_sync.account USING gin (refs) WHERE refs <> '{}';
@@ -316,18 +320,23 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT identity_sync._now()::date
 $$;
 
--- User SQL (mappings, rules, affected queries, owners) is evaluated with the search_path set by
--- set_search_path(), the same in configuration checks and in the worker. Our own functions run
--- with search_path = pg_catalog, pg_temp and switch to it (until they return) just before
--- executing user SQL; everything of ours they touch afterwards is schema-qualified.
--- pg_temp goes last: unlisted, it would be searched first, and a caller of a SECURITY DEFINER
--- function could shadow an HR table named in the user SQL with a temporary table or view.
+-- User SQL (mappings, rules, affected queries, owners, the login expression) is evaluated with
+-- the search_path set by set_search_path(), the same in configuration checks, in the worker and
+-- in the capture triggers of related sources: this one. pg_temp goes last: unlisted, it would be
+-- searched first, and a caller of a SECURITY DEFINER function could shadow an HR table named in
+-- the user SQL with a temporary table or view.
+CREATE FUNCTION identity_sync._user_search_path() RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN btrim(s.search_path) = '' THEN 'pg_temp' ELSE s.search_path || ', pg_temp' END
+      FROM identity_sync._settings s
+$$;
+
+-- Our own functions run with search_path = pg_catalog, pg_temp and switch to the user's (until
+-- they return) just before executing user SQL; everything of ours they touch afterwards is
+-- schema-qualified.
 CREATE FUNCTION identity_sync._use_user_search_path() RETURNS void
 LANGUAGE sql AS $$
-    SELECT pg_catalog.set_config('search_path',
-                                 CASE WHEN btrim(s.search_path) = '' THEN 'pg_temp' ELSE s.search_path || ', pg_temp' END,
-                                 true)
-      FROM identity_sync._settings s
+    SELECT pg_catalog.set_config('search_path', identity_sync._user_search_path(), true)
 $$;
 
 -- PostgreSQL lets PUBLIC execute every new function; ours are private unless a GRANT says

@@ -258,6 +258,10 @@ LANGUAGE sql IMMUTABLE AS $$
            ('max_deletes',           '{scim,webhook,table}', 'threshold', 'deletes per plan before the target is held'),
            ('dry_run',               '{scim,webhook,table}', 'boolean',   'plan and record, never send'),
            ('unique_max_iterations', '{scim,webhook,table}', 'integer',   'cap for is_unique iterations, default 99'),
+           ('orphans',               '{scim,table}',         'orphans',   'what repair does with accounts of nobody: report (default), disable or delete'),
+           ('adopt',                 '{scim,table}',         'boolean',   'the next resync scans the target first and links existing accounts by correlate_on'),
+           ('reconcile_every',       '{scim,table}',         'interval?', 'the worker reconciles the target this often; null = never'),
+           ('reconcile_mode',        '{scim,table}',         'reconcile_mode', 'what a scheduled reconcile does: report (default) or repair'),
            ('relation',              '{table}',              'regclass',  'the table (or foreign table) written'),
            ('key_column',            '{table}',              'text',      'its column holding the person key'),
            ('active_column',         '{table}',              'text',      'its boolean column holding the active flag')
@@ -304,6 +308,14 @@ BEGIN
                 IF jsonb_typeof(v) <> 'string' OR v->>0 NOT IN ('none', 'bearer', 'basic', 'oauth2') THEN
                     RAISE EXCEPTION USING MESSAGE = 'one of none, bearer, basic, oauth2';
                 END IF;
+            WHEN 'orphans' THEN
+                IF jsonb_typeof(v) <> 'string' OR v->>0 NOT IN ('report', 'disable', 'delete') THEN
+                    RAISE EXCEPTION USING MESSAGE = 'one of report, disable, delete';
+                END IF;
+            WHEN 'reconcile_mode' THEN
+                IF jsonb_typeof(v) <> 'string' OR v->>0 NOT IN ('report', 'repair') THEN
+                    RAISE EXCEPTION USING MESSAGE = 'one of report, repair';
+                END IF;
             WHEN 'boolean' THEN
                 IF jsonb_typeof(v) <> 'boolean' THEN RAISE EXCEPTION USING MESSAGE = 'true or false'; END IF;
             WHEN 'integer' THEN
@@ -336,11 +348,21 @@ BEGIN
             RAISE EXCEPTION 'invalid value for option "%": %', o.key, v::text USING ERRCODE = 'invalid_parameter_value',
                 DETAIL = CASE WHEN SQLERRM IN ('a string', 'true or false', 'a positive whole number', 'a table name',
                                                'one of none, bearer, basic, oauth2', 'an interval such as ''30 days''',
+                                               'one of report, disable, delete', 'one of report, repair',
                                                'a count such as 50 or a percentage such as ''10%''')
                               THEN 'Expected ' || SQLERRM || '.' ELSE SQLERRM END,
                 HINT = format('%s: %s.', o.key, spec.meaning);
         END;
     END LOOP;
+    IF (options->>'reconcile_every')::interval <= interval '0' THEN
+        RAISE EXCEPTION 'invalid value for option "reconcile_every": %', options->'reconcile_every'
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = 'Expected a positive interval such as ''1 day''.';
+    END IF;
+    IF kind = 'scim' AND coalesce((options->>'adopt')::boolean, false) AND options->>'correlate_on' IS NULL THEN
+        RAISE EXCEPTION 'option adopt needs correlate_on' USING ERRCODE = 'invalid_parameter_value',
+            DETAIL = 'Existing accounts are linked to persons by the value of the correlate_on attribute.',
+            HINT = 'Set correlate_on too, e.g. {"adopt": true, "correlate_on": "externalId"}.';
+    END IF;
     IF kind = 'table' THEN
         IF options->>'relation' IS NULL OR options->>'key_column' IS NULL THEN
             RAISE EXCEPTION 'a table target needs the options relation and key_column' USING ERRCODE = 'invalid_parameter_value',
@@ -434,6 +456,9 @@ BEGIN
     DELETE FROM identity_sync._unique WHERE target_id = t.id;
     DELETE FROM identity_sync._plan_error WHERE target_id = t.id;
     DELETE FROM identity_sync._dirty WHERE target_id = t.id;
+    DELETE FROM identity_sync._remote x USING identity_sync.reconcile_run r WHERE x.run_id = r.id AND r.target_id = t.id;
+    DELETE FROM identity_sync._finding WHERE target_id = t.id;
+    DELETE FROM identity_sync.reconcile_run WHERE target_id = t.id;
     DELETE FROM identity_sync.target WHERE id = t.id;
     PERFORM identity_sync._audit('drop_target', name, to_jsonb(t) - 'compiled', NULL);
 END

@@ -162,6 +162,8 @@ DECLARE
     attrs jsonb;
     sets text;
     n int;
+    -- The row's key: the person's, or for an orphan found by reconcile, the key it was found under.
+    key text := coalesce(e.remote_id, e.person_key);
 BEGIN
     IF e.kind IN ('create', 'update') THEN
         attrs := CASE e.kind WHEN 'create' THEN e.payload->'attributes' ELSE e.payload->'changed' END;
@@ -172,7 +174,7 @@ BEGIN
         SELECT string_agg(format('%I = r.%I', k, k), ', ') INTO sets FROM jsonb_object_keys(attrs) AS k;
         IF sets IS NOT NULL THEN
             EXECUTE format('UPDATE %s AS x SET %s FROM jsonb_populate_record(NULL::%s, $1) AS r WHERE x.%I = $2::%s',
-                           rel, sets, rel, keycol, keytype) USING attrs, e.person_key;
+                           rel, sets, rel, keycol, keytype) USING attrs, key;
             GET DIAGNOSTICS n = ROW_COUNT;
         ELSE
             n := 1;
@@ -190,10 +192,10 @@ BEGIN
     ELSIF e.kind IN ('enable', 'disable') THEN
         IF activecol IS NOT NULL THEN
             EXECUTE format('UPDATE %s SET %I = $1 WHERE %I = $2::%s', rel, activecol, keycol, keytype)
-              USING e.kind = 'enable', e.person_key;
+              USING e.kind = 'enable', key;
         END IF;
     ELSIF e.kind = 'delete' THEN
-        EXECUTE format('DELETE FROM %s WHERE %I = $1::%s', rel, keycol, keytype) USING e.person_key;
+        EXECUTE format('DELETE FROM %s WHERE %I = $1::%s', rel, keycol, keytype) USING key;
     END IF;
     -- grant / revoke: a table target keeps no group memberships; recorded in the registry only.
 END

@@ -29,10 +29,15 @@ BEGIN
     END LOOP;
     PERFORM identity_sync._check_boundaries();
     PERFORM identity_sync._expire_grants();
+    PERFORM identity_sync._reconcile_schedule();
     IF retention > interval '0' THEN
         DELETE FROM identity_sync.event WHERE state = 'done' AND done_at < now() - retention;
         DELETE FROM identity_sync.plan_run WHERE started_at < now() - retention;
         DELETE FROM identity_sync._plan_count WHERE at < now() - interval '1 hour';
+        -- Reconcile runs like events, but the latest finished one of each target stays: the
+        -- drift and orphans views read it.
+        DELETE FROM identity_sync.reconcile_run r
+         WHERE r.finished_at < now() - retention AND r.id IS DISTINCT FROM identity_sync._latest_reconcile(r.target_id);
     END IF;
 END
 $$;

@@ -3,7 +3,7 @@
 CREATE VIEW identity_sync.accounts AS
 SELECT t.name AS target, a.person_key, a.remote_id, a.state, a.planned_state,
        a.attributes, a.groups, a.planned_attributes, a.planned_groups,
-       a.created_at, a.planned_at, a.applied_at
+       a.created_at, a.planned_at, a.applied_at, a.orphan
   FROM identity_sync.account a JOIN identity_sync.target t ON t.id = a.target_id;
 
 CREATE VIEW identity_sync.events AS
@@ -38,7 +38,9 @@ SELECT t.name AS target, t.kind,
        CASE WHEN t.resync_total IS NOT NULL THEN
             format('%s of %s persons planned', t.resync_total - (SELECT count(*) FROM identity_sync._dirty d WHERE d.target_id IN (0, t.id)), t.resync_total)
        END AS resync_progress,
-       coalesce((t.options->>'dry_run')::boolean, false) AS dry_run
+       coalesce((t.options->>'dry_run')::boolean, false) AS dry_run,
+       identity_sync._reconcile_progress(t.id) AS reconcile_progress,
+       (SELECT max(r.finished_at) FROM identity_sync.reconcile_run r WHERE r.target_id = t.id AND r.state = 'done') AS last_reconcile
   FROM identity_sync.target t
   LEFT JOIN LATERAL (
      SELECT count(*) FILTER (WHERE state = 'active') AS active,
@@ -191,13 +193,27 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     t identity_sync.target := identity_sync._target(target);
     n int;
+    adopt bigint;
 BEGIN
-    INSERT INTO identity_sync._dirty (person_key, target_id, op, first_at)
-    SELECT k, t.id, 'resync', now() FROM unnest(identity_sync._all_person_keys()) AS k
-    ON CONFLICT DO NOTHING;
+    -- The first sync of a target that correlates (or one told to adopt) reads the target
+    -- first and links the accounts already there: the persons wait for that run, which then
+    -- plans them itself (48_reconcile.sql).
+    IF t.kind <> 'webhook' AND t.compiled IS NOT NULL AND (coalesce((t.options->>'adopt')::boolean, false)
+                                OR (t.options->>'correlate_on' IS NOT NULL
+                                    AND NOT EXISTS (SELECT FROM identity_sync.account a
+                                                     WHERE a.target_id = t.id AND a.planned_state <> 'deleted'))) THEN
+        adopt := identity_sync._reconcile_queue(t.id, 'adopt', session_user::text, false);
+        IF adopt IS NULL THEN
+            RAISE EXCEPTION 'a reconcile of target "%" is running, so its accounts cannot be adopted now', t.name
+                USING ERRCODE = 'object_in_use', HINT = 'Run resync() again when it has finished (identity_sync.reconcile_run).';
+        END IF;
+    END IF;
+    INSERT INTO identity_sync._dirty AS d (person_key, target_id, op, first_at, held_by)
+    SELECT k, t.id, 'resync', now(), adopt FROM unnest(identity_sync._all_person_keys()) AS k
+    ON CONFLICT (person_key, target_id) DO UPDATE SET held_by = excluded.held_by WHERE excluded.held_by IS NOT NULL;
     GET DIAGNOSTICS n = ROW_COUNT;
     UPDATE identity_sync.target SET resync_total = n, resync_started_at = now() WHERE id = t.id;
-    PERFORM identity_sync._audit('resync', target, NULL, jsonb_build_object('persons', n));
+    PERFORM identity_sync._audit('resync', target, NULL, jsonb_build_object('persons', n, 'adopt_run', adopt));
     PERFORM identity_sync._wake_at_commit();
     RETURN n;
 END
@@ -213,6 +229,7 @@ BEGIN
     LOOP
         IF NOT EXISTS (SELECT FROM identity_sync.change)
            AND NOT EXISTS (SELECT FROM identity_sync._dirty)
+           AND NOT EXISTS (SELECT FROM identity_sync.reconcile_run r WHERE r.state IN ('queued', 'scanning', 'comparing', 'planning'))
            AND NOT EXISTS (SELECT FROM identity_sync.event e JOIN identity_sync.target t ON t.id = e.target_id
                             WHERE e.state IN ('pending', 'sending', 'retry') AND NOT t.paused AND t.held IS NULL
                               -- events waiting behind a failed one wait for an operator, not for us
@@ -303,6 +320,14 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
         SELECT pe.at, 'plan error', t.name, jsonb_build_object('message', pe.message)
           FROM identity_sync._plan_error pe JOIN identity_sync.target t ON t.id = pe.target_id
          WHERE pe.person_key = trace.person_key
+        UNION ALL
+        SELECT f.found_at, 'reconcile ' || f.kind, t.name,
+               jsonb_strip_nulls(jsonb_build_object('run', f.run_id, 'mode', r.mode, 'remote_id', f.remote_id,
+                                  'attribute', f.attribute, 'desired', f.desired, 'actual', f.actual,
+                                  'repaired', r.mode = 'repair' AND f.repairable))
+          FROM identity_sync._finding f JOIN identity_sync.target t ON t.id = f.target_id
+          JOIN identity_sync.reconcile_run r ON r.id = f.run_id
+         WHERE f.person_key = trace.person_key
     ) AS q(at, step, target, detail)
     ORDER BY 1, 2
 $$;

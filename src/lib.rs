@@ -75,9 +75,14 @@ pgrx::extension_sql_file!(
     requires = ["deliver"]
 );
 pgrx::extension_sql_file!(
+    "../sql/48_reconcile.sql",
+    name = "reconcile",
+    requires = ["housekeeping"]
+);
+pgrx::extension_sql_file!(
     "../sql/50_status.sql",
     name = "status",
-    requires = ["housekeeping", worker_status]
+    requires = ["reconcile", worker_status]
 );
 pgrx::extension_sql_file!(
     "../sql/60_selfservice/10_login.sql",

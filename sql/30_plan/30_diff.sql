@@ -34,7 +34,9 @@ BEGIN
                a.planned_state,
                coalesce(a.seq, 0) AS seq,
                -- A person gone from HR is out of scope and, if the target deletes, past it.
-               coalesce(d.exists_now, t.options->>'delete_after' IS NULL) AS exists_now,
+               -- An orphan (reconcile, option orphans) is retired: disabled, or deleted.
+               coalesce(d.exists_now, CASE WHEN a.orphan THEN t.options->>'orphans' IS DISTINCT FROM 'delete'
+                                           ELSE t.options->>'delete_after' IS NULL END) AS exists_now,
                coalesce(d.enabled_now, false) AS enabled_now,
                coalesce(d.creatable_now, false) AS creatable_now
          -- OFFSET 0 keeps each lateral step computed once per person instead of being

@@ -47,11 +47,17 @@ DECLARE
     hold jsonb;
     m record;
     dry boolean;
+    dry_events bigint[];
     counts jsonb;
     -- Only targets that map person_ref() values need their references indexed.
     has_refs boolean := EXISTS (SELECT FROM identity_sync.mapping mp WHERE mp.target_id = t.id AND mp.expression ~* 'person_ref');
 BEGIN
     PERFORM identity_sync._desired(t, keys, today, true);
+    -- While a reconcile adopts the target's existing accounts (70_reconcile.sql), persons
+    -- without an account are linked to the scanned account that correlates first.
+    IF t.adopting IS NOT NULL THEN
+        PERFORM identity_sync._adopt(t);
+    END IF;
     PERFORM identity_sync._diff(t, keys, today);
 
     ANALYZE pg_temp._is_plan;
@@ -102,27 +108,23 @@ BEGIN
         END IF;
     END IF;
 
-    -- A dry-run target (not held) records its events as done at once, and the registry takes
-    -- the planned state as applied: the state the target would have.
+    -- A dry-run target (not held) records its events as done at once, and the registry applies
+    -- them (below, _apply_dry_run): the state the target would have.
     dry := coalesce((t.options->>'dry_run')::boolean, false) AND t.held IS NULL;
-    INSERT INTO identity_sync.event (target_id, person_key, seq, kind, payload, state, plan_id, sent_at, done_at)
-    SELECT t.id, p.person_key, p.seq + e.o, e.x->>'kind', e.x->'payload',
-           CASE WHEN t.held IS NOT NULL THEN 'held' WHEN dry THEN 'done' ELSE 'pending' END, plan_id,
-           CASE WHEN dry THEN now() END, CASE WHEN dry THEN now() END
-      FROM pg_temp._is_plan p, jsonb_array_elements(p.events) WITH ORDINALITY AS e(x, o)
-     WHERE p.n_events > 0;
-    GET DIAGNOSTICS n = ROW_COUNT;
+    WITH ins AS (
+        INSERT INTO identity_sync.event (target_id, person_key, seq, kind, payload, state, plan_id, sent_at, done_at)
+        SELECT t.id, p.person_key, p.seq + e.o, e.x->>'kind', e.x->'payload',
+               CASE WHEN t.held IS NOT NULL THEN 'held' WHEN dry THEN 'done' ELSE 'pending' END, plan_id,
+               CASE WHEN dry THEN now() END, CASE WHEN dry THEN now() END
+          FROM pg_temp._is_plan p, jsonb_array_elements(p.events) WITH ORDINALITY AS e(x, o)
+         WHERE p.n_events > 0
+        RETURNING id)
+    SELECT count(*), CASE WHEN dry THEN array_agg(id) END INTO n, dry_events FROM ins;
 
     -- The registry's planned state is what the target will look like once events are done.
-    INSERT INTO identity_sync.account AS a (target_id, person_key, planned_state, planned_attributes, planned_groups, refs, seq, planned_at,
-                                           state, attributes, groups, remote_id, applied_at)
+    INSERT INTO identity_sync.account AS a (target_id, person_key, planned_state, planned_attributes, planned_groups, refs, seq, planned_at)
     SELECT t.id, p.person_key, p.want_state, p.attributes, p.groups,
-           CASE WHEN has_refs THEN identity_sync._refs(p.attributes) ELSE '{}' END, p.seq + p.n_events, now(),
-           CASE WHEN dry THEN p.want_state ELSE 'pending' END,
-           CASE WHEN dry THEN p.attributes ELSE '{}' END,
-           CASE WHEN dry THEN p.groups ELSE '{}' END,
-           CASE WHEN dry THEN 'dry-run:' || p.person_key END,
-           CASE WHEN dry THEN now() END
+           CASE WHEN has_refs THEN identity_sync._refs(p.attributes) ELSE '{}' END, p.seq + p.n_events, now()
       FROM pg_temp._is_plan p
      -- Nothing the target sees changed: nothing to write (a resync of unchanged persons). An
      -- update folded into an earlier event leaves no event of its own but changes the plan.
@@ -133,22 +135,19 @@ BEGIN
            planned_attributes = CASE WHEN excluded.planned_state = 'deleted' THEN a.planned_attributes ELSE excluded.planned_attributes END,
            planned_groups = CASE WHEN excluded.planned_state = 'deleted' THEN '{}' ELSE excluded.planned_groups END,
            refs = excluded.refs,
-           remote_id = CASE WHEN dry THEN coalesce(a.remote_id, excluded.remote_id)
-                            WHEN a.planned_state = 'deleted' AND excluded.planned_state <> 'deleted' THEN NULL
+           remote_id = CASE WHEN a.planned_state = 'deleted' AND excluded.planned_state <> 'deleted' THEN NULL
                             ELSE a.remote_id END,
-           state = CASE WHEN dry THEN excluded.state
-                        WHEN a.planned_state = 'deleted' AND excluded.planned_state <> 'deleted' THEN 'pending'
+           state = CASE WHEN a.planned_state = 'deleted' AND excluded.planned_state <> 'deleted' THEN 'pending'
                         ELSE a.state END,
-           attributes = CASE WHEN dry AND excluded.planned_state <> 'deleted' THEN excluded.planned_attributes ELSE a.attributes END,
-           groups = CASE WHEN dry THEN excluded.planned_groups ELSE a.groups END,
-           applied_at = CASE WHEN dry THEN now() ELSE a.applied_at END,
            seq = excluded.seq,
            planned_at = excluded.planned_at
-           -- (a dry run applies what it plans; see above)
      WHERE a.planned_state IS DISTINCT FROM excluded.planned_state
         OR a.planned_attributes IS DISTINCT FROM excluded.planned_attributes
         OR a.planned_groups IS DISTINCT FROM excluded.planned_groups
         OR a.seq IS DISTINCT FROM excluded.seq;
+    IF dry THEN
+        PERFORM identity_sync._apply_dry_run(t.id, dry_events);
+    END IF;
 
     -- Unique values now held by these persons.
     FOR m IN SELECT * FROM identity_sync.mapping WHERE target_id = t.id AND is_unique LOOP
@@ -201,6 +200,7 @@ BEGIN
     DELETE FROM pg_temp._is_batch;
     WITH b AS (
         SELECT person_key, target_id FROM identity_sync._dirty
+         WHERE held_by IS NULL   -- a reconcile run plans those itself (70_reconcile.sql)
          ORDER BY first_at LIMIT batch_size FOR UPDATE SKIP LOCKED),
     d AS (
         DELETE FROM identity_sync._dirty x USING b
