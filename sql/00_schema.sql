@@ -171,6 +171,7 @@ CREATE TABLE identity_sync.account (
     PRIMARY KEY (target_id, person_key)
 );
 CREATE INDEX ON identity_sync.account USING gin (refs) WHERE refs <> '{}';
+CREATE INDEX ON identity_sync.account (target_id) WHERE orphan;
 
 -- Values of is_unique attributes in use per target.
 CREATE TABLE identity_sync._unique (

@@ -9,6 +9,79 @@
 -- Sources
 ------------------------------------------------------------------------------------------------
 
+-- Is the user text one SQL expression? It is placed inside a statement of ours ("SELECT (" text
+-- ...), so a semicolon outside string literals, quoted identifiers, dollar quotes and comments
+-- would end that statement and start another ("1); DROP TABLE x; SELECT (1"). The one check of
+-- this, for mappings, rules, owners and the login expression.
+CREATE FUNCTION identity_sync._check_single_expression(what text, expr text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n int := length(expr);
+    i int := 1;
+    j int;
+    depth int;
+    ch text;
+    tag text;
+BEGIN
+    WHILE i <= n LOOP
+        ch := substr(expr, i, 1);
+        IF ch = '''' THEN
+            -- a string literal: '' is a quote inside it, and so is \' in an E'' string
+            j := i + 1;
+            WHILE j <= n LOOP
+                IF substr(expr, j, 1) = E'\\' AND i > 1 AND lower(substr(expr, i - 1, 1)) = 'e' THEN
+                    j := j + 2;
+                ELSIF substr(expr, j, 2) = '''''' THEN
+                    j := j + 2;
+                ELSIF substr(expr, j, 1) = '''' THEN
+                    EXIT;
+                ELSE
+                    j := j + 1;
+                END IF;
+            END LOOP;
+            i := j + 1;
+        ELSIF ch = '"' THEN
+            -- a quoted identifier: "" is a quote inside it
+            j := i + 1;
+            WHILE j <= n AND (substr(expr, j, 1) <> '"' OR substr(expr, j, 2) = '""') LOOP
+                j := j + CASE WHEN substr(expr, j, 2) = '""' THEN 2 ELSE 1 END;
+            END LOOP;
+            i := j + 1;
+        ELSIF substr(expr, i, 2) = '--' THEN
+            j := strpos(substr(expr, i), E'\n');
+            i := CASE WHEN j = 0 THEN n + 1 ELSE i + j END;
+        ELSIF substr(expr, i, 2) = '/*' THEN
+            -- block comments nest
+            depth := 1;
+            i := i + 2;
+            WHILE i <= n AND depth > 0 LOOP
+                IF substr(expr, i, 2) = '/*' THEN
+                    depth := depth + 1;
+                    i := i + 2;
+                ELSIF substr(expr, i, 2) = '*/' THEN
+                    depth := depth - 1;
+                    i := i + 2;
+                ELSE
+                    i := i + 1;
+                END IF;
+            END LOOP;
+        ELSIF ch = '$' AND (i = 1 OR substr(expr, i - 1, 1) !~ '[[:alnum:]_$]')
+              AND substr(expr, i) ~ '^\$([[:alpha:]_][[:alnum:]_]*)?\$' THEN
+            -- a dollar-quoted string, up to its closing tag
+            tag := substring(substr(expr, i) FROM '^(\$(?:[[:alpha:]_][[:alnum:]_]*)?\$)');
+            j := strpos(substr(expr, i + length(tag)), tag);
+            i := CASE WHEN j = 0 THEN n + 1 ELSE i + length(tag) + j - 1 + length(tag) END;
+        ELSIF ch = ';' THEN
+            RAISE EXCEPTION '% must be a single SQL expression', what USING ERRCODE = 'syntax_error',
+                DETAIL = format('The semicolon at character %s ends it: %s', i, expr),
+                HINT = 'Write one expression without a semicolon; a subquery in parentheses is one expression.';
+        ELSE
+            i := i + 1;
+        END IF;
+    END LOOP;
+END
+$$;
+
 -- The type of a column, or an error naming the relation and listing its columns.
 CREATE FUNCTION identity_sync._column_type(rel regclass, col text, what text)
 RETURNS regtype LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -331,10 +404,7 @@ BEGIN
                     PERFORM (v->>0)::interval;
                 END IF;
             WHEN 'threshold' THEN
-                IF NOT ((jsonb_typeof(v) = 'number' AND (v->>0)::numeric >= 0)
-                        OR (jsonb_typeof(v) = 'string' AND v->>0 ~ '^\s*\d+(\.\d+)?\s*%?\s*$')) THEN
-                    RAISE EXCEPTION USING MESSAGE = 'a count such as 50 or a percentage such as ''10%''';
-                END IF;
+                PERFORM identity_sync._threshold(v);
             WHEN 'regclass' THEN
                 IF jsonb_typeof(v) <> 'string' THEN RAISE EXCEPTION USING MESSAGE = 'a table name'; END IF;
                 -- Resolved as the user writes it (their search_path), stored schema-qualified:
@@ -346,11 +416,9 @@ BEGIN
             END CASE;
         EXCEPTION WHEN OTHERS THEN
             RAISE EXCEPTION 'invalid value for option "%": %', o.key, v::text USING ERRCODE = 'invalid_parameter_value',
-                DETAIL = CASE WHEN SQLERRM IN ('a string', 'true or false', 'a positive whole number', 'a table name',
-                                               'one of none, bearer, basic, oauth2', 'an interval such as ''30 days''',
-                                               'one of report, disable, delete', 'one of report, repair',
-                                               'a count such as 50 or a percentage such as ''10%''')
-                              THEN 'Expected ' || SQLERRM || '.' ELSE SQLERRM END,
+                -- (what the checks above raise says what was expected; PostgreSQL's own errors,
+                -- such as an invalid interval, are shown as they are)
+                DETAIL = CASE WHEN SQLSTATE = 'P0001' THEN 'Expected ' || SQLERRM || '.' ELSE SQLERRM END,
                 HINT = format('%s: %s.', o.key, spec.meaning);
         END;
     END LOOP;
@@ -495,9 +563,7 @@ BEGIN
     IF expr IS NULL OR btrim(expr) = '' THEN
         RAISE EXCEPTION 'expression is empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF expr ~ ';' AND expr !~ '''' THEN
-        RAISE EXCEPTION 'expression must be a single SQL expression' USING ERRCODE = 'syntax_error', DETAIL = expr;
-    END IF;
+    PERFORM identity_sync._check_single_expression('expression', expr);
     q := 'SELECT (' || expr || E'\n) AS v ' || identity_sync._from_clause(t.options) || ' LIMIT 0';
     PERFORM identity_sync._use_user_search_path();
     RETURN identity_sync._check_expression(q, 8, expr);

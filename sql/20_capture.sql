@@ -21,13 +21,10 @@ BEGIN
     IF src.capture <> 'trigger' THEN
         RETURN;
     END IF;
-    -- The user search_path with pg_temp last, as _use_user_search_path() sets it: unlisted,
-    -- pg_temp would be searched first, and an HR writer could shadow a table the affected
-    -- query names with a temporary one inside this SECURITY DEFINER trigger.
+    -- The user search_path (pg_temp last: an HR writer must not shadow a table the affected
+    -- query names with a temporary one inside this SECURITY DEFINER trigger).
     args := CASE WHEN src.role = 'related'
-                 THEN format('%s, %L, %L, %L', src.id, src.role, src.affected,
-                             (SELECT CASE WHEN btrim(search_path) = '' THEN 'pg_temp' ELSE search_path || ', pg_temp' END
-                                FROM identity_sync._settings))
+                 THEN format('%s, %L, %L, %L', src.id, src.role, src.affected, identity_sync._user_search_path())
                  ELSE format('%s, %L, %L', src.id, src.role, src.key_column) END;
     FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete'] LOOP
         EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s FOR EACH STATEMENT EXECUTE FUNCTION identity_sync._capture(%s)',

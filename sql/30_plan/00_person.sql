@@ -7,6 +7,16 @@
 -- (20_desired) -> diff against the account registry (30_diff) -> thresholds (40_thresholds) ->
 -- events and planned state (60_plan). 50_apply applies a delivered event to the registry.
 
+-- ORDER BY choosing the primary contract (person document, self-service owners): the configured
+-- one (set_primary_contract) or the default, active first, then latest end, then latest start.
+CREATE FUNCTION identity_sync._primary_contract_order() RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce((SELECT primary_contract_order FROM identity_sync._settings), format(
+        '(contract.%1$I <= today AND (contract.%2$I IS NULL OR contract.%2$I >= today)) DESC, contract.%2$I DESC NULLS FIRST, contract.%1$I DESC',
+        c.starts_column, c.ends_column))
+      FROM identity_sync._contract_source() AS c
+$$;
+
 -- SQL text of the FROM clause that binds the names person, contract, contracts, today and
 -- iteration for one target (NULL: neutral lifecycle). $1 = keys (text[]), $2 = day, $3 = iteration.
 CREATE FUNCTION identity_sync._from_clause(opts jsonb DEFAULT '{}')
@@ -15,7 +25,7 @@ DECLARE
     p identity_sync.source := identity_sync._person_source();
     c identity_sync.source := identity_sync._contract_source();
     keytype regtype;
-    ord text := (SELECT primary_contract_order FROM identity_sync._settings);
+    ord text;
     create_before text := quote_literal(coalesce(opts->>'create_before', '0'));
     enable_before text := quote_literal(coalesce(opts->>'enable_before', '0'));
     disable_after text := quote_literal(coalesce(opts->>'disable_after', '0'));
@@ -31,9 +41,7 @@ BEGIN
     IF c.id IS NULL THEN
         sql := sql || 'CROSS JOIN LATERAL (SELECT NULL::record AS contract, NULL::record[] AS contracts, true AS _exists, true AS _enabled, true AS _creatable) AS _c ';
     ELSE
-        ord := coalesce(ord, format(
-            '(contract.%1$I <= today AND (contract.%2$I IS NULL OR contract.%2$I >= today)) DESC, contract.%2$I DESC NULLS FIRST, contract.%1$I DESC',
-            c.starts_column, c.ends_column));
+        ord := identity_sync._primary_contract_order();
         sql := sql || format(
             'LEFT JOIN LATERAL (SELECT array_agg(c ORDER BY c.%2$I, c.%3$I) AS contracts, '
             || 'coalesce(bool_or(c.%2$I::date - %5$s::interval <= today AND (%8$s::interval IS NULL OR c.%3$I IS NULL OR today <= c.%3$I::date + %8$s::interval)), false) AS _exists, '
@@ -54,15 +62,6 @@ $$;
 CREATE FUNCTION identity_sync._person_key_expr() RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT format('person.%I::text', (identity_sync._person_source()).key_column)
-$$;
-
--- ORDER BY choosing the primary contract (as in _from_clause): the configured one or the default.
-CREATE FUNCTION identity_sync._primary_contract_order() RETURNS text
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce((SELECT primary_contract_order FROM identity_sync._settings), format(
-        '(contract.%1$I <= today AND (contract.%2$I IS NULL OR contract.%2$I >= today)) DESC, contract.%2$I DESC NULLS FIRST, contract.%1$I DESC',
-        c.starts_column, c.ends_column))
-      FROM identity_sync._contract_source() AS c
 $$;
 
 CREATE FUNCTION identity_sync.person(person_key text)

@@ -1,5 +1,54 @@
 -- Applying an event to the account registry: what the target looks like once the event is
--- done. Used by delivery (_record, _record_many) and by dry runs (_complete_dry_run).
+-- done. One rule, _apply_event, used by delivery (_apply_done, for _record and _record_many)
+-- and by dry runs (_apply_dry_run, for _plan_target and _complete_dry_run).
+
+-- The applied part of an account: what the target has.
+CREATE TYPE identity_sync._applied AS (
+    state      text,
+    attributes jsonb,
+    groups     text[],
+    remote_id  text
+);
+
+-- Group names sorted and distinct, with one more (grant).
+CREATE FUNCTION identity_sync._add_group(groups text[], g text) RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT ARRAY(SELECT DISTINCT x FROM unnest(groups || g) AS x ORDER BY x)
+$$;
+
+-- THE rule: the applied state `a` of an account after `kind` (with `payload`) is done; the
+-- target's id for the account, when it gave one, is `remote_id`. No sub-query and no SET clause,
+-- so that PostgreSQL inlines it into the statements that use it.
+CREATE FUNCTION identity_sync._apply_event(a identity_sync._applied, kind text, payload jsonb, remote_id text)
+RETURNS identity_sync._applied LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT ROW(
+        CASE kind WHEN 'create' THEN CASE WHEN (payload->>'active')::boolean THEN 'active' ELSE 'disabled' END
+                  WHEN 'enable' THEN 'active'
+                  WHEN 'disable' THEN 'disabled'
+                  WHEN 'delete' THEN 'deleted'
+                  ELSE (a).state END,
+        CASE kind WHEN 'create' THEN payload->'attributes'
+                  WHEN 'update' THEN (a).attributes || (payload->'changed')
+                  ELSE (a).attributes END,
+        CASE kind WHEN 'create' THEN '{}'
+                  WHEN 'grant' THEN identity_sync._add_group((a).groups, payload->>'group')
+                  WHEN 'revoke' THEN array_remove((a).groups, payload->>'group')
+                  WHEN 'delete' THEN '{}'
+                  ELSE (a).groups END,
+        coalesce(remote_id, (a).remote_id))::identity_sync._applied
+$$;
+
+-- Several events of one account in a row (ORDER BY their seq): the aggregate of _apply_event,
+-- starting from the applied state `initial`.
+CREATE FUNCTION identity_sync._apply_event_step(s identity_sync._applied, initial identity_sync._applied,
+                                                kind text, payload jsonb, remote_id text)
+RETURNS identity_sync._applied LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT identity_sync._apply_event(coalesce(s, initial), kind, payload, remote_id)
+$$;
+CREATE AGGREGATE identity_sync._apply_events(identity_sync._applied, text, jsonb, text) (
+    SFUNC = identity_sync._apply_event_step,
+    STYPE = identity_sync._applied
+);
 
 -- Delivered: mark the events done and bring the accounts' applied state up to date. Set-based
 -- (a person has at most one event in flight, so each account is touched once).
@@ -22,23 +71,9 @@ BEGIN
     INSERT INTO pg_temp._is_done SELECT * FROM d;
     GET DIAGNOSTICS n = ROW_COUNT;
     UPDATE identity_sync.account a
-       SET remote_id = coalesce(dn.new_remote_id, a.remote_id),
-           state = CASE dn.kind
-                     WHEN 'create' THEN CASE WHEN (dn.payload->>'active')::boolean THEN 'active' ELSE 'disabled' END
-                     WHEN 'enable' THEN 'active'
-                     WHEN 'disable' THEN 'disabled'
-                     WHEN 'delete' THEN 'deleted'
-                     ELSE a.state END,
-           attributes = CASE dn.kind
-                     WHEN 'create' THEN dn.payload->'attributes'
-                     WHEN 'update' THEN a.attributes || (dn.payload->'changed')
-                     ELSE a.attributes END,
-           groups = CASE dn.kind
-                     WHEN 'create' THEN '{}'
-                     WHEN 'grant' THEN ARRAY(SELECT DISTINCT x FROM unnest(a.groups || (dn.payload->>'group')) AS x ORDER BY x)
-                     WHEN 'revoke' THEN array_remove(a.groups, dn.payload->>'group')
-                     WHEN 'delete' THEN '{}'
-                     ELSE a.groups END,
+       SET (state, attributes, groups, remote_id) = (
+               SELECT (x).* FROM (SELECT identity_sync._apply_event(ROW(a.state, a.attributes, a.groups, a.remote_id),
+                                                                   dn.kind, dn.payload, dn.new_remote_id) AS x) AS q),
            applied_at = clock_timestamp()
       FROM pg_temp._is_done dn
      WHERE a.target_id = dn.target_id AND a.person_key = dn.person_key;
@@ -70,14 +105,35 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION identity_sync._complete_dry_run(target_id int)
+-- A dry-run target's events are done as soon as they are planned (or released): the registry
+-- applies them at once, in seq order per person, as delivery would have (the account id is
+-- "dry-run:" and the person key).
+CREATE FUNCTION identity_sync._apply_dry_run(target_id int, event_ids bigint[])
 RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    UPDATE identity_sync.account a
+       SET state = (n.applied).state, attributes = (n.applied).attributes, groups = (n.applied).groups,
+           remote_id = coalesce((n.applied).remote_id, 'dry-run:' || a.person_key), applied_at = clock_timestamp()
+      FROM (SELECT e.person_key,
+                   identity_sync._apply_events(ROW(x.state, x.attributes, x.groups, x.remote_id)::identity_sync._applied,
+                                               e.kind, e.payload, NULL ORDER BY e.seq) AS applied
+              FROM identity_sync.event e
+              JOIN identity_sync.account x ON x.target_id = e.target_id AND x.person_key = e.person_key
+             WHERE e.id = ANY (event_ids) AND e.target_id = _apply_dry_run.target_id
+             GROUP BY e.person_key) AS n
+     WHERE a.target_id = _apply_dry_run.target_id AND a.person_key = n.person_key
+$$;
+
+-- release() of a held dry-run target: its released events are done at once.
+CREATE FUNCTION identity_sync._complete_dry_run(target_id int)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ids bigint[];
+BEGIN
     WITH done AS (
         UPDATE identity_sync.event e SET state = 'done', done_at = clock_timestamp(), sent_at = clock_timestamp()
          WHERE e.target_id = _complete_dry_run.target_id AND e.state = 'pending'
-        RETURNING e.person_key)
-    UPDATE identity_sync.account a
-       SET state = a.planned_state, attributes = a.planned_attributes, groups = a.planned_groups,
-           remote_id = coalesce(a.remote_id, 'dry-run:' || a.person_key), applied_at = clock_timestamp()
-     WHERE a.target_id = _complete_dry_run.target_id AND a.person_key IN (SELECT person_key FROM done)
+        RETURNING e.id)
+    SELECT array_agg(id) INTO ids FROM done;
+    PERFORM identity_sync._apply_dry_run(target_id, ids);
+END
 $$;

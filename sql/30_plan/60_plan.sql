@@ -52,8 +52,17 @@ DECLARE
     -- Only targets that map person_ref() values need their references indexed.
     has_refs boolean := EXISTS (SELECT FROM identity_sync.mapping mp WHERE mp.target_id = t.id AND mp.expression ~* 'person_ref');
 BEGIN
-    PERFORM identity_sync._desired(t, keys, today, true);
-    -- While a reconcile adopts the target's existing accounts (70_reconcile.sql), persons
+    -- Orphans (accounts of nobody that reconcile retires) have no desired state: only persons
+    -- are evaluated, and the diff retires the orphans.
+    IF EXISTS (SELECT FROM identity_sync.account a WHERE a.target_id = t.id AND a.orphan) THEN
+        PERFORM identity_sync._desired(t, ARRAY(SELECT k FROM unnest(keys) AS k
+                                                 WHERE NOT EXISTS (SELECT FROM identity_sync.account a
+                                                                    WHERE a.target_id = t.id AND a.person_key = k AND a.orphan)),
+                                       today, true);
+    ELSE
+        PERFORM identity_sync._desired(t, keys, today, true);
+    END IF;
+    -- While a reconcile adopts the target's existing accounts (48_reconcile.sql), persons
     -- without an account are linked to the scanned account that correlates first.
     IF t.adopting IS NOT NULL THEN
         PERFORM identity_sync._adopt(t);

@@ -115,9 +115,7 @@ BEGIN
         RAISE EXCEPTION 'no person source is registered' USING ERRCODE = 'object_not_in_prerequisite_state',
             HINT = 'Register one first: SELECT identity_sync.add_person_source(''hr.employee'', ''emp_no'');';
     END IF;
-    IF expression ~ ';' AND expression !~ '''' THEN
-        RAISE EXCEPTION 'expression must be a single SQL expression' USING ERRCODE = 'syntax_error', DETAIL = expression;
-    END IF;
+    PERFORM identity_sync._check_single_expression('expression', expression);
     PERFORM identity_sync._use_user_search_path();
     typ := identity_sync._check_expression(
         'SELECT (' || expression || E'\n) AS v FROM ' || p.relation::text || ' AS person LIMIT 0', 8, expression);

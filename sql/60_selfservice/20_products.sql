@@ -43,9 +43,7 @@ BEGIN
         RAISE EXCEPTION 'owners condition is empty' USING ERRCODE = 'invalid_parameter_value',
             HINT = 'For example: EXISTS (SELECT FROM dept_manager m WHERE m.emp_no = owner.emp_no AND m.dept_no = requester_contract.dept_no AND today BETWEEN m.from_date AND m.to_date)';
     END IF;
-    IF owners ~ ';' AND owners !~ '''' THEN
-        RAISE EXCEPTION 'owners must be a single SQL expression' USING ERRCODE = 'syntax_error', DETAIL = owners;
-    END IF;
+    PERFORM identity_sync._check_single_expression('owners', owners);
     -- Build the probe before switching to the user search_path (names are then qualified).
     DECLARE
         q text := 'SELECT (' || owners || E'\n) AS v ' || identity_sync._owners_from(true) || ' LIMIT 0';
