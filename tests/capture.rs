@@ -15,50 +15,25 @@ const DB: &str = "capture_test";
 
 /// A fresh database with the small employees sample and the extension, sources registered.
 fn setup() -> Client {
-    let mut c = fresh_db(DB);
-    load_employees(&mut c, "small");
-    c.batch_execute(
-        "SET client_min_messages = warning;
-         CREATE EXTENSION identity_sync;
-         SELECT identity_sync.add_person_source('employee', 'emp_no');
-         SELECT identity_sync.add_contract_source('dept_emp', 'emp_no', 'from_date', 'to_date');
-         SELECT identity_sync.add_related_source('department',
-                'SELECT de.emp_no FROM dept_emp de JOIN changed c USING (dept_no)');",
-    )
-    .expect("register the sources");
+    let mut c = sample_db(DB, "small");
+    create_extension_with_sources(&mut c);
     c
 }
 
+/// The persons marked for planning.
 fn pending(c: &mut Client) -> BTreeSet<String> {
-    c.query("SELECT person_key FROM identity_sync.pending_changes", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    column(c, "SELECT person_key FROM identity_sync.pending_changes")
 }
 
 fn outbox_rows(c: &mut Client) -> i64 {
-    c.query_one("SELECT count(*) FROM identity_sync.change", &[])
-        .unwrap()
-        .get(0)
+    count(c, "SELECT count(*) FROM identity_sync.change")
 }
 
 fn clear(c: &mut Client) {
-    c.batch_execute("DELETE FROM identity_sync.change; DELETE FROM identity_sync._dirty;")
-        .unwrap();
-}
-
-fn keys(c: &mut Client, sql: &str) -> BTreeSet<String> {
-    c.query(sql, &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
-fn error_of(c: &mut Client, sql: &str) -> postgres::error::DbError {
-    let e = c.batch_execute(sql).expect_err(sql);
-    e.as_db_error().expect("a database error").clone()
+    exec(
+        c,
+        "DELETE FROM identity_sync.change; DELETE FROM identity_sync._dirty;",
+    );
 }
 
 #[test]
@@ -106,7 +81,7 @@ fn bulk_update_writes_one_outbox_row_and_each_person_once() {
     )
     .unwrap();
     assert_eq!(outbox_rows(&mut c), 1, "one outbox row per statement");
-    let expected = keys(
+    let expected: BTreeSet<String> = column(
         &mut c,
         "SELECT DISTINCT emp_no::text FROM (SELECT emp_no, dept_no FROM dept_emp ORDER BY emp_no, dept_no LIMIT 10000) q",
     );
@@ -175,7 +150,7 @@ fn key_update_insert_delete_and_truncate() {
 
     // TRUNCATE of a source: every person of the person source is dirty.
     c.batch_execute("TRUNCATE dept_emp").unwrap();
-    let all = keys(&mut c, "SELECT emp_no::text FROM employee");
+    let all: BTreeSet<String> = column(&mut c, "SELECT emp_no::text FROM employee");
     assert_eq!(pending(&mut c), all);
 }
 
@@ -184,7 +159,7 @@ fn renaming_a_department_marks_exactly_its_members() {
     let mut c = setup();
     c.batch_execute("UPDATE department SET dept_name = 'Sales & Marketing' WHERE dept_no = 'd007'")
         .unwrap();
-    let members = keys(
+    let members: BTreeSet<String> = column(
         &mut c,
         "SELECT DISTINCT emp_no::text FROM dept_emp WHERE dept_no = 'd007'",
     );
@@ -194,12 +169,10 @@ fn renaming_a_department_marks_exactly_its_members() {
 
 #[test]
 fn snapshot_capture_of_a_view_sees_edit_insert_and_delete() {
-    let mut c = fresh_db(DB);
-    load_employees(&mut c, "small");
+    let mut c = sample_db(DB, "small");
+    create_extension(&mut c);
     c.batch_execute(
-        "SET client_min_messages = warning;
-         CREATE EXTENSION identity_sync;
-         CREATE VIEW person_view AS SELECT emp_no, first_name, last_name FROM employee;
+        "CREATE VIEW person_view AS SELECT emp_no, first_name, last_name FROM employee;
          SELECT identity_sync.add_person_source('person_view', 'emp_no');",
     )
     .unwrap();
@@ -272,7 +245,7 @@ fn boundary_check_marks_a_leaver_without_dml() {
     let dirty = pending(&mut c);
     assert!(dirty.contains("10010"), "the leaver is dirty: {dirty:?}");
     // Exactly the persons whose contracts start or end in the days crossed.
-    let expected = keys(
+    let expected: BTreeSet<String> = column(
         &mut c,
         "SELECT DISTINCT emp_no::text FROM dept_emp
           WHERE from_date > '2020-06-10' AND from_date <= '2020-06-15'
@@ -362,10 +335,8 @@ fn person_document() {
 
 #[test]
 fn bad_input_is_refused_and_leaves_nothing_behind() {
-    let mut c = fresh_db(DB);
-    load_employees(&mut c, "small");
-    c.batch_execute("SET client_min_messages = warning; CREATE EXTENSION identity_sync;")
-        .unwrap();
+    let mut c = sample_db(DB, "small");
+    create_extension(&mut c);
     let sources = |c: &mut Client| -> i64 {
         c.query_one("SELECT count(*) FROM identity_sync.source", &[])
             .unwrap()
@@ -458,10 +429,9 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
 #[test]
 fn quoted_mixed_case_and_spaced_identifiers() {
     let mut c = fresh_db(DB);
+    create_extension(&mut c);
     c.batch_execute(
-        "SET client_min_messages = warning;
-         CREATE EXTENSION identity_sync;
-         CREATE SCHEMA \"HR Data\";
+        "CREATE SCHEMA \"HR Data\";
          CREATE TABLE \"HR Data\".\"People List\" (\"Person Key\" text PRIMARY KEY, \"Given Name\" text);
          CREATE TABLE \"HR Data\".\"Job\" (\"Person Key\" text, \"Start\" date, \"End\" date);
          SELECT identity_sync.add_person_source('\"HR Data\".\"People List\"', 'Person Key');

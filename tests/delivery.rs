@@ -5,7 +5,7 @@
 //! database of the same cluster).
 //!
 //! Every test builds its own state from scratch in database `postgres` (the worker's):
-//! [`reset`] drops the extension, reloads the small employees sample and registers the sources.
+//! [`fresh`] drops the extension, reloads the small employees sample and registers the sources.
 //! Run by `scripts/test` (e2e layer, `--test-threads=1`).
 #![cfg(not(feature = "pg_test"))] // see tests/common/mod.rs
 
@@ -19,101 +19,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Fresh state: no identity_sync, the small employees sample, sources registered, no leftovers
-/// of other tests of this file (tables, foreign servers).
-fn reset(c: &mut Client) {
-    // The worker may be busy with the previous test's state: a deadlock with it is retried.
-    let mut tries = 0;
-    while let Err(e) = c.batch_execute(
-        "DROP EXTENSION IF EXISTS identity_sync CASCADE;
-         DROP TABLE IF EXISTS public.app_users;
-         DROP EXTENSION IF EXISTS postgres_fdw CASCADE;",
-    ) {
-        tries += 1;
-        let deadlock = e.code() == Some(&postgres::error::SqlState::T_R_DEADLOCK_DETECTED);
-        assert!(
-            deadlock && tries < 10,
-            "drop the extension and leftovers: {e:?}"
-        );
-    }
-    load_employees("postgres", "small");
-    for sql in [
-        "CREATE EXTENSION identity_sync",
-        "SELECT identity_sync.add_person_source('employee', 'emp_no')",
-        "SELECT identity_sync.add_contract_source('dept_emp', 'emp_no', 'from_date', 'to_date')",
-        "SELECT identity_sync.add_related_source('department',
-                'SELECT de.emp_no FROM dept_emp de JOIN changed c USING (dept_no)')",
-    ] {
-        exec(c, sql);
-    }
-}
-
-/// Drops the extension when a test ends (also after a failed assertion), so that no target of
-/// this file (pointing at a receiver that is gone) keeps the worker busy in later tests.
-struct DropExtension;
-
-impl Drop for DropExtension {
-    fn drop(&mut self) {
-        if let Ok(mut c) = config("postgres").connect(NoTls) {
-            for _ in 0..10 {
-                if c.batch_execute("DROP EXTENSION IF EXISTS identity_sync CASCADE")
-                    .is_ok()
-                {
-                    break;
-                }
-            }
-        }
-    }
-}
-
-fn exec(c: &mut Client, sql: &str) {
-    c.batch_execute(sql)
-        .unwrap_or_else(|e| panic!("{sql}\n→ {e:?}"));
-}
-
-fn q_i64(c: &mut Client, sql: &str) -> i64 {
-    c.query_one(sql, &[])
-        .unwrap_or_else(|e| panic!("{sql}\n→ {e:?}"))
-        .get(0)
-}
-
-fn q_text(c: &mut Client, sql: &str) -> Option<String> {
-    c.query_one(sql, &[])
-        .unwrap_or_else(|e| panic!("{sql}\n→ {e:?}"))
-        .get(0)
-}
-
-fn q_texts(c: &mut Client, sql: &str) -> Vec<String> {
-    c.query(sql, &[])
-        .unwrap_or_else(|e| panic!("{sql}\n→ {e:?}"))
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
-fn wait_idle(c: &mut Client, timeout_s: u32) {
-    let idle: bool = c
-        .query_one(
-            &format!("SELECT identity_sync.wait_idle('{timeout_s} s')"),
-            &[],
-        )
-        .expect("wait_idle")
-        .get(0);
-    if !idle {
-        let status = q_text(
-            c,
-            "SELECT string_agg(format('%s: %s', target, to_jsonb(s) - 'target'), E'\n') FROM identity_sync.status s",
-        );
-        panic!(
-            "not idle within {timeout_s} s; status:\n{}",
-            status.unwrap_or_default()
-        );
-    }
+/// Fresh state in the worker's database (`postgres`): no identity_sync, the small employees
+/// sample, sources registered, no leftovers of other tests of this file (tables, foreign
+/// servers); the extension is dropped again when the returned guard goes.
+fn fresh() -> (DropExtension, Client) {
+    let cleanup = DropExtension;
+    let mut c = db();
+    reset_with_sample(
+        &mut c,
+        "small",
+        "DROP TABLE IF EXISTS public.app_users; DROP EXTENSION IF EXISTS postgres_fdw CASCADE;",
+    );
+    (cleanup, c)
 }
 
 /// Events of one target that are not done, for failure messages.
 fn undone(c: &mut Client, target: &str) -> String {
-    q_text(
+    one::<Option<String>>(
         c,
         &format!(
             "SELECT coalesce(string_agg(format('%s %s %s %s %s', id, person_key, kind, state, last_error), E'\n'), '')
@@ -121,6 +43,26 @@ fn undone(c: &mut Client, target: &str) -> String {
         ),
     )
     .unwrap_or_default()
+}
+
+/// Move the clock forward by `interval`, then wait up to 30 s until the account of `person` in
+/// `target` has `state`; else fail with `failure` and the target's events that are not done.
+fn move_clock_until(
+    c: &mut Client,
+    interval: &str,
+    (target, person, state): (&str, i32, &str),
+    failure: &str,
+) {
+    exec(
+        c,
+        &format!("SELECT identity_sync.set_clock(identity_sync._now() + interval '{interval}')"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || account_state(c, target, person)
+            == state),
+        "{failure}:\n{}",
+        undone(c, target)
+    );
 }
 
 /// The primary contract of every person on the planner's day (the default order: active
@@ -214,7 +156,7 @@ fn assert_all_delivered(c: &mut Client, target: &str, got: &[Hook]) -> usize {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let total = q_i64(
+    let total = count(
         c,
         &format!("SELECT count(*) FROM identity_sync.events WHERE target = '{target}'"),
     );
@@ -237,7 +179,7 @@ fn assert_all_delivered(c: &mut Client, target: &str, got: &[Hook]) -> usize {
 
 /// A Standard Webhooks secret: `whsec_` + base64 of 24 random bytes (made by PostgreSQL).
 fn new_webhook_secret(c: &mut Client) -> String {
-    q_text(
+    one::<Option<String>>(
         c,
         "SELECT 'whsec_' || encode(decode(md5(random()::text) || substr(md5(random()::text), 1, 16), 'hex'), 'base64')",
     )
@@ -279,10 +221,7 @@ for line in open(sys.argv[2]):
         print("invalid:", r["headers"].get("webhook-id"), repr(e), file=sys.stderr)
 print(ok, bad)
 "#;
-    let venv = std::env::var_os("IDSYNC_VENV")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| repo_dir().join(".venv"));
-    let out = Command::new(venv.join("bin/python"))
+    let out = Command::new(venv_dir().join("bin/python"))
         .arg("-c")
         .arg(script)
         .arg(secret)
@@ -323,59 +262,24 @@ fn add_webhook_target(
     );
 }
 
+/// [`add_webhook_target`] `hook` over `receiver`'s `/`, for the persons of department d001,
+/// without groups.
+fn add_d001_hook(c: &mut Client, receiver: &WebhookReceiver, options: &str) {
+    add_webhook_target(
+        c,
+        "hook",
+        &receiver.url("/"),
+        options,
+        "contract.dept_no = 'd001'",
+        "{}",
+    );
+}
+
 // ------------------------------------------------------------------------------------------
 // SCIM
 // ------------------------------------------------------------------------------------------
 
 const ENTERPRISE: &str = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
-
-fn scim_user(scim: &ScimServer, id: &str) -> (u16, Value) {
-    let (status, body) = scim.get(&format!("/Users/{id}")).expect("GET user");
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
-
-/// Member ids of the group with that displayName (empty when there is no such group).
-fn scim_group_members(scim: &ScimServer, name: &str) -> BTreeSet<String> {
-    let v = scim.get_json("/Groups?count=10000");
-    let groups = v["Resources"].as_array().cloned().unwrap_or_default();
-    let matching: Vec<&Value> = groups.iter().filter(|g| g["displayName"] == name).collect();
-    assert!(
-        matching.len() <= 1,
-        "group {name} exists {} times",
-        matching.len()
-    );
-    matching
-        .first()
-        .and_then(|g| g["members"].as_array())
-        .map(|m| {
-            m.iter()
-                .filter_map(|x| x["value"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// `METHOD /v2/Users/<id>` lines in the scim2-server's request log.
-fn scim_log_count(scim: &ScimServer, method: &str, id: &str) -> usize {
-    let needle = format!("\"{method} /v2/Users/{id} ");
-    scim.log().lines().filter(|l| l.contains(&needle)).count()
-}
-
-fn remote_id(c: &mut Client, target: &str, person: i32) -> String {
-    q_text(
-        c,
-        &format!("SELECT remote_id FROM identity_sync.accounts WHERE target = '{target}' AND person_key = '{person}'"),
-    )
-    .unwrap_or_else(|| panic!("person {person} has no account id in {target}"))
-}
-
-fn account_state(c: &mut Client, target: &str, person: i32) -> String {
-    q_text(
-        c,
-        &format!("SELECT state FROM identity_sync.accounts WHERE target = '{target}' AND person_key = '{person}'"),
-    )
-    .unwrap_or_default()
-}
 
 /// Persons currently in d001 without any d006 contract, by emp_no.
 fn d001_people(c: &mut Client, n: i64) -> Vec<i32> {
@@ -397,9 +301,7 @@ fn d001_people(c: &mut Client, n: i64) -> Vec<i32> {
 /// delete after `delete_after`.
 #[test]
 fn scim_full_story() {
-    let _cleanup = DropExtension;
-    let mut c = db();
-    reset(&mut c);
+    let (_cleanup, mut c) = fresh();
     let scim = ScimServer::start();
     let people = d001_people(&mut c, 5);
     let (pre, renamed, mover, leaver, deleted) =
@@ -447,7 +349,7 @@ fn scim_full_story() {
     wait_idle(&mut c, 120);
 
     // Initial sync: exactly the persons in scope, each once on the server.
-    let expected = q_texts(
+    let expected = column::<String, Vec<_>>(
         &mut c,
         // in scope and working today: a first sync creates no accounts for persons who left
         &format!("SELECT emp_no::text FROM {PRIMARY} pc WHERE dept_no IN ('d001', 'd006')
@@ -459,7 +361,7 @@ fn scim_full_story() {
         "scope is a few dozen persons: {}",
         expected.len()
     );
-    let accounts = q_texts(
+    let accounts = column::<String, Vec<_>>(
         &mut c,
         "SELECT person_key FROM identity_sync.accounts WHERE target = 'scim' AND remote_id IS NOT NULL
             AND state IN ('active', 'disabled') ORDER BY person_key",
@@ -489,19 +391,17 @@ fn scim_full_story() {
     let active_on_server = users.iter().filter(|u| u["active"] == true).count() as i64;
     assert_eq!(
         active_on_server,
-        q_i64(&mut c, "SELECT count(*) FROM identity_sync.accounts WHERE target = 'scim' AND state = 'active'"),
+        count(&mut c, "SELECT count(*) FROM identity_sync.accounts WHERE target = 'scim' AND state = 'active'"),
         "active on the server = active in the registry"
     );
-    let marketing_ids: BTreeSet<String> = q_texts(
+    let marketing_ids: BTreeSet<String> = column(
         &mut c,
         &format!(
             "SELECT a.remote_id FROM identity_sync.accounts a JOIN {PRIMARY} pc ON pc.emp_no::text = a.person_key
               WHERE a.target = 'scim' AND pc.dept_no = 'd001'"
         ),
-    )
-    .into_iter()
-    .collect();
-    assert_eq!(scim_group_members(&scim, "marketing"), marketing_ids);
+    );
+    assert_eq!(scim.group_members("marketing"), marketing_ids);
     println!(
         "initial sync: {} users, {} marketing members",
         users.len(),
@@ -510,14 +410,14 @@ fn scim_full_story() {
 
     // Name change: one PATCH of exactly that attribute.
     let rid = remote_id(&mut c, "scim", renamed);
-    let (_, before) = scim_user(&scim, &rid);
-    let patches = scim_log_count(&scim, "PATCH", &rid);
+    let (_, before) = scim.user(&rid);
+    let patches = scim.log_count("PATCH", &rid);
     exec(
         &mut c,
         &format!("UPDATE employee SET last_name = 'Renamed-Person' WHERE emp_no = {renamed}"),
     );
     wait_idle(&mut c, 30);
-    let changed = q_text(
+    let changed = one::<Option<String>>(
         &mut c,
         &format!(
             "SELECT string_agg(kind || ' ' || (payload->'changed')::text, '; ' ORDER BY seq) FROM identity_sync.events
@@ -529,12 +429,12 @@ fn scim_full_story() {
         Some(r#"update {"name.familyName": "Renamed-Person"}"#)
     );
     assert_eq!(
-        scim_log_count(&scim, "PATCH", &rid),
+        scim.log_count("PATCH", &rid),
         patches + 1,
         "exactly one PATCH"
     );
-    assert_eq!(scim_log_count(&scim, "PUT", &rid), 0, "no PUT");
-    let (_, after) = scim_user(&scim, &rid);
+    assert_eq!(scim.log_count("PUT", &rid), 0, "no PUT");
+    let (_, after) = scim.user(&rid);
     assert_eq!(after["name"]["familyName"], "Renamed-Person");
     assert_eq!(after["name"]["givenName"], before["name"]["givenName"]);
     assert_eq!(
@@ -544,7 +444,7 @@ fn scim_full_story() {
 
     // Department move: d001 → d006; membership moves from marketing to quality.
     let mid = remote_id(&mut c, "scim", mover);
-    assert!(scim_group_members(&scim, "marketing").contains(&mid));
+    assert!(scim.group_members("marketing").contains(&mid));
     exec(
         &mut c,
         &format!(
@@ -555,7 +455,7 @@ fn scim_full_story() {
         ),
     );
     wait_idle(&mut c, 30);
-    let kinds = q_text(
+    let kinds = one::<Option<String>>(
         &mut c,
         &format!(
             "SELECT string_agg(kind || coalesce(' ' || (payload->>'group'), ''), ', ' ORDER BY kind) FROM identity_sync.events
@@ -567,14 +467,14 @@ fn scim_full_story() {
         Some("grant quality, revoke marketing, update")
     );
     assert!(
-        !scim_group_members(&scim, "marketing").contains(&mid),
+        !scim.group_members("marketing").contains(&mid),
         "still in marketing"
     );
     assert!(
-        scim_group_members(&scim, "quality").contains(&mid),
+        scim.group_members("quality").contains(&mid),
         "not in quality"
     );
-    let (_, u) = scim_user(&scim, &mid);
+    let (_, u) = scim.user(&mid);
     assert_eq!(u[ENTERPRISE]["department"], "d006");
     assert_eq!(u["active"], true);
 
@@ -590,20 +490,15 @@ fn scim_full_story() {
         "active",
         "active on the last day"
     );
-    assert_eq!(scim_user(&scim, &lid).1["active"], true);
-    exec(
+    assert_eq!(scim.user(&lid).1["active"], true);
+    move_clock_until(
         &mut c,
-        "SELECT identity_sync.set_clock(identity_sync._now() + interval '1 day')",
-    );
-    assert!(
-        wait_until(Duration::from_secs(30), || account_state(
-            &mut c, "scim", leaver
-        ) == "disabled"),
-        "not disabled the day after the last day:\n{}",
-        undone(&mut c, "scim")
+        "1 day",
+        ("scim", leaver, "disabled"),
+        "not disabled the day after the last day",
     );
     wait_idle(&mut c, 30);
-    let (_, u) = scim_user(&scim, &lid);
+    let (_, u) = scim.user(&lid);
     assert_eq!(
         u["active"], false,
         "the server still has the leaver active: {u}"
@@ -623,7 +518,7 @@ fn scim_full_story() {
         "same account id after the rehire"
     );
     assert_eq!(account_state(&mut c, "scim", leaver), "active");
-    let (status, u) = scim_user(&scim, &lid);
+    let (status, u) = scim.user(&lid);
     assert_eq!((status, &u["active"]), (200, &json!(true)), "rehired: {u}");
     assert_eq!(
         scim.users()
@@ -646,28 +541,19 @@ fn scim_full_story() {
     );
     wait_idle(&mut c, 30);
     assert_eq!(account_state(&mut c, "scim", deleted), "disabled");
-    assert_eq!(scim_user(&scim, &did).0, 200, "deleted too early");
-    exec(
+    assert_eq!(scim.user(&did).0, 200, "deleted too early");
+    move_clock_until(
         &mut c,
-        "SELECT identity_sync.set_clock(identity_sync._now() + interval '31 days')",
+        "31 days",
+        ("scim", deleted, "deleted"),
+        "not deleted after delete_after",
     );
-    assert!(
-        wait_until(Duration::from_secs(30), || account_state(
-            &mut c, "scim", deleted
-        ) == "deleted"),
-        "not deleted after delete_after:\n{}",
-        undone(&mut c, "scim")
-    );
-    assert_eq!(
-        scim_user(&scim, &did).0,
-        404,
-        "the user is still on the server"
-    );
+    assert_eq!(scim.user(&did).0, 404, "the user is still on the server");
     wait_idle(&mut c, 30);
     // nothing else was touched: every other account is still there, once
     assert_eq!(scim.users().len(), expected.len() - 1);
     assert_eq!(
-        q_i64(
+        count(
             &mut c,
             "SELECT count(*) FROM identity_sync.events WHERE state <> 'done'"
         ),
@@ -681,9 +567,7 @@ fn scim_full_story() {
 /// package, and per-person order holds across more than 1,000 events.
 #[test]
 fn webhook_signatures_and_order() {
-    let _cleanup = DropExtension;
-    let mut c = db();
-    reset(&mut c);
+    let (_cleanup, mut c) = fresh();
     let hook = WebhookReceiver::start();
     let secret = new_webhook_secret(&mut c);
     add_webhook_target(
@@ -711,7 +595,7 @@ fn webhook_signatures_and_order() {
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut round = 0;
     loop {
-        let n = q_i64(
+        let n = count(
             &mut c,
             "SELECT count(*) FROM identity_sync.events WHERE kind = 'update'",
         );
@@ -775,9 +659,7 @@ fn webhook_signatures_and_order() {
 /// disable (active column) and delete.
 #[test]
 fn table_targets_local_and_postgres_fdw() {
-    let _cleanup = DropExtension;
-    let mut c = db();
-    reset(&mut c);
+    let (_cleanup, mut c) = fresh();
     const DDL: &str =
         "CREATE TABLE app_users (emp_no int PRIMARY KEY, first_name text, last_name text,
                                                dept text, active boolean NOT NULL DEFAULT true)";
@@ -828,16 +710,16 @@ fn table_targets_local_and_postgres_fdw() {
     const ACTUAL: &str =
         "SELECT format('%s|%s|%s|%s|%s', emp_no, first_name, last_name, dept, active) FROM app_users ORDER BY emp_no";
     let check = |c: &mut Client, r: &mut Client, when: &str| {
-        let expected = q_texts(c, &expected_sql);
+        let expected = column::<String, Vec<_>>(c, &expected_sql);
         assert!(expected.len() > 30, "{when}: scope is a few dozen persons");
         assert_eq!(
-            q_texts(c, ACTUAL),
+            column::<String, Vec<_>>(c, ACTUAL),
             expected,
             "{when}: local table\n{}",
             undone(c, "local")
         );
         assert_eq!(
-            q_texts(r, ACTUAL),
+            column::<String, Vec<_>>(r, ACTUAL),
             expected,
             "{when}: table behind postgres_fdw\n{}",
             undone(c, "remote")
@@ -884,7 +766,7 @@ fn table_targets_local_and_postgres_fdw() {
             "the deleted person's row is gone"
         );
     }
-    let kinds = q_texts(
+    let kinds = column::<String, Vec<_>>(
         &mut c,
         "SELECT DISTINCT kind FROM identity_sync.events WHERE state = 'done' ORDER BY kind",
     );
@@ -901,7 +783,7 @@ fn table_targets_local_and_postgres_fdw() {
         &format!("UPDATE employee SET first_name = 'Retried' WHERE emp_no = {renamed}"),
     );
     assert!(
-        wait_until(Duration::from_secs(30), || q_i64(
+        wait_until(Duration::from_secs(30), || count(
             &mut c,
             "SELECT count(*) FROM identity_sync.events WHERE target = 'remote' AND state = 'retry'
                 AND last_error LIKE 'could not connect%'"
@@ -910,7 +792,7 @@ fn table_targets_local_and_postgres_fdw() {
         undone(&mut c, "remote")
     );
     assert!(
-        wait_until(Duration::from_secs(30), || q_text(
+        wait_until(Duration::from_secs(30), || one::<Option<String>>(
             &mut c,
             &format!("SELECT first_name FROM app_users WHERE emp_no = {renamed}")
         )
@@ -937,7 +819,7 @@ fn table_targets_local_and_postgres_fdw() {
                 .is_empty()
         }),
         "the leaver's remote row is not deleted after delete_after; the leaver's story:\n{}",
-        q_text(
+        one::<Option<String>>(
             &mut c,
             &format!(
                 "SELECT concat_ws(E'\\n',
@@ -958,64 +840,13 @@ fn table_targets_local_and_postgres_fdw() {
         .unwrap();
 }
 
-/// After the worker `old` was killed or terminated: a session that works, once a new worker runs
-/// (sessions opened meanwhile may be ended by the postmaster's crash recovery).
-fn reconnect_to_new_worker(old: i32) -> Client {
-    let mut client = None;
-    let back = wait_until(Duration::from_secs(30), || {
-        let Ok(mut c) = config("postgres").connect(NoTls) else {
-            return false;
-        };
-        let new = c
-            .query_opt(
-                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'identity_sync worker'",
-                &[],
-            )
-            .ok()
-            .flatten()
-            .map(|r| r.get::<_, i32>(0));
-        if new.is_some_and(|p| p != old) {
-            client = Some(c);
-            return true;
-        }
-        false
-    });
-    assert!(
-        back,
-        "no new worker within 30 s after worker {old} went away"
-    );
-    client.unwrap()
-}
-
-fn kill_9(pid: i32) {
-    let as_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n");
-    let mut cmd = if as_root.unwrap_or(false) {
-        Command::new("kill")
-    } else {
-        let mut c = Command::new("sudo");
-        c.args(["-n", "kill"]);
-        c
-    };
-    let st = cmd
-        .arg("-KILL")
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(st.success(), "kill -KILL {pid} failed");
-}
-
 /// Issue 6 acceptance: `kill -9` of the worker in the middle of delivering 5,000 events. Every
 /// event is delivered at least once, per-person order holds, and the duplicates are no more
 /// than the events that were in flight.
 #[test]
 fn kill_9_during_delivery() {
     let _restore = EnsureWorker;
-    let _cleanup = DropExtension;
-    let mut c = db();
-    reset(&mut c);
+    let (_cleanup, mut c) = fresh();
     let hook = WebhookReceiver::start_with(|_| Response::ok().delay(Duration::from_millis(15)));
     // every person: a create and 4 grants = 5,000 events for the 1,000 persons (disable_after
     // of a century: the sample's leavers get accounts too)
@@ -1034,20 +865,20 @@ fn kill_9_during_delivery() {
         hook.count()
     );
     let pid = worker_pid(&mut c).expect("worker runs");
-    kill_9(pid);
+    kill("KILL", pid);
     let killed_at = hook.count();
     drop(c);
 
     // The postmaster restarts every backend; the worker comes back and finishes.
     let mut c = reconnect_to_new_worker(pid);
     wait_idle(&mut c, 120);
-    let total = q_i64(&mut c, "SELECT count(*) FROM identity_sync.events");
+    let total = count(&mut c, "SELECT count(*) FROM identity_sync.events");
     assert_eq!(total, 5000);
     let got = hooks(&hook);
     assert_all_delivered(&mut c, "hook", &got);
     let dup = check_order(&mut c, "hook", &got);
     // Events claimed twice: the ones in flight when the worker died (the receiver never fails).
-    let in_flight = q_i64(
+    let in_flight = count(
         &mut c,
         "SELECT count(*) FROM identity_sync.events WHERE attempts > 1",
     );
@@ -1061,7 +892,7 @@ fn kill_9_during_delivery() {
         .filter(|(_, n)| **n > 1)
         .map(|(id, _)| *id)
         .collect();
-    let again: BTreeSet<i64> = q_texts(
+    let again: BTreeSet<i64> = column::<String, Vec<_>>(
         &mut c,
         "SELECT id::text FROM identity_sync.events WHERE attempts > 1",
     )
@@ -1102,9 +933,7 @@ fn kill_9_during_delivery() {
 /// injected failure more than events; a healthy target is not held up meanwhile.
 #[test]
 fn flaky_target_retries_with_backoff() {
-    let _cleanup = DropExtension;
-    let mut c = db();
-    reset(&mut c);
+    let (_cleanup, mut c) = fresh();
     // Fault plan per event id: how the first attempts fail.
     fn plan(id: i64) -> &'static [&'static str] {
         match id % 8 {
@@ -1242,9 +1071,7 @@ fn flaky_target_retries_with_backoff() {
 /// persons; that person's later events wait; `retry` re-sends and `skip` lets the rest go.
 #[test]
 fn rejected_event_blocks_only_its_person() {
-    let _cleanup = DropExtension;
-    let mut c = db();
-    reset(&mut c);
+    let (_cleanup, mut c) = fresh();
     let reject: Arc<Mutex<String>> = Arc::new(Mutex::new("Rejected".into()));
     let bad = reject.clone();
     let hook = WebhookReceiver::start_with(move |req| {
@@ -1255,14 +1082,7 @@ fn rejected_event_blocks_only_its_person() {
             Response::ok()
         }
     });
-    add_webhook_target(
-        &mut c,
-        "hook",
-        &hook.url("/"),
-        "{}",
-        "contract.dept_no = 'd001'",
-        "{}",
-    );
+    add_d001_hook(&mut c, &hook, "{}");
     exec(&mut c, "SELECT identity_sync.resync('hook')");
     wait_idle(&mut c, 60);
     let people = d001_people(&mut c, 2);
@@ -1336,7 +1156,7 @@ fn rejected_event_blocks_only_its_person() {
         "the later event of the rejected person must wait"
     );
     assert_eq!(requests_for(u2), 0);
-    let status: String = q_text(
+    let status: String = one::<Option<String>>(
         &mut c,
         "SELECT state FROM identity_sync.status WHERE target = 'hook'",
     )
@@ -1381,7 +1201,8 @@ fn rejected_event_blocks_only_its_person() {
     assert_eq!(requests_for(u3), 2);
     let got = hooks(&hook);
     check_order(&mut c, "hook", &got);
-    let states = q_texts(&mut c, "SELECT DISTINCT state FROM identity_sync.events");
+    let states =
+        column::<String, Vec<_>>(&mut c, "SELECT DISTINCT state FROM identity_sync.events");
     assert_eq!(states, ["done"]);
 }
 
@@ -1390,9 +1211,7 @@ fn rejected_event_blocks_only_its_person() {
 #[test]
 fn sigterm_stops_worker_promptly_with_requests_in_flight() {
     let _restore = EnsureWorker;
-    let _cleanup = DropExtension;
-    let mut c = db();
-    reset(&mut c);
+    let (_cleanup, mut c) = fresh();
     let slow = Arc::new(AtomicBool::new(true));
     let s = slow.clone();
     let hook = WebhookReceiver::start_with(move |_| {
@@ -1402,14 +1221,7 @@ fn sigterm_stops_worker_promptly_with_requests_in_flight() {
             Response::ok()
         }
     });
-    add_webhook_target(
-        &mut c,
-        "hook",
-        &hook.url("/"),
-        r#"{"max_concurrency": 4}"#,
-        "contract.dept_no = 'd001'",
-        "{}",
-    );
+    add_d001_hook(&mut c, &hook, r#"{"max_concurrency": 4}"#);
     exec(&mut c, "SELECT identity_sync.resync('hook')");
     assert!(
         hook.wait_for(4, Duration::from_secs(30)),

@@ -31,26 +31,6 @@ fn control_comment() -> String {
         .expect("identity_sync.control has a comment")
 }
 
-fn kill(signal: &str, pid: i32) {
-    let as_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n");
-    let mut cmd = if as_root.unwrap_or(false) {
-        Command::new("kill")
-    } else {
-        let mut c = Command::new("sudo");
-        c.args(["-n", "kill"]);
-        c
-    };
-    let st = cmd
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(st.success(), "kill -{signal} {pid} failed");
-}
-
 /// Issue acceptance (i): a preloaded cluster runs one `identity_sync worker`, connected to the
 /// database named by `identity_sync.database` (default `postgres`).
 #[test]

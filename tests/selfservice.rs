@@ -14,7 +14,6 @@ mod common;
 use common::*;
 use postgres::error::SqlState;
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::Duration;
 
 /// Long enough for a slow CI machine; the waits end as soon as the outcome is there.
@@ -31,35 +30,6 @@ const HEAD_OF_DEPARTMENT: &str = "EXISTS (SELECT FROM dept_manager m \
      WHERE m.emp_no = owner.emp_no AND m.dept_no = requester_contract.dept_no \
        AND today BETWEEN m.from_date AND m.to_date)";
 
-fn describe(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(d) => format!(
-            "{}: {} (detail: {:?}, hint: {:?})",
-            d.code().code(),
-            d.message(),
-            d.detail(),
-            d.hint()
-        ),
-        None => e.to_string(),
-    }
-}
-
-fn exec(c: &mut Client, sql: &str) {
-    if let Err(e) = c.batch_execute(sql) {
-        panic!("{}\nin:\n{sql}", describe(&e));
-    }
-}
-
-fn one<T: postgres::types::FromSqlOwned>(
-    c: &mut Client,
-    sql: &str,
-    params: &[&(dyn postgres::types::ToSql + Sync)],
-) -> T {
-    c.query_one(sql, params)
-        .unwrap_or_else(|e| panic!("{}\nin:\n{sql}", describe(&e)))
-        .get(0)
-}
-
 /// A session of employee `emp_no`, logged in with its own role `emp_<emp_no>`.
 fn login(cluster: &Cluster, emp_no: &str) -> Client {
     let mut config = cluster.config("hr");
@@ -67,30 +37,8 @@ fn login(cluster: &Cluster, emp_no: &str) -> Client {
     connect(&config)
 }
 
-/// The request ids a query returns, as a set.
-fn ids(c: &mut Client, sql: &str) -> BTreeSet<i64> {
-    c.query(sql, &[])
-        .unwrap_or_else(|e| panic!("{}\nin:\n{sql}", describe(&e)))
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 fn set(ids: &[i64]) -> BTreeSet<i64> {
     ids.iter().copied().collect()
-}
-
-/// The member ids of the SCIM group called `name` (empty when the group does not exist).
-fn members(scim: &ScimServer, name: &str) -> Vec<String> {
-    let groups = scim.get_json("/Groups?count=1000");
-    groups["Resources"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|g| g["displayName"] == name)
-        .flat_map(|g| g["members"].as_array().cloned().unwrap_or_default())
-        .filter_map(|m| m["value"].as_str().map(str::to_string))
-        .collect()
 }
 
 /// Approving `request_id` as `who` fails with insufficient_privilege; returns the message.
@@ -115,20 +63,7 @@ fn approve_is_refused(who: &mut Client, request_id: i64) -> String {
 fn setup(cluster: &Cluster, scim: &ScimServer) -> Client {
     let mut admin = cluster.client("postgres");
     exec(&mut admin, "CREATE DATABASE hr");
-    let out = Command::new("bash")
-        .arg(scripts_dir().join("load-employees"))
-        .args(["hr", "small"])
-        .env("PGHOST", "127.0.0.1")
-        .env("PGPORT", cluster.port().to_string())
-        .env("PGUSER", "postgres")
-        .output()
-        .expect("run scripts/load-employees");
-    assert!(
-        out.status.success(),
-        "scripts/load-employees failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cluster.load_employees("hr", "small");
     for emp in [REQUESTER, MANAGER, COLLEAGUE, FORMER_MANAGER] {
         exec(&mut admin, &format!("CREATE ROLE emp_{emp} LOGIN"));
     }
@@ -159,10 +94,7 @@ fn setup(cluster: &Cluster, scim: &ScimServer) -> Client {
             owners = HEAD_OF_DEPARTMENT
         ),
     );
-    assert!(
-        one::<bool>(&mut hr, "SELECT identity_sync.wait_idle('120s')", &[]),
-        "the initial sync did not finish"
-    );
+    wait_idle(&mut hr, 120); // the initial sync
     hr
 }
 
@@ -182,7 +114,7 @@ fn self_service_requests_are_approved_by_owners_from_hr_data() {
     );
     let scim = ScimServer::start();
     let mut hr = setup(&cluster, &scim);
-    let uid: String = one(
+    let uid: String = one_with(
         &mut hr,
         "SELECT remote_id FROM identity_sync.accounts WHERE target = 'scim' AND person_key = $1 AND state = 'active'",
         &[&REQUESTER],
@@ -194,7 +126,7 @@ fn self_service_requests_are_approved_by_owners_from_hr_data() {
     let mut colleague = login(&cluster, COLLEAGUE);
     let mut former = login(&cluster, FORMER_MANAGER);
     assert_eq!(
-        one::<String>(&mut requester, "SELECT identity_sync.current_person()", &[]),
+        one::<String>(&mut requester, "SELECT identity_sync.current_person()"),
         REQUESTER
     );
 
@@ -202,7 +134,6 @@ fn self_service_requests_are_approved_by_owners_from_hr_data() {
     let vpn: i64 = one(
         &mut requester,
         "SELECT identity_sync.request_access('vpn', 'working from home')",
-        &[],
     );
     let msg = approve_is_refused(&mut colleague, vpn);
     assert!(
@@ -217,7 +148,7 @@ fn self_service_requests_are_approved_by_owners_from_hr_data() {
         "former manager: {msg}"
     );
     assert_eq!(
-        one::<String>(
+        one_with::<String>(
             &mut hr,
             "SELECT state FROM identity_sync.request WHERE id = $1",
             &[&vpn]
@@ -228,14 +159,14 @@ fn self_service_requests_are_approved_by_owners_from_hr_data() {
 
     // --- The head of the requester's department approves: the group reaches the target --------
     assert_eq!(
-        ids(
+        column::<i64, BTreeSet<_>>(
             &mut manager,
             "SELECT request_id FROM identity_sync.my_approvals WHERE can_decide"
         ),
         set(&[vpn])
     );
     assert_eq!(
-        one::<String>(
+        one_with::<String>(
             &mut manager,
             "SELECT identity_sync.approve($1, 'ok')",
             &[&vpn]
@@ -243,13 +174,13 @@ fn self_service_requests_are_approved_by_owners_from_hr_data() {
         "approved"
     );
     assert!(
-        wait_until(PATIENCE, || members(&scim, "vpn-users").contains(&uid)),
+        wait_until(PATIENCE, || scim.group_members("vpn-users").contains(&uid)),
         "the requester's user never became a member of vpn-users in scim2-server; groups: {}",
         scim.get_json("/Groups")
     );
     assert!(
         wait_until(PATIENCE, || {
-            one::<Option<String>>(
+            one_with::<Option<String>>(
                 &mut requester,
                 "SELECT grant_status FROM identity_sync.my_requests WHERE request_id = $1",
                 &[&vpn],
@@ -264,7 +195,6 @@ fn self_service_requests_are_approved_by_owners_from_hr_data() {
     let colleague_vpn: i64 = one(
         &mut colleague,
         "SELECT identity_sync.request_access('vpn', 'me too')",
-        &[],
     );
     exec(
         &mut hr,
@@ -285,14 +215,13 @@ fn self_service_requests_are_approved_by_owners_from_hr_data() {
     let share: i64 = one(
         &mut requester,
         "SELECT identity_sync.request_access('share', 'project x')",
-        &[],
     );
     assert_eq!(
-        one::<String>(&mut manager, "SELECT identity_sync.approve($1)", &[&share]),
+        one_with::<String>(&mut manager, "SELECT identity_sync.approve($1)", &[&share]),
         "approved"
     );
     assert!(
-        wait_until(PATIENCE, || members(&scim, "project-x").contains(&uid)),
+        wait_until(PATIENCE, || scim.group_members("project-x").contains(&uid)),
         "project-x was never granted"
     );
     exec(
@@ -300,19 +229,24 @@ fn self_service_requests_are_approved_by_owners_from_hr_data() {
         "SELECT identity_sync.set_clock(now() + interval '2 days')",
     );
     assert!(
-        wait_until(PATIENCE, || !members(&scim, "project-x").contains(&uid)),
+        wait_until(PATIENCE, || !scim.group_members("project-x").contains(&uid)),
         "the expired grant was not revoked in scim2-server"
     );
-    assert_eq!(
-        one::<String>(
-            &mut requester,
-            "SELECT state || '/' || grant_status FROM identity_sync.my_requests WHERE request_id = $1",
-            &[&share]
-        ),
-        "expired/removed"
+    // The worker records the removal after scim2-server answered: wait for the record too.
+    let mut shown = String::new();
+    assert!(
+        wait_until(PATIENCE, || {
+            shown = one_with(
+                &mut requester,
+                "SELECT state || '/' || grant_status FROM identity_sync.my_requests WHERE request_id = $1",
+                &[&share],
+            );
+            shown == "expired/removed"
+        }),
+        "my_requests never showed the expired grant as expired/removed (shows {shown})"
     );
     assert!(
-        members(&scim, "vpn-users").contains(&uid),
+        scim.group_members("vpn-users").contains(&uid),
         "the VPN grant has no validity limit and must survive the expiry of the other grant"
     );
 
@@ -320,22 +254,43 @@ fn self_service_requests_are_approved_by_owners_from_hr_data() {
     let mine = "SELECT request_id FROM identity_sync.my_requests";
     let to_decide = "SELECT request_id FROM identity_sync.my_approvals";
     let raw = "SELECT id FROM identity_sync.request";
-    assert_eq!(ids(&mut requester, mine), set(&[vpn, share]));
-    assert_eq!(ids(&mut requester, to_decide), set(&[]));
-    assert_eq!(ids(&mut requester, raw), set(&[vpn, share]));
-    assert_eq!(ids(&mut manager, mine), set(&[]));
     assert_eq!(
-        ids(&mut manager, to_decide),
+        column::<i64, BTreeSet<_>>(&mut requester, mine),
+        set(&[vpn, share])
+    );
+    assert_eq!(
+        column::<i64, BTreeSet<_>>(&mut requester, to_decide),
+        set(&[])
+    );
+    assert_eq!(
+        column::<i64, BTreeSet<_>>(&mut requester, raw),
+        set(&[vpn, share])
+    );
+    assert_eq!(column::<i64, BTreeSet<_>>(&mut manager, mine), set(&[]));
+    assert_eq!(
+        column::<i64, BTreeSet<_>>(&mut manager, to_decide),
         set(&[vpn, share, colleague_vpn])
     );
-    assert_eq!(ids(&mut manager, raw), set(&[vpn, share, colleague_vpn]));
-    assert_eq!(ids(&mut colleague, mine), set(&[colleague_vpn]));
-    assert_eq!(ids(&mut colleague, to_decide), set(&[]));
-    assert_eq!(ids(&mut colleague, raw), set(&[colleague_vpn]));
-    assert_eq!(ids(&mut former, mine), set(&[]));
-    assert_eq!(ids(&mut former, to_decide), set(&[]));
     assert_eq!(
-        one::<i64>(&mut hr, "SELECT count(*) FROM identity_sync.request", &[]),
+        column::<i64, BTreeSet<_>>(&mut manager, raw),
+        set(&[vpn, share, colleague_vpn])
+    );
+    assert_eq!(
+        column::<i64, BTreeSet<_>>(&mut colleague, mine),
+        set(&[colleague_vpn])
+    );
+    assert_eq!(
+        column::<i64, BTreeSet<_>>(&mut colleague, to_decide),
+        set(&[])
+    );
+    assert_eq!(
+        column::<i64, BTreeSet<_>>(&mut colleague, raw),
+        set(&[colleague_vpn])
+    );
+    assert_eq!(column::<i64, BTreeSet<_>>(&mut former, mine), set(&[]));
+    assert_eq!(column::<i64, BTreeSet<_>>(&mut former, to_decide), set(&[]));
+    assert_eq!(
+        one::<i64>(&mut hr, "SELECT count(*) FROM identity_sync.request"),
         3
     );
     let denied = colleague
@@ -348,11 +303,11 @@ fn self_service_requests_are_approved_by_owners_from_hr_data() {
 
     // --- Revoke: the requester gives the VPN back; the membership goes ---------------------------
     assert_eq!(
-        one::<String>(&mut requester, "SELECT identity_sync.revoke($1)", &[&vpn]),
+        one_with::<String>(&mut requester, "SELECT identity_sync.revoke($1)", &[&vpn]),
         "revoked"
     );
     assert!(
-        wait_until(PATIENCE, || !members(&scim, "vpn-users").contains(&uid)),
+        wait_until(PATIENCE, || !scim.group_members("vpn-users").contains(&uid)),
         "the revoked grant was not removed in scim2-server"
     );
 

@@ -12,6 +12,7 @@
 #![allow(dead_code)] // each test file uses a different subset of these helpers
 
 use std::collections::hash_map::RandomState;
+use std::collections::BTreeSet;
 use std::hash::{BuildHasher, Hasher};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -22,6 +23,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use postgres::error::DbError;
+use postgres::types::{FromSqlOwned, ToSql};
 pub use postgres::{Client, NoTls};
 
 /// How long `db()` and friends keep retrying to connect: a test may follow one that made the
@@ -42,6 +45,14 @@ pub fn harness_env(var: &str) -> String {
 /// The repository root (where `Cargo.toml`, `scripts/` and `.venv/` are).
 pub fn repo_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python virtualenv with the third-party test tools (`scim2-server`, `standardwebhooks`):
+/// `$IDSYNC_VENV` when set, else the repository's `.venv` (made by `scripts/setup`).
+pub fn venv_dir() -> PathBuf {
+    std::env::var_os("IDSYNC_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_dir().join(".venv"))
 }
 
 /// The `scripts/` directory: `$IDSYNC_SCRIPTS` when set, else the repository's.
@@ -116,6 +127,79 @@ pub fn fresh_db(name: &str) -> Client {
     db_named(name)
 }
 
+// ------------------------------------------------------------------------------------------
+// Statements and queries that panic with the server's message
+// ------------------------------------------------------------------------------------------
+
+/// A server error as `SQLSTATE: message (detail: …, hint: …)`, for failure messages.
+pub fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!(
+            "{}: {} (detail: {:?}, hint: {:?})",
+            d.code().code(),
+            d.message(),
+            d.detail(),
+            d.hint()
+        ),
+        None => e.to_string(),
+    }
+}
+
+/// Run statements, panicking with the server's message (and detail) on error.
+pub fn exec(c: &mut Client, sql: &str) {
+    if let Err(e) = c.batch_execute(sql) {
+        panic!("{}\nin:\n{sql}", describe(&e));
+    }
+}
+
+/// The one value of a query without parameters.
+pub fn one<T: FromSqlOwned>(c: &mut Client, sql: &str) -> T {
+    one_with(c, sql, &[])
+}
+
+/// The one value of a query with parameters.
+pub fn one_with<T: FromSqlOwned>(c: &mut Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> T {
+    c.query_one(sql, params)
+        .unwrap_or_else(|e| panic!("{}\nin:\n{sql}", describe(&e)))
+        .get(0)
+}
+
+/// A count (or any bigint) a query returns.
+pub fn count(c: &mut Client, sql: &str) -> i64 {
+    one::<i64>(c, sql)
+}
+
+/// The first column of every row of a query, collected (into a Vec, a BTreeSet, …).
+pub fn column<T: FromSqlOwned, C: FromIterator<T>>(c: &mut Client, sql: &str) -> C {
+    c.query(sql, &[])
+        .unwrap_or_else(|e| panic!("{}\nin:\n{sql}", describe(&e)))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// The error a statement must raise (panics when it succeeds or fails without a server error).
+pub fn error_of(c: &mut Client, sql: &str) -> DbError {
+    match c.batch_execute(sql) {
+        Ok(()) => panic!("expected an error from:\n{sql}"),
+        Err(e) => e
+            .as_db_error()
+            .unwrap_or_else(|| panic!("not a server error: {e}"))
+            .clone(),
+    }
+}
+
+/// [`error_of`] as (sqlstate, message, detail, hint), detail and hint `""` when absent.
+pub fn error_parts(c: &mut Client, sql: &str) -> (String, String, String, String) {
+    let d = error_of(c, sql);
+    (
+        d.code().code().to_string(),
+        d.message().to_string(),
+        d.detail().unwrap_or("").to_string(),
+        d.hint().unwrap_or("").to_string(),
+    )
+}
+
 /// A server message (NOTICE, WARNING, …) received by a client made with
 /// [`connect_with_notices`].
 #[derive(Clone, Debug)]
@@ -174,19 +258,106 @@ impl DbRef for &mut Client {
 /// the harness cluster with `scripts/load-employees` (tables `employee`, `department`,
 /// `dept_emp`, `dept_manager`, `title`, `salary` in `public`, replacing earlier copies).
 pub fn load_employees(db: impl DbRef, size: &str) {
-    let name = db.db_name();
-    let out = Command::new("bash")
-        .arg(scripts_dir().join("load-employees"))
-        .arg(&name)
-        .arg(size)
-        .output()
-        .expect("run scripts/load-employees");
+    run_load_employees(&db.db_name(), size, None);
+}
+
+/// `scripts/load-employees <db> <size>`, against the harness cluster (the environment's
+/// `PGHOST`/`PGPORT`) or, with `port`, against the cluster on `127.0.0.1:port`.
+fn run_load_employees(name: &str, size: &str, port: Option<u16>) {
+    let mut cmd = Command::new("bash");
+    cmd.arg(scripts_dir().join("load-employees"))
+        .arg(name)
+        .arg(size);
+    if let Some(port) = port {
+        cmd.env("PGHOST", "127.0.0.1")
+            .env("PGPORT", port.to_string())
+            .env("PGUSER", "postgres");
+    }
+    let out = cmd.output().expect("run scripts/load-employees");
     assert!(
         out.status.success(),
         "scripts/load-employees {name} {size} failed:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The sample's sources: `employee` (persons), `dept_emp` (contracts) and `department`
+/// (related: renaming a department marks its members).
+pub const SAMPLE_SOURCES: &str = "
+    SELECT identity_sync.add_person_source('employee', 'emp_no');
+    SELECT identity_sync.add_contract_source('dept_emp', 'emp_no', 'from_date', 'to_date');
+    SELECT identity_sync.add_related_source('department',
+           'SELECT de.emp_no FROM dept_emp de JOIN changed c USING (dept_no)');";
+
+/// `CREATE EXTENSION identity_sync`, the session's notices quieted (`client_min_messages`).
+pub fn create_extension(c: &mut Client) {
+    exec(
+        c,
+        "SET client_min_messages = warning; CREATE EXTENSION identity_sync;",
+    );
+}
+
+/// [`create_extension`] and the sample's three sources ([`SAMPLE_SOURCES`]).
+pub fn create_extension_with_sources(c: &mut Client) {
+    create_extension(c);
+    exec(c, SAMPLE_SOURCES);
+}
+
+/// A new database `name` of the harness cluster ([`fresh_db`]) holding the employees sample
+/// of `size`, without the extension.
+pub fn sample_db(name: &str, size: &str) -> Client {
+    let mut c = fresh_db(name);
+    load_employees(&mut c, size);
+    c
+}
+
+/// Fresh state in the client's database (the worker's, for tests the worker serves): the
+/// extension dropped ([`drop_extension`]), `leftovers` run (statements removing what earlier
+/// tests left outside the extension, e.g. a table target's table), the employees sample of
+/// `size` loaded again, the extension created and the sample's sources registered.
+pub fn reset_with_sample(c: &mut Client, size: &str, leftovers: &str) {
+    drop_extension(c);
+    exec(c, leftovers);
+    load_employees(&mut *c, size);
+    create_extension_with_sources(c);
+}
+
+/// `identity_sync.wait_idle()`: wait up to `timeout_s` seconds until nothing is dirty or
+/// pending (held and paused targets excepted); panics with `identity_sync.status` if not.
+pub fn wait_idle(c: &mut Client, timeout_s: u32) {
+    let idle: bool = one(
+        c,
+        &format!("SELECT identity_sync.wait_idle('{timeout_s} s')"),
+    );
+    if !idle {
+        let status: Option<String> = one(
+            c,
+            "SELECT string_agg(format('%s: %s', target, to_jsonb(s) - 'target'), E'\n') FROM identity_sync.status s",
+        );
+        panic!(
+            "not idle within {timeout_s} s; status:\n{}",
+            status.unwrap_or_default()
+        );
+    }
+}
+
+/// The `remote_id` of `person`'s account in `target` (panics when it has none).
+pub fn remote_id(c: &mut Client, target: &str, person: i32) -> String {
+    one::<Option<String>>(
+        c,
+        &format!("SELECT remote_id FROM identity_sync.accounts WHERE target = '{target}' AND person_key = '{person}'"),
+    )
+    .unwrap_or_else(|| panic!("person {person} has no account id in {target}"))
+}
+
+/// The state of `person`'s account in `target` (`""` when there is no account).
+pub fn account_state(c: &mut Client, target: &str, person: i32) -> String {
+    one::<Option<String>>(
+        c,
+        &format!("SELECT state FROM identity_sync.accounts WHERE target = '{target}' AND person_key = '{person}'"),
+    )
+    .unwrap_or_default()
 }
 
 /// The pid of the identity_sync background worker (`backend_type = 'identity_sync worker'` in
@@ -200,6 +371,58 @@ pub fn worker_pid(client: &mut Client) -> Option<i32> {
         )
         .expect("query pg_stat_activity")
         .map(|r| r.get(0))
+}
+
+/// Send `signal` (e.g. `"KILL"`, `"TERM"`) to process `pid` of the cluster's owner: directly
+/// when the tests run as root, else with `sudo -n kill`.
+pub fn kill(signal: &str, pid: i32) {
+    let as_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n");
+    let mut cmd = if as_root.unwrap_or(false) {
+        Command::new("kill")
+    } else {
+        let mut c = Command::new("sudo");
+        c.args(["-n", "kill"]);
+        c
+    };
+    let st = cmd
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -{signal} {pid} failed");
+}
+
+/// After the worker `old` was killed or terminated: a session to database `postgres` that
+/// works, once a new worker runs (sessions opened meanwhile may be ended by the postmaster's
+/// crash recovery). Panics when no new worker runs within 30 s.
+pub fn reconnect_to_new_worker(old: i32) -> Client {
+    let mut client = None;
+    let back = wait_until(Duration::from_secs(30), || {
+        let Ok(mut c) = config("postgres").connect(NoTls) else {
+            return false;
+        };
+        let new = c
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'identity_sync worker'",
+                &[],
+            )
+            .ok()
+            .flatten()
+            .map(|r| r.get::<_, i32>(0));
+        if new.is_some_and(|p| p != old) {
+            client = Some(c);
+            return true;
+        }
+        false
+    });
+    assert!(
+        back,
+        "no new worker within 30 s after worker {old} went away"
+    );
+    client.expect("set when a new worker was found")
 }
 
 /// Restart the harness cluster (`scripts/cluster restart $IDSYNC_CLUSTER`); the port stays.
@@ -431,6 +654,11 @@ impl Cluster {
         connect(&self.config(dbname))
     }
 
+    /// [`load_employees`] into its database `dbname`.
+    pub fn load_employees(&self, dbname: &str, size: &str) {
+        run_load_employees(dbname, size, Some(self.port));
+    }
+
     /// The server log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(format!("/var/tmp/identity_sync-{}/log", self.name))
@@ -461,10 +689,7 @@ pub struct ScimServer {
 impl ScimServer {
     /// Start it and wait (up to 20 s) until it answers `GET /v2/ServiceProviderConfig`.
     pub fn start() -> ScimServer {
-        let venv = std::env::var_os("IDSYNC_VENV")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo_dir().join(".venv"));
-        let exe = venv.join("bin/scim2-server");
+        let exe = venv_dir().join("bin/scim2-server");
         assert!(
             exe.exists(),
             "{} is missing: run scripts/setup",
@@ -548,9 +773,47 @@ impl ScimServer {
         v["Resources"].as_array().cloned().unwrap_or_default()
     }
 
+    /// `GET /Users/<id>`: (status, body as JSON, `null` when it is not JSON).
+    pub fn user(&self, id: &str) -> (u16, serde_json::Value) {
+        let (status, body) = self.get(&format!("/Users/{id}")).expect("GET user");
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Member ids of the group with that displayName (empty when there is no such group;
+    /// panics when there are several).
+    pub fn group_members(&self, name: &str) -> BTreeSet<String> {
+        let v = self.get_json("/Groups?count=10000");
+        let groups = v["Resources"].as_array().cloned().unwrap_or_default();
+        let matching: Vec<&serde_json::Value> =
+            groups.iter().filter(|g| g["displayName"] == name).collect();
+        assert!(
+            matching.len() <= 1,
+            "group {name} exists {} times",
+            matching.len()
+        );
+        matching
+            .first()
+            .and_then(|g| g["members"].as_array())
+            .map(|m| {
+                m.iter()
+                    .filter_map(|x| x["value"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Its output so far (one line per request).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many `METHOD /v2/Users/<id>` requests its log shows.
+    pub fn log_count(&self, method: &str, id: &str) -> usize {
+        let needle = format!("\"{method} /v2/Users/{id} ");
+        self.log().lines().filter(|l| l.contains(&needle)).count()
     }
 }
 
@@ -898,6 +1161,26 @@ pub fn drop_extension(c: &mut Client) {
                 std::thread::sleep(Duration::from_millis(100));
             }
             Err(e) => panic!("DROP EXTENSION identity_sync: {e}"),
+        }
+    }
+}
+
+/// Drops the extension in the worker's database when a test ends (also after a failed
+/// assertion), so that no target of the test (pointing at a receiver that is gone) keeps the
+/// worker busy in later tests. Best effort: up to 10 tries, errors ignored (it runs while a
+/// failed test unwinds, where a panic would abort).
+pub struct DropExtension;
+
+impl Drop for DropExtension {
+    fn drop(&mut self) {
+        if let Ok(mut c) = config("postgres").connect(NoTls) {
+            for _ in 0..10 {
+                if c.batch_execute("DROP EXTENSION IF EXISTS identity_sync CASCADE")
+                    .is_ok()
+                {
+                    break;
+                }
+            }
         }
     }
 }
