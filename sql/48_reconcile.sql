@@ -124,19 +124,20 @@ $$;
 -- already active (the unique index decides, so two overlapping runs are impossible).
 CREATE FUNCTION identity_sync._reconcile_queue(target_id int, mode text, requested_by text, scheduled boolean)
 RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
 DECLARE
-    id bigint;
+    run bigint;
 BEGIN
     INSERT INTO identity_sync.reconcile_run (target_id, target, mode, requested_by, scheduled, clock_at)
-    SELECT t.id, t.name, mode, requested_by, scheduled, identity_sync._now()
+    SELECT t.id, t.name, _reconcile_queue.mode, _reconcile_queue.requested_by, _reconcile_queue.scheduled, identity_sync._now()
       FROM identity_sync.target t WHERE t.id = _reconcile_queue.target_id
     ON CONFLICT (target_id) WHERE state IN ('queued', 'scanning', 'comparing', 'planning') DO NOTHING
-    RETURNING reconcile_run.id INTO id;
-    IF id IS NOT NULL AND NOT scheduled THEN
-        PERFORM identity_sync._audit_as(requested_by, 'reconcile', (SELECT t.name FROM identity_sync.target t WHERE t.id = _reconcile_queue.target_id),
-                                        NULL, jsonb_build_object('run', id, 'mode', mode));
+    RETURNING reconcile_run.id INTO run;
+    IF run IS NOT NULL AND NOT _reconcile_queue.scheduled THEN
+        PERFORM identity_sync._audit_as(_reconcile_queue.requested_by, 'reconcile', (SELECT t.name FROM identity_sync.target t WHERE t.id = _reconcile_queue.target_id),
+                                        NULL, jsonb_build_object('run', run, 'mode', _reconcile_queue.mode));
     END IF;
-    RETURN id;
+    RETURN run;
 END
 $$;
 
@@ -174,7 +175,7 @@ DECLARE
     r identity_sync.reconcile_run;
 BEGIN
     -- Enqueued through shared memory: the worker cannot see this transaction's rows.
-    run_id := identity_sync._reconcile_wait(t.id, mode, session_user::text);
+    run_id := identity_sync._reconcile_wait(t.id, mode);
     SELECT * INTO r FROM identity_sync.reconcile_run x WHERE x.id = run_id;
     IF r.id IS NULL THEN
         RAISE EXCEPTION 'a reconcile of target "%" is already running', t.name USING ERRCODE = 'object_in_use',

@@ -11,6 +11,7 @@ mod config;
 mod deliver;
 mod error;
 mod guc;
+mod reconcile;
 mod selfservice;
 mod status;
 
@@ -118,6 +119,7 @@ pub extern "C-unwind" fn _PG_init() {
     guc::init();
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         capture::init_shmem();
+        reconcile::init_shmem();
         deliver::worker::register();
     }
 }

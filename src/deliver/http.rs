@@ -48,6 +48,11 @@ impl Http {
         }
     }
 
+    /// The delivery runtime, for reconcile scans (src/reconcile.rs).
+    pub fn dispatcher(&self) -> Option<&Dispatcher> {
+        self.dispatcher.as_ref()
+    }
+
     pub fn in_flight(&self) -> usize {
         self.dispatcher.as_ref().map_or(0, |d| d.in_flight())
     }
@@ -240,6 +245,11 @@ fn rand_seed() -> rand::rngs::StdRng {
 }
 
 /// Targets' delivery settings, when they changed since `known` (a fingerprint).
+/// One HTTP target's settings, as delivery uses them (for a reconcile scan).
+pub fn load_target(id: i32) -> Option<TargetConfig> {
+    load_targets(None)?.1.into_iter().find(|t| t.id == id)
+}
+
 fn load_targets(known: Option<&str>) -> Option<(String, Vec<TargetConfig>)> {
     let fingerprint = Spi::get_one::<String>(
         "SELECT coalesce(md5(string_agg(t.id || t.name || t.kind || coalesce(t.url, '') || t.options::text

@@ -112,6 +112,7 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
     });
 
     let mut http = super::http::Http::start();
+    let mut reconciler = crate::reconcile::Reconciler::default();
     let mut recovered = false;
     let mut extension = None;
     let mut sleep = Duration::ZERO;
@@ -125,7 +126,7 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
             unsafe { pg_sys::pg_usleep((MIN_TICK_INTERVAL - since).as_micros() as _) };
         }
         last_tick = std::time::Instant::now();
-        sleep = tick(&mut http, &mut recovered, &mut extension);
+        sleep = tick(&mut http, &mut reconciler, &mut recovered, &mut extension);
     }
 
     http.shutdown();
@@ -140,6 +141,7 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
 /// One round of work; returns how long to sleep unless woken.
 fn tick(
     http: &mut super::http::Http,
+    reconciler: &mut crate::reconcile::Reconciler,
     recovered: &mut bool,
     extension: &mut Option<pg_sys::Oid>,
 ) -> Duration {
@@ -167,6 +169,7 @@ fn tick(
             if n > 0 {
                 log!("identity_sync: {n} events were in flight when the worker stopped; they are due again");
             }
+            crate::reconcile::recover();
             *recovered = true;
         }
     }
@@ -211,7 +214,10 @@ fn tick(
     // HTTP targets: record what came back, hand out what is due.
     let busy = http.pump(batch);
 
-    if planned_any || local > 0 || busy {
+    // Reconcile runs: requests, scans, comparisons, repairs (src/reconcile.rs).
+    let reconciling = reconciler.tick(http.dispatcher(), batch);
+
+    if planned_any || local > 0 || busy || reconciling {
         return Duration::ZERO;
     }
     let next_due = in_transaction("computing the next wake-up", || {
