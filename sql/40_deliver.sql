@@ -88,7 +88,7 @@ CREATE FUNCTION identity_sync._record(event_id bigint, outcome text, remote_id t
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     e identity_sync.event;
-    max_attempts int := coalesce(nullif(current_setting('identity_sync.max_attempts', true), '')::int, 10);
+    max_attempts int := identity_sync._max_attempts();
 BEGIN
     SELECT * INTO e FROM identity_sync.event WHERE id = event_id;
     IF e.id IS NULL OR e.state <> 'sending' THEN
@@ -109,23 +109,25 @@ BEGIN
 END
 $$;
 
+-- One delivery outcome as the worker reports it (src/deliver/ledger.rs). outcome: done | retry
+-- | failed | conflict; retry_in_ms: the backoff the worker chose for a retry.
+CREATE TYPE identity_sync._outcome AS (event_id bigint, outcome text, remote_id text, error text,
+                                       http_status int, retry_in_ms bigint);
+
 -- Record a round of outcomes at once (what the worker does): the delivered ones set-based, the
 -- others one by one.
-CREATE FUNCTION identity_sync._record_many(ids bigint[], outcomes text[], remote_ids text[], errors text[],
-                                           statuses int[], retry_ms bigint[])
+CREATE FUNCTION identity_sync._record_many(outcomes identity_sync._outcome[])
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    o record;
+    o identity_sync._outcome;
 BEGIN
     PERFORM identity_sync._apply_done(
-        ARRAY(SELECT x.id FROM unnest(ids, outcomes) AS x(id, outcome) WHERE x.outcome = 'done' ORDER BY x.id),
-        ARRAY(SELECT x.r FROM unnest(ids, outcomes, remote_ids) AS x(id, outcome, r) WHERE x.outcome = 'done' ORDER BY x.id),
-        ARRAY(SELECT x.s FROM unnest(ids, outcomes, statuses) AS x(id, outcome, s) WHERE x.outcome = 'done' ORDER BY x.id));
-    FOR o IN SELECT * FROM unnest(ids, outcomes, remote_ids, errors, statuses, retry_ms)
-                     AS x(id, outcome, remote_id, error, status, ms)
-              WHERE x.outcome <> 'done' LOOP
-        PERFORM identity_sync._record(o.id, o.outcome, o.remote_id, o.error, o.status,
-                                      make_interval(secs => o.ms / 1000.0));
+        ARRAY(SELECT x.event_id FROM unnest(outcomes) AS x WHERE x.outcome = 'done' ORDER BY x.event_id),
+        ARRAY(SELECT x.remote_id FROM unnest(outcomes) AS x WHERE x.outcome = 'done' ORDER BY x.event_id),
+        ARRAY(SELECT x.http_status FROM unnest(outcomes) AS x WHERE x.outcome = 'done' ORDER BY x.event_id));
+    FOR o IN SELECT * FROM unnest(outcomes) AS x WHERE x.outcome <> 'done' LOOP
+        PERFORM identity_sync._record(o.event_id, o.outcome, o.remote_id, o.error, o.http_status,
+                                      make_interval(secs => o.retry_in_ms / 1000.0));
     END LOOP;
 END
 $$;
@@ -221,11 +223,12 @@ BEGIN
             PERFORM identity_sync._record(e.event_id, 'done', e.person_key);
         EXCEPTION WHEN OTHERS THEN
             -- A connection failure (a postgres_fdw table's server is down), deadlock,
-            -- serialization failure, shutdown or lack of resources passes: retry with capped
-            -- exponential backoff and full jitter. Anything else (constraint, type) needs an operator.
-            IF left(SQLSTATE, 2) IN ('08', '40', '53', '57') OR SQLSTATE = '55P03' THEN
+            -- serialization failure, shutdown or lack of resources passes: retry with the backoff
+            -- HTTP targets use (core's retry policy). Anything else (constraint, type) needs an
+            -- operator.
+            IF identity_sync._is_transient_sqlstate(SQLSTATE) THEN
                 PERFORM identity_sync._record(e.event_id, 'retry', NULL, SQLERRM, NULL,
-                    least(interval '5 minutes', interval '500 ms' * power(2, least(greatest(e.attempts, 1) - 1, 20))) * random());
+                                              identity_sync._retry_delay(e.attempts));
             ELSE
                 PERFORM identity_sync._record(e.event_id, 'failed', NULL, SQLERRM, NULL);
             END IF;

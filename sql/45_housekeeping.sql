@@ -21,7 +21,7 @@ CREATE FUNCTION identity_sync._housekeeping() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s int;
-    retention interval := coalesce(nullif(current_setting('identity_sync.event_retention', true), '')::interval, '7 days');
+    retention interval := identity_sync._event_retention();   -- NULL: keep forever
 BEGIN
     FOR s IN SELECT id FROM identity_sync.source
               WHERE capture = 'snapshot' AND (snapshot_at IS NULL OR snapshot_at + snapshot_interval <= now()) LOOP
@@ -30,7 +30,7 @@ BEGIN
     PERFORM identity_sync._check_boundaries();
     PERFORM identity_sync._expire_grants();
     PERFORM identity_sync._reconcile_schedule();
-    IF retention > interval '0' THEN
+    IF retention IS NOT NULL THEN
         DELETE FROM identity_sync.event WHERE state = 'done' AND done_at < now() - retention;
         DELETE FROM identity_sync.plan_run WHERE started_at < now() - retention;
         DELETE FROM identity_sync._plan_count WHERE at < now() - interval '1 hour';

@@ -363,17 +363,18 @@ COMMENT ON FUNCTION identity_sync.resync(text) IS 'Full reconcile of every perso
 COMMENT ON FUNCTION identity_sync.wait_idle(interval) IS 'Wait until nothing is dirty, pending or in flight; false on timeout.';
 COMMENT ON FUNCTION identity_sync.preview(text, text) IS 'What a plan would do for a person now, per target; changes nothing.';
 COMMENT ON FUNCTION identity_sync.trace(text) IS 'The story of one person: changes, plans, events and results in time order.';
-COMMENT ON FUNCTION identity_sync.worker_status() IS 'Whether a worker serves this database: ''running (pid N)'' or ''no worker: ... HINT: ...''.';
+COMMENT ON FUNCTION identity_sync.worker_status() IS 'Whether a worker serves this database: state running (detail: its pid) or no worker (detail: why, hint: what to change).';
 
 -- Say so when provisioning cannot happen here (pg_cron refuses to half-work in silence). A
 -- WARNING, because PostgreSQL silences NOTICEs while it runs an extension script.
 DO $check$
 DECLARE
-    s text := identity_sync.worker_status();
+    s record;
 BEGIN
-    IF s LIKE 'no worker%' THEN
-        RAISE WARNING 'identity_sync: %', split_part(s, ' HINT: ', 1)
-            USING HINT = split_part(s, ' HINT: ', 2);
+    SELECT * INTO s FROM identity_sync.worker_status();
+    IF s.state = 'no worker' AND s.hint IS NOT NULL THEN
+        RAISE WARNING 'identity_sync: no worker will provision from this database'
+            USING DETAIL = s.detail, HINT = s.hint;
     END IF;
 END
 $check$;

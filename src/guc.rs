@@ -1,6 +1,7 @@
 //! Settings (GUCs). All are `identity_sync.<name>`, one dot, as in design.md.
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::prelude::*;
 use std::ffi::CString;
 
 /// Database the background worker connects to. Changing it needs a restart.
@@ -103,4 +104,20 @@ pub fn database() -> String {
         .get()
         .and_then(|s| s.into_string().ok())
         .unwrap_or_else(|| "postgres".to_string())
+}
+
+/// `identity_sync.max_attempts` for SQL (calling it loads the library, so the setting is
+/// defined with its default even in a backend that never loaded it).
+#[pg_extern(stable, parallel_safe, name = "_max_attempts")]
+fn max_attempts() -> i32 {
+    MAX_ATTEMPTS.get()
+}
+
+/// `identity_sync.event_retention` for SQL; NULL when 0 (keep delivered events forever).
+#[pg_extern(stable, parallel_safe, name = "_event_retention")]
+fn event_retention() -> Option<Interval> {
+    match EVENT_RETENTION.get() {
+        m if m <= 0 => None,
+        m => Some(Interval::from_micros(i64::from(m) * 60_000_000)),
+    }
 }

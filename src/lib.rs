@@ -13,6 +13,7 @@ mod error;
 mod guc;
 mod reconcile;
 mod selfservice;
+mod shmem;
 mod status;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -118,7 +119,7 @@ pgrx::extension_sql_file!(
 pub extern "C-unwind" fn _PG_init() {
     guc::init();
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        capture::init_shmem();
+        shmem::init();
         reconcile::init_shmem();
         deliver::worker::register();
     }

@@ -1,4 +1,4 @@
-//! Reconciliation, Rust side (the SQL is `sql/70_reconcile.sql`).
+//! Reconciliation, Rust side (the SQL is `sql/48_reconcile.sql`).
 //!
 //! `reconcile(target, mode)` is called in a user's transaction, which the worker cannot see, so
 //! the request reaches the worker through shared memory: the caller takes a slot and waits on
@@ -10,11 +10,10 @@
 //! as the pages arrive; a table target in one SQL statement), finished scans are compared, and
 //! repairs and adoptions plan one batch through the ordinary planner.
 
-use crate::capture as shmem;
-use crate::deliver::http as ledger;
-use crate::deliver::worker::in_transaction;
+use crate::deliver::targets;
+use crate::deliver::txn::in_transaction;
 use crate::error::Error;
-use crate::guc;
+use crate::shmem;
 use identity_sync_core::deliver::Dispatcher;
 use pgrx::lwlock::PgLwLock;
 use pgrx::pg_shmem_init;
@@ -66,7 +65,7 @@ pub fn init_shmem() {
 }
 
 /// Ask the worker for a run and wait until it ends; returns the run's id (0 when the worker
-/// found a run of the target active). `sql/70_reconcile.sql` `reconcile()` has validated the
+/// found a run of the target active). `sql/48_reconcile.sql` `reconcile()` has validated the
 /// target and mode, and reads the run's summary.
 #[pg_extern(volatile, parallel_unsafe, name = "_reconcile_wait")]
 fn reconcile_wait(target_id: i32, mode: &str) -> i64 {
@@ -74,27 +73,7 @@ fn reconcile_wait(target_id: i32, mode: &str) -> i64 {
 }
 
 fn wait_for_run(target_id: i32, mode: &str) -> Result<i64, Error> {
-    if !shmem::shmem_ready() {
-        return Err(Error::NoWorker {
-            detail: "identity_sync is not in shared_preload_libraries, so no worker runs.".into(),
-            hint: "Add identity_sync to shared_preload_libraries and restart PostgreSQL.".into(),
-        });
-    }
-    let here = unsafe {
-        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
-        std::ffi::CStr::from_ptr(name)
-            .to_string_lossy()
-            .into_owned()
-    };
-    let served = guc::database();
-    if here != served {
-        return Err(Error::NoWorker {
-            detail: format!(
-                "The identity_sync worker serves database \"{served}\", not \"{here}\"."
-            ),
-            hint: format!("Set identity_sync.database = '{here}' and restart PostgreSQL."),
-        });
-    }
+    shmem::check_served()?;
     let role = unsafe { pg_sys::GetSessionUserId() }.to_u32();
     let slot = {
         let mut slots = REQUESTS.exclusive();
@@ -276,8 +255,10 @@ impl Reconciler {
                 compare(run);
                 continue;
             }
-            let config = in_transaction("loading a target", || ledger::load_target(next.target_id))
-                .flatten();
+            let config =
+                in_transaction("loading a target", || targets::load_target(next.target_id))
+                    .and_then(Result::ok)
+                    .flatten();
             let _ = (dispatcher, config, PAGE_SIZE);
             fail(run, "TEMP: scim scan not wired yet");
         }

@@ -1,40 +1,35 @@
 //! Status, Rust side: whether a worker serves this database. The status views and operator
-//! functions are SQL (`sql/status.sql`).
+//! functions are SQL (`sql/50_status.sql`).
 
-use crate::{capture, guc};
+use crate::error::Error;
+use crate::shmem;
 use pgrx::prelude::*;
 
-/// 'running (pid N)', or 'no worker: <why> HINT: <what to change>'.
+/// Whether a worker serves this database: `state` is `running` (with the pid in `detail`) or
+/// `no worker`, with what is wrong in `detail` and what to change in `hint`.
 #[pg_extern(stable, parallel_safe)]
-fn worker_status() -> String {
-    if !capture::shmem_ready() {
-        return "no worker: identity_sync is not in shared_preload_libraries, so nothing is provisioned. \
-                HINT: Add identity_sync to shared_preload_libraries in postgresql.conf and restart PostgreSQL."
-            .to_string();
-    }
-    let here = unsafe {
-        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
-        if name.is_null() {
-            String::new()
-        } else {
-            std::ffi::CStr::from_ptr(name)
-                .to_string_lossy()
-                .into_owned()
-        }
+fn worker_status() -> TableIterator<
+    'static,
+    (
+        name!(state, String),
+        name!(detail, String),
+        name!(hint, Option<String>),
+    ),
+> {
+    let row = match shmem::check_served() {
+        Err(Error::NoWorker { detail, hint }) => ("no worker".to_string(), detail, Some(hint)),
+        Err(e) => ("no worker".to_string(), e.to_string(), None),
+        Ok(()) => match shmem::worker_pid() {
+            Some(pid) => ("running".to_string(), format!("pid {pid}"), None),
+            None => (
+                "no worker".to_string(),
+                "The worker is not running right now (starting, or restarting after a crash)."
+                    .to_string(),
+                Some("Look for lines starting with identity_sync: in the server log.".to_string()),
+            ),
+        },
     };
-    let served = guc::database();
-    if here != served {
-        return format!(
-            "no worker: the identity_sync worker serves database \"{served}\", not \"{here}\". \
-             HINT: Set identity_sync.database = '{here}' and restart PostgreSQL, or use the extension in \"{served}\"."
-        );
-    }
-    match capture::worker_pid() {
-        Some(pid) => format!("running (pid {pid})"),
-        None => "no worker: the worker is not running right now (starting, or restarting after a crash). \
-                 HINT: Look for lines starting with identity_sync: in the server log."
-            .to_string(),
-    }
+    TableIterator::once(row)
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -46,10 +41,11 @@ mod tests {
     /// `postgres`), and the status says so, naming the setting to change.
     #[pg_test]
     fn status_names_the_setting_when_no_worker_serves_this_database() {
-        let s = Spi::get_one::<String>("SELECT identity_sync.worker_status()")
-            .unwrap()
-            .unwrap_or_default();
-        assert!(s.starts_with("no worker: "), "{s}");
-        assert!(s.contains("identity_sync.database"), "{s}");
+        let (state, hint) =
+            Spi::get_two::<String, String>("SELECT state, hint FROM identity_sync.worker_status()")
+                .unwrap();
+        assert_eq!(state.as_deref(), Some("no worker"));
+        let hint = hint.unwrap_or_default();
+        assert!(hint.contains("identity_sync.database"), "{hint}");
     }
 }

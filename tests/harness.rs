@@ -205,10 +205,13 @@ fn worker_status_reports_the_running_worker() {
     assert!(wait_until(Duration::from_secs(10), || worker_pid(&mut c).is_some()));
     let mut status = String::new();
     let ok = wait_until(Duration::from_secs(10), || {
-        status = c
-            .query_one("SELECT identity_sync.worker_status()", &[])
-            .expect("identity_sync.worker_status()")
-            .get(0);
+        let row = c
+            .query_one(
+                "SELECT state, detail FROM identity_sync.worker_status()",
+                &[],
+            )
+            .expect("identity_sync.worker_status()");
+        status = format!("{} ({})", row.get::<_, String>(0), row.get::<_, String>(1));
         worker_pid(&mut c).is_some_and(|pid| status == format!("running (pid {pid})"))
     });
     if !existed {
@@ -252,13 +255,15 @@ fn without_preload_create_extension_explains_missing_worker() {
     );
     assert_eq!(worker_pid(&mut c), None);
 
-    let status: String = c
-        .query_one("SELECT identity_sync.worker_status()", &[])
-        .expect("identity_sync.worker_status()")
-        .get(0);
+    let row = c
+        .query_one("SELECT state, hint FROM identity_sync.worker_status()", &[])
+        .expect("identity_sync.worker_status()");
+    let (state, hint): (String, Option<String>) = (row.get(0), row.get(1));
+    assert_eq!(state, "no worker");
     assert!(
-        status.starts_with("no worker"),
-        "worker_status() without preload: {status:?}"
+        hint.as_deref()
+            .is_some_and(|h| h.contains("shared_preload_libraries")),
+        "worker_status() without preload: hint {hint:?}"
     );
     drop(c);
     drop(cluster); // stops and removes it (also when an assertion above fails)

@@ -2,16 +2,15 @@
 //!
 //! Everything here runs without PostgreSQL so that plain `cargo test -p identity_sync_core`
 //! covers it quickly: text helpers for identity data ([`text`]), SCIM attribute paths and
-//! resource building ([`path`]), retry timing ([`backoff`]), change thresholds ([`threshold`]),
-//! Standard Webhooks signatures ([`webhook`]) and the HTTP delivery thread of the background
-//! worker ([`deliver`]).
+//! resource building ([`path`]), the retry policy ([`retry`]), Standard Webhooks signatures
+//! ([`webhook_sign`]) and the HTTP side of the background worker ([`deliver`]: delivery of
+//! events and reconcile scans). Thresholds are SQL's alone (`sql/30_plan/40_thresholds.sql`).
 
 #![warn(missing_docs)]
 #![forbid(unsafe_op_in_unsafe_fn)]
 
-pub mod backoff;
 pub mod deliver;
 pub mod path;
+pub mod retry;
 pub mod text;
-pub mod threshold;
-pub mod webhook;
+pub mod webhook_sign;

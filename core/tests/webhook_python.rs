@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::{job, map, Action, FaultServer, Harness};
 use identity_sync_core::deliver::{EventKind, Outcome};
-use identity_sync_core::webhook;
+use identity_sync_core::webhook_sign as webhook;
 use serde_json::{json, Value};
 
 /// Runs `standardwebhooks.Webhook(secret).verify(body, headers)` in Python; returns its output.

@@ -3,9 +3,9 @@
 //! One worker per cluster serves the database named by `identity_sync.database`. Every step is
 //! a short transaction of its own; no snapshot is held while requests are on the network.
 
-use crate::{capture, guc};
+use super::txn::in_transaction;
+use crate::{guc, shmem};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
-use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use std::time::Duration;
 
@@ -46,37 +46,6 @@ pub fn register() {
         .load();
 }
 
-/// Run `f` in a transaction of its own. An ERROR inside is logged and the transaction rolled
-/// back, so one bad tick never takes the worker down.
-pub fn in_transaction<R>(what: &str, f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Option<R> {
-    unsafe {
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
-    let result = PgTryBuilder::new(|| Some(f()))
-        .catch_others(|e| {
-            let message = match &e {
-                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
-                    r.message().to_string()
-                }
-                CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
-            };
-            log!("identity_sync: {what} failed: {message}");
-            None
-        })
-        .execute();
-    unsafe {
-        if result.is_some() {
-            pg_sys::PopActiveSnapshot();
-            pg_sys::CommitTransactionCommand();
-        } else {
-            pg_sys::AbortCurrentTransaction();
-        }
-    }
-    result
-}
-
 /// The OID of the installed extension, if it is installed.
 fn extension_oid() -> Option<pg_sys::Oid> {
     Spi::get_one::<pg_sys::Oid>(
@@ -97,7 +66,7 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
     unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, WORKER_NICE) };
     let database = guc::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    capture::publish_worker();
+    shmem::publish_worker();
     log!("identity_sync: worker started in database \"{database}\"");
     // The planner's statements read pg_temp tables, which have no statistics, so their cost
     // estimates are large enough to trigger JIT compilation: 200-330 ms per statement for work
@@ -130,7 +99,7 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
     }
 
     http.shutdown();
-    capture::unpublish_worker();
+    shmem::unpublish_worker();
     log!("identity_sync: worker stopping");
     // Exit code 1: a background worker that exits with 0 is unregistered and never started
     // again; with 1 the postmaster restarts it after the restart time, so a worker stopped

@@ -15,9 +15,14 @@
 //! - every request carries `Idempotency-Key: <event_id>`;
 //! - secrets never appear in an outcome's error text or in `Debug` output.
 
-mod http;
+mod client;
+mod config;
+mod job;
 mod scim;
 mod webhook;
+
+pub use config::{Auth, TargetConfig, TargetKind};
+pub use job::{EventKind, Job, Outcome};
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -27,318 +32,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use http::Target;
-
-/// What protocol a target speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TargetKind {
-    /// SCIM 2.0 (RFC 7643/7644); the URL is the service's base, e.g. `https://h/scim/v2`.
-    Scim,
-    /// JSON POSTed to the URL, signed per Standard Webhooks when a signing secret is set.
-    Webhook,
-}
-
-/// How requests authenticate. `Debug` shows the kind and non-secret fields only.
-#[derive(Clone, PartialEq, Eq, Default)]
-pub enum Auth {
-    /// No `Authorization` header.
-    #[default]
-    None,
-    /// `Authorization: Bearer <token>`.
-    Bearer {
-        /// The static token.
-        token: String,
-    },
-    /// HTTP basic authentication.
-    Basic {
-        /// The user name.
-        username: String,
-        /// The password.
-        password: String,
-    },
-    /// OAuth 2.0 client credentials grant (RFC 6749 §4.4). The client authenticates with
-    /// `client_id` and `client_secret` in the form body (`client_secret_post`); the token is
-    /// cached until shortly before it expires and fetched again once when a request gets 401.
-    OAuth2 {
-        /// The token endpoint.
-        token_url: String,
-        /// The client id.
-        client_id: String,
-        /// The client secret.
-        client_secret: String,
-        /// The requested scope, if any.
-        scope: Option<String>,
-    },
-}
-
-impl fmt::Debug for Auth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Auth::None => f.write_str("None"),
-            Auth::Bearer { .. } => f.write_str("Bearer { token: <redacted> }"),
-            Auth::Basic { username, .. } => f
-                .debug_struct("Basic")
-                .field("username", username)
-                .field("password", &"<redacted>")
-                .finish(),
-            Auth::OAuth2 {
-                token_url,
-                client_id,
-                scope,
-                ..
-            } => f
-                .debug_struct("OAuth2")
-                .field("token_url", token_url)
-                .field("client_id", client_id)
-                .field("client_secret", &"<redacted>")
-                .field("scope", scope)
-                .finish(),
-        }
-    }
-}
-
-/// One target as the delivery thread needs it.
-#[derive(Clone, PartialEq)]
-pub struct TargetConfig {
-    /// The target's id in `identity_sync`.
-    pub id: i32,
-    /// The target's name, for messages and the webhook payload.
-    pub name: String,
-    /// SCIM or webhook.
-    pub kind: TargetKind,
-    /// SCIM base URL (without a trailing `/Users`) or the webhook URL.
-    pub url: String,
-    /// Authentication.
-    pub auth: Auth,
-    /// Standard Webhooks secret (`whsec_<base64>`); webhooks only.
-    pub signing_secret: Option<String>,
-    /// Whole-request timeout (connect, send, receive).
-    pub timeout: Duration,
-    /// Requests in flight for this target at most (0 is taken as 1).
-    pub max_concurrency: usize,
-    /// SCIM: attribute path looked up before a create to link an existing account.
-    pub correlate_on: Option<String>,
-    /// SCIM: create a group that does not exist on grant.
-    pub create_groups: bool,
-}
-
-impl fmt::Debug for TargetConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TargetConfig")
-            .field("id", &self.id)
-            .field("name", &self.name)
-            .field("kind", &self.kind)
-            .field("url", &self.url)
-            .field("auth", &self.auth)
-            .field(
-                "signing_secret",
-                &self.signing_secret.as_ref().map(|_| "<redacted>"),
-            )
-            .field("timeout", &self.timeout)
-            .field("max_concurrency", &self.max_concurrency)
-            .field("correlate_on", &self.correlate_on)
-            .field("create_groups", &self.create_groups)
-            .finish()
-    }
-}
-
-/// The kind of a provisioning event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EventKind {
-    /// Create the account (or link it by correlation).
-    Create,
-    /// Change attributes.
-    Update,
-    /// Set `active` to true.
-    Enable,
-    /// Set `active` to false.
-    Disable,
-    /// Delete the account.
-    Delete,
-    /// Add the account to a group.
-    Grant,
-    /// Remove the account from a group.
-    Revoke,
-}
-
-impl EventKind {
-    /// The lower-case word used in `identity_sync.event.kind` and the webhook `type`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::Create => "create",
-            EventKind::Update => "update",
-            EventKind::Enable => "enable",
-            EventKind::Disable => "disable",
-            EventKind::Delete => "delete",
-            EventKind::Grant => "grant",
-            EventKind::Revoke => "revoke",
-        }
-    }
-}
-
-impl std::str::FromStr for EventKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "create" => EventKind::Create,
-            "update" => EventKind::Update,
-            "enable" => EventKind::Enable,
-            "disable" => EventKind::Disable,
-            "delete" => EventKind::Delete,
-            "grant" => EventKind::Grant,
-            "revoke" => EventKind::Revoke,
-            other => return Err(format!("unknown event kind \"{other}\"")),
-        })
-    }
-}
-
-/// One event to deliver. `Debug` hides the values of `password` attributes.
-#[derive(Clone, PartialEq)]
-pub struct Job {
-    /// `identity_sync.event` id; also the idempotency key and the webhook id.
-    pub event_id: i64,
-    /// The target to send to.
-    pub target_id: i32,
-    /// The person; jobs of one (target, person) are delivered one at a time, in order.
-    pub person_key: String,
-    /// What to do.
-    pub kind: EventKind,
-    /// The target's id for this account, when known (required for SCIM update, enable,
-    /// disable, grant and revoke).
-    pub account_id: Option<String>,
-    /// The full desired flat `{path → value}` map; for a create it includes the on-create-only
-    /// attributes; may contain `active`.
-    pub attributes: Map<String, Value>,
-    /// Update: only the changed paths; null means remove.
-    pub changed: Map<String, Value>,
-    /// The values last applied (used to tell whether a multi-valued element exists).
-    pub previous: Map<String, Value>,
-    /// Grant/revoke: the group's `displayName`.
-    pub group: Option<String>,
-    /// Every desired group, for webhooks.
-    pub groups: Vec<String>,
-    /// When the event happened, RFC 3339.
-    pub occurred_at: String,
-    /// Which attempt this is: 1 for the first try (0 is taken as 1). A SCIM create with
-    /// attempt ≥ 2 first looks for an account with its `externalId`, so a create whose reply
-    /// was lost is linked rather than created twice.
-    pub attempt: u32,
-}
-
-impl fmt::Debug for Job {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Job")
-            .field("event_id", &self.event_id)
-            .field("target_id", &self.target_id)
-            .field("person_key", &self.person_key)
-            .field("kind", &self.kind)
-            .field("account_id", &self.account_id)
-            .field("attributes", &redacted(&self.attributes))
-            .field("changed", &redacted(&self.changed))
-            .field("previous", &redacted(&self.previous))
-            .field("group", &self.group)
-            .field("groups", &self.groups)
-            .field("occurred_at", &self.occurred_at)
-            .field("attempt", &self.attempt)
-            .finish()
-    }
-}
-
-/// A copy of a flat attribute map with the value of any `password` path (SCIM's write-only
-/// initial password, RFC 7643 §4.1.1) replaced, for `Debug` output.
-fn redacted(attrs: &Map<String, Value>) -> Map<String, Value> {
-    attrs
-        .iter()
-        .map(|(k, v)| {
-            let is_password = k
-                .rsplit([':', '.'])
-                .next()
-                .is_some_and(|last| last.eq_ignore_ascii_case("password"));
-            if is_password && !v.is_null() {
-                (k.clone(), Value::String("<redacted>".to_string()))
-            } else {
-                (k.clone(), v.clone())
-            }
-        })
-        .collect()
-}
-
-/// The result of one job.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    /// Delivered.
-    Done {
-        /// The event.
-        event_id: i64,
-        /// The target's id for the account (from the create, the correlation, or the job).
-        account_id: Option<String>,
-        /// The create linked an existing account instead of creating one.
-        correlated: bool,
-        /// The status of the last HTTP response, if a request was sent.
-        http_status: Option<u16>,
-    },
-    /// Transient failure: connection error, timeout, 408, 429 or 5xx.
-    Retry {
-        /// The event.
-        event_id: i64,
-        /// What went wrong.
-        error: String,
-        /// The HTTP status, if a response came.
-        http_status: Option<u16>,
-        /// The target's `Retry-After`, if it sent one.
-        retry_after: Option<Duration>,
-    },
-    /// Permanent failure (other 4xx, or an invalid job): needs an operator.
-    Failed {
-        /// The event.
-        event_id: i64,
-        /// What went wrong, with the target's error text.
-        error: String,
-        /// The HTTP status, if a response came.
-        http_status: Option<u16>,
-    },
-    /// SCIM 409 `uniqueness` on create: the planner can pick the next unique value.
-    Conflict {
-        /// The event.
-        event_id: i64,
-        /// The target's error text.
-        error: String,
-    },
-}
-
-impl Outcome {
-    /// The event this outcome is for.
-    pub fn event_id(&self) -> i64 {
-        match self {
-            Outcome::Done { event_id, .. }
-            | Outcome::Retry { event_id, .. }
-            | Outcome::Failed { event_id, .. }
-            | Outcome::Conflict { event_id, .. } => *event_id,
-        }
-    }
-
-    pub(crate) fn failed(event_id: i64, error: impl Into<String>) -> Self {
-        Outcome::Failed {
-            event_id,
-            error: error.into(),
-            http_status: None,
-        }
-    }
-
-    pub(crate) fn retry(event_id: i64, error: impl Into<String>) -> Self {
-        Outcome::Retry {
-            event_id,
-            error: error.into(),
-            http_status: None,
-            retry_after: None,
-        }
-    }
-}
+use client::Client;
+use scim::ScimTarget;
 
 /// State shared between the caller's thread and the delivery thread.
 struct Shared {
@@ -511,6 +209,45 @@ fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// A target's live state on the delivery thread: its transport, and for SCIM what the service
+/// said it supports and the group ids found so far.
+enum Target {
+    Scim(ScimTarget),
+    Webhook(Client),
+}
+
+impl Target {
+    fn new(config: TargetConfig) -> Self {
+        match config.kind {
+            TargetKind::Scim => Target::Scim(ScimTarget::new(Client::new(config))),
+            TargetKind::Webhook => Target::Webhook(Client::new(config)),
+        }
+    }
+
+    fn client(&self) -> &Client {
+        match self {
+            Target::Scim(t) => &t.client,
+            Target::Webhook(c) => c,
+        }
+    }
+
+    fn config(&self) -> &TargetConfig {
+        &self.client().config
+    }
+
+    /// Delivers one job under the target's concurrency limit.
+    async fn deliver(&self, job: &Job) -> Outcome {
+        let _permit = match self.client().permit().await {
+            Ok(p) => p,
+            Err(e) => return e.outcome(job.event_id),
+        };
+        match self {
+            Target::Scim(t) => scim::deliver(t, job).await,
+            Target::Webhook(c) => webhook::deliver(c, job).await,
+        }
+    }
+}
+
 type PersonKey = (i32, String);
 
 /// The delivery thread's loop: owns the targets, the per-person queues and the tasks.
@@ -528,10 +265,10 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Command>) {
                     let mut next = HashMap::new();
                     for c in configs {
                         let t = match targets.get(&c.id) {
-                            Some(old) if old.config == c => Arc::clone(old),
+                            Some(old) if *old.config() == c => Arc::clone(old),
                             _ => Arc::new(Target::new(c)),
                         };
-                        next.insert(t.config.id, t);
+                        next.insert(t.config().id, t);
                     }
                     targets = next;
                 }
@@ -666,7 +403,7 @@ fn spawn_job(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Map};
 
     #[test]
     fn debug_output_hides_secrets() {

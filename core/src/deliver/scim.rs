@@ -1,12 +1,15 @@
 //! SCIM 2.0 delivery (RFC 7644): users, their `active` flag, and group memberships.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use reqwest::Method;
 use serde_json::{json, Map, Value};
 
-use super::http::{pct, Reply, ServiceProviderConfig, Target};
-use super::{EventKind, Job, Outcome};
+use tokio::sync::{Mutex, OnceCell};
+
+use super::client::{pct, Client, Reply, SendError};
+use super::config::TargetConfig;
+use super::job::{EventKind, Job, Outcome};
 use crate::path::{apply_changes, build_resource, parse_path, schemas_for, AttrPath, PathError};
 
 const SCIM_JSON: &str = "application/scim+json";
@@ -15,15 +18,115 @@ const GROUP_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:Group";
 
 type Step<T> = Result<T, Outcome>;
 
+/// What a SCIM service says it supports (RFC 7643 §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ServiceProviderConfig {
+    pub patch: bool,
+    pub filter: bool,
+    pub bulk: bool,
+    pub etag: bool,
+}
+
+impl ServiceProviderConfig {
+    /// Assumed when a service does not publish its configuration: PATCH and filters are what
+    /// every major SCIM service implements.
+    pub const ASSUMED: Self = ServiceProviderConfig {
+        patch: true,
+        filter: true,
+        bulk: false,
+        etag: false,
+    };
+
+    fn from_json(v: &Value) -> Self {
+        let supported = |k: &str, default: bool| {
+            v.get(k)
+                .and_then(|o| o.get("supported"))
+                .and_then(Value::as_bool)
+                .unwrap_or(default)
+        };
+        ServiceProviderConfig {
+            patch: supported("patch", true),
+            filter: supported("filter", true),
+            bulk: supported("bulk", false),
+            etag: supported("etag", false),
+        }
+    }
+}
+
+/// A SCIM service: its transport, what it says it supports, and the group ids found so far.
+pub(crate) struct ScimTarget {
+    pub client: Client,
+    spc: OnceCell<ServiceProviderConfig>,
+    /// Group displayName → id; the lock is held while a group is looked up or created, so two
+    /// grants cannot create the same group twice.
+    groups: Mutex<HashMap<String, String>>,
+}
+
+impl ScimTarget {
+    pub fn new(client: Client) -> Self {
+        ScimTarget {
+            client,
+            spc: OnceCell::new(),
+            groups: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn config(&self) -> &TargetConfig {
+        &self.client.config
+    }
+
+    /// The base URL without a trailing slash.
+    pub fn base(&self) -> &str {
+        self.client.config.url.trim_end_matches('/')
+    }
+
+    /// One request for an event: its id is the idempotency key, a failure its outcome.
+    async fn send(
+        &self,
+        event_id: i64,
+        method: Method,
+        url: &str,
+        body: Option<(&'static str, Vec<u8>)>,
+        headers: &[(&'static str, String)],
+    ) -> Step<Reply> {
+        self.client
+            .send(Some(event_id), method, url, body, headers)
+            .await
+            .map_err(|e| e.outcome(event_id))
+    }
+
+    /// The service's ServiceProviderConfig, read once and cached. A service without one (404)
+    /// gets [`ServiceProviderConfig::ASSUMED`]; errors are not cached.
+    pub async fn service_provider_config(&self) -> Result<ServiceProviderConfig, SendError> {
+        self.spc
+            .get_or_try_init(|| async {
+                let url = format!("{}/ServiceProviderConfig", self.base());
+                let reply = self.client.send(None, Method::GET, &url, None, &[]).await?;
+                match reply.status {
+                    200..=299 => Ok(reply.json().map_or(ServiceProviderConfig::ASSUMED, |v| {
+                        ServiceProviderConfig::from_json(&v)
+                    })),
+                    404 | 501 => Ok(ServiceProviderConfig::ASSUMED),
+                    _ => Err(reply.failure("GET /ServiceProviderConfig")),
+                }
+            })
+            .await
+            .copied()
+    }
+}
+
 /// Delivers one SCIM job.
-pub(crate) async fn deliver(t: &Target, job: &Job) -> Outcome {
+pub(crate) async fn deliver(t: &ScimTarget, job: &Job) -> Outcome {
     match run(t, job).await {
         Ok(o) | Err(o) => o,
     }
 }
 
-async fn run(t: &Target, job: &Job) -> Step<Outcome> {
-    let spc = t.service_provider_config(job.event_id).await?;
+async fn run(t: &ScimTarget, job: &Job) -> Step<Outcome> {
+    let spc = t
+        .service_provider_config()
+        .await
+        .map_err(|e| e.outcome(job.event_id))?;
     match job.kind {
         EventKind::Create => create(t, spc, job).await,
         EventKind::Update => update(t, spc, job).await,
@@ -52,7 +155,7 @@ async fn run(t: &Target, job: &Job) -> Step<Outcome> {
             if reply.ok() || reply.status == 404 {
                 Ok(done(job, Some(id.to_string()), false, Some(reply.status)))
             } else {
-                Err(reply.failure(job.event_id, "DELETE /Users"))
+                Err(reply.failure("DELETE /Users").outcome(job.event_id))
             }
         }
         EventKind::Grant | EventKind::Revoke => membership(t, spc, job).await,
@@ -96,10 +199,10 @@ fn user_resource(job: &Job, attrs: &Map<String, Value>) -> Step<Map<String, Valu
     Ok(res)
 }
 
-async fn create(t: &Target, spc: ServiceProviderConfig, job: &Job) -> Step<Outcome> {
+async fn create(t: &ScimTarget, spc: ServiceProviderConfig, job: &Job) -> Step<Outcome> {
     // On a retried create, the first attempt may have succeeded with its reply lost: look the
     // account up by externalId so it is linked instead of created twice.
-    let correlate_on = t.config.correlate_on.clone().or_else(|| {
+    let correlate_on = t.config().correlate_on.clone().or_else(|| {
         (job.attempt >= 2
             && job
                 .attributes
@@ -115,7 +218,7 @@ async fn create(t: &Target, spc: ServiceProviderConfig, job: &Job) -> Step<Outco
                     job.event_id,
                     format!(
                         "target \"{}\" does not support filters, which correlate_on needs",
-                        t.config.name
+                        t.config().name
                     ),
                 ));
             }
@@ -158,7 +261,7 @@ async fn create(t: &Target, spc: ServiceProviderConfig, job: &Job) -> Step<Outco
         });
     }
     if !reply.ok() {
-        return Err(reply.failure(job.event_id, "POST /Users"));
+        return Err(reply.failure("POST /Users").outcome(job.event_id));
     }
     match resource_id(&reply) {
         Some(id) => Ok(done(job, Some(id), false, Some(reply.status))),
@@ -180,7 +283,7 @@ fn resource_id(reply: &Reply) -> Option<String> {
 
 /// Links an account found by correlation and brings it up to date with the desired values.
 async fn link(
-    t: &Target,
+    t: &ScimTarget,
     spc: ServiceProviderConfig,
     job: &Job,
     existing: &Value,
@@ -229,7 +332,7 @@ fn same_value(a: &Value, b: &Value) -> bool {
     }
 }
 
-async fn update(t: &Target, spc: ServiceProviderConfig, job: &Job) -> Step<Outcome> {
+async fn update(t: &ScimTarget, spc: ServiceProviderConfig, job: &Job) -> Step<Outcome> {
     let id = account_id(job)?;
     if job.changed.is_empty() {
         return Ok(done(job, Some(id.to_string()), false, None));
@@ -252,7 +355,7 @@ async fn update(t: &Target, spc: ServiceProviderConfig, job: &Job) -> Step<Outco
             let ops = patch_ops(&job.changed, &current, true).map_err(|e| mapping_error(job, e))?;
             patch_user(t, job, id, ops).await?
         }
-        reply => return Err(reply.failure(job.event_id, "PATCH /Users")),
+        reply => return Err(reply.failure("PATCH /Users").outcome(job.event_id)),
     };
     Ok(done(job, Some(id.to_string()), false, Some(status)))
 }
@@ -368,7 +471,7 @@ fn patch_body(ops: Vec<Value>) -> Vec<u8> {
     serde_json::to_vec(&json!({"schemas": [PATCH_OP], "Operations": ops})).unwrap_or_default()
 }
 
-async fn patch_user_raw(t: &Target, job: &Job, id: &str, ops: Vec<Value>) -> Step<Reply> {
+async fn patch_user_raw(t: &ScimTarget, job: &Job, id: &str, ops: Vec<Value>) -> Step<Reply> {
     let url = format!("{}/Users/{}", t.base(), pct(id));
     t.send(
         job.event_id,
@@ -381,7 +484,7 @@ async fn patch_user_raw(t: &Target, job: &Job, id: &str, ops: Vec<Value>) -> Ste
 }
 
 /// PATCHes a user; 200 with a body and 204 without are both success.
-async fn patch_user(t: &Target, job: &Job, id: &str, ops: Vec<Value>) -> Step<u16> {
+async fn patch_user(t: &ScimTarget, job: &Job, id: &str, ops: Vec<Value>) -> Step<u16> {
     if ops.is_empty() {
         return Ok(204);
     }
@@ -389,13 +492,13 @@ async fn patch_user(t: &Target, job: &Job, id: &str, ops: Vec<Value>) -> Step<u1
     if reply.ok() {
         Ok(reply.status)
     } else {
-        Err(reply.failure(job.event_id, "PATCH /Users"))
+        Err(reply.failure("PATCH /Users").outcome(job.event_id))
     }
 }
 
 /// For services without PATCH: reads the user, applies the flat changes, and PUTs it back, so
 /// attributes this target's mapping does not manage are kept.
-async fn put_user(t: &Target, job: &Job, id: &str, changes: &Map<String, Value>) -> Step<u16> {
+async fn put_user(t: &ScimTarget, job: &Job, id: &str, changes: &Map<String, Value>) -> Step<u16> {
     let mut res = get_user(t, job, id).await?;
     apply_changes(&mut res, changes).map_err(|e| mapping_error(job, e))?;
     if let Some(obj) = res.as_object_mut() {
@@ -415,15 +518,15 @@ async fn put_user(t: &Target, job: &Job, id: &str, changes: &Map<String, Value>)
     if reply.ok() {
         Ok(reply.status)
     } else {
-        Err(reply.failure(job.event_id, "PUT /Users"))
+        Err(reply.failure("PUT /Users").outcome(job.event_id))
     }
 }
 
-async fn get_user(t: &Target, job: &Job, id: &str) -> Step<Value> {
+async fn get_user(t: &ScimTarget, job: &Job, id: &str) -> Step<Value> {
     let url = format!("{}/Users/{}", t.base(), pct(id));
     let reply = t.send(job.event_id, Method::GET, &url, None, &[]).await?;
     if !reply.ok() {
-        return Err(reply.failure(job.event_id, "GET /Users"));
+        return Err(reply.failure("GET /Users").outcome(job.event_id));
     }
     reply
         .json()
@@ -432,7 +535,7 @@ async fn get_user(t: &Target, job: &Job, id: &str) -> Step<Value> {
 
 /// `GET /{endpoint}?filter=…`: the resources found.
 async fn find(
-    t: &Target,
+    t: &ScimTarget,
     job: &Job,
     endpoint: &str,
     filter: &str,
@@ -445,7 +548,7 @@ async fn find(
     let reply = t.send(job.event_id, Method::GET, &url, None, &[]).await?;
     let what = format!("GET /{endpoint}?filter");
     if !reply.ok() {
-        return Err(reply.failure(job.event_id, &what));
+        return Err(reply.failure(&what).outcome(job.event_id));
     }
     let json = reply.json().ok_or_else(|| {
         Outcome::failed(job.event_id, format!("{what}: the response is not JSON"))
@@ -457,7 +560,7 @@ async fn find(
         .unwrap_or_default())
 }
 
-async fn membership(t: &Target, spc: ServiceProviderConfig, job: &Job) -> Step<Outcome> {
+async fn membership(t: &ScimTarget, spc: ServiceProviderConfig, job: &Job) -> Step<Outcome> {
     let Some(group) = job.group.as_deref() else {
         return Err(Outcome::failed(
             job.event_id,
@@ -467,14 +570,15 @@ async fn membership(t: &Target, spc: ServiceProviderConfig, job: &Job) -> Step<O
     let user = account_id(job)?;
     let grant = job.kind == EventKind::Grant;
     for round in 0..2 {
-        let Some(gid) = resolve_group(t, spc, job, group, grant && t.config.create_groups).await?
+        let Some(gid) =
+            resolve_group(t, spc, job, group, grant && t.config().create_groups).await?
         else {
             if grant {
                 return Err(Outcome::failed(
                     job.event_id,
                     format!(
                         "group \"{group}\" does not exist in target \"{}\" (set create_groups to create it)",
-                        t.config.name
+                        t.config().name
                     ),
                 ));
             }
@@ -508,13 +612,19 @@ async fn membership(t: &Target, spc: ServiceProviderConfig, job: &Job) -> Step<O
             t.groups.lock().await.remove(group);
             continue;
         }
-        return Err(reply.failure(job.event_id, "PATCH /Groups"));
+        return Err(reply.failure("PATCH /Groups").outcome(job.event_id));
     }
     Err(Outcome::failed(job.event_id, "group lookup did not settle"))
 }
 
 /// Membership change for services without PATCH: read the group, edit, PUT it back.
-async fn put_membership(t: &Target, job: &Job, url: &str, user: &str, grant: bool) -> Step<Reply> {
+async fn put_membership(
+    t: &ScimTarget,
+    job: &Job,
+    url: &str,
+    user: &str,
+    grant: bool,
+) -> Step<Reply> {
     let reply = t.send(job.event_id, Method::GET, url, None, &[]).await?;
     if !reply.ok() {
         return Ok(reply);
@@ -545,7 +655,7 @@ async fn put_membership(t: &Target, job: &Job, url: &str, user: &str, grant: boo
 
 /// The id of the group with this displayName: cached, looked up, or created.
 async fn resolve_group(
-    t: &Target,
+    t: &ScimTarget,
     spc: ServiceProviderConfig,
     job: &Job,
     name: &str,
@@ -560,7 +670,7 @@ async fn resolve_group(
             job.event_id,
             format!(
                 "target \"{}\" does not support filters, which group lookups need",
-                t.config.name
+                t.config().name
             ),
         ));
     }
@@ -598,7 +708,7 @@ async fn resolve_group(
             }
         } else if reply.status != 409 {
             // 409: someone else created it meanwhile; the second lookup finds it.
-            return Err(reply.failure(job.event_id, "POST /Groups"));
+            return Err(reply.failure("POST /Groups").outcome(job.event_id));
         }
     }
     Ok(None)

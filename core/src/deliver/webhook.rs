@@ -5,13 +5,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use super::http::Target;
-use super::{Job, Outcome};
-use crate::webhook::SigningKey;
+use super::client::Client;
+use super::job::{Job, Outcome};
+use crate::webhook_sign::SigningKey;
 
 /// POSTs the event. Any 2xx is success; a JSON reply with a string `account_id` sets the
 /// account's id in the target, otherwise the job's own `account_id` is kept.
-pub(crate) async fn deliver(t: &Target, job: &Job) -> Outcome {
+pub(crate) async fn deliver(t: &Client, job: &Job) -> Outcome {
     let payload = json!({
         "id": job.event_id,
         "type": job.kind.as_str(),
@@ -45,7 +45,7 @@ pub(crate) async fn deliver(t: &Target, job: &Job) -> Outcome {
     }
     let reply = match t
         .send(
-            job.event_id,
+            Some(job.event_id),
             Method::POST,
             &t.config.url,
             Some(("application/json", body)),
@@ -54,10 +54,10 @@ pub(crate) async fn deliver(t: &Target, job: &Job) -> Outcome {
         .await
     {
         Ok(r) => r,
-        Err(o) => return o,
+        Err(e) => return e.outcome(job.event_id),
     };
     if !reply.ok() {
-        return reply.failure(job.event_id, "POST webhook");
+        return reply.failure("POST webhook").outcome(job.event_id);
     }
     let account_id = reply
         .json()

@@ -1,16 +1,17 @@
-//! Per-target HTTP state: client, concurrency limit, authentication, and turning responses and
-//! transport errors into outcomes.
+//! The HTTP transport of one target: a keep-alive client, the target's concurrency limit,
+//! authentication (bearer, basic, OAuth2 client credentials with a cached token), bounded
+//! response bodies, and the classification of what went wrong ([`SendError`]). It knows
+//! nothing of SCIM, webhooks or events: `scim`, `webhook` and reconcile scans build on it.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder};
 use serde_json::Value;
-use tokio::sync::{Mutex, OnceCell, Semaphore};
+use tokio::sync::{Mutex, Semaphore};
 
-use super::{Auth, Job, Outcome, TargetConfig, TargetKind};
-use crate::backoff::parse_retry_after;
+use super::config::{Auth, TargetConfig};
+use crate::retry::{is_transient_status, parse_retry_after};
 
 /// Responses larger than this are cut: error texts only need their start, and a target must
 /// not be able to make the worker buffer unbounded data.
@@ -18,56 +19,79 @@ const MAX_BODY: usize = 1 << 20;
 /// Error texts quoted from a response are cut to this many characters.
 const MAX_ERROR_TEXT: usize = 300;
 
-/// What a SCIM service says it supports (RFC 7643 §5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ServiceProviderConfig {
-    pub patch: bool,
-    pub filter: bool,
-    pub bulk: bool,
-    pub etag: bool,
-}
-
-impl ServiceProviderConfig {
-    /// Assumed when a service does not publish its configuration: PATCH and filters are what
-    /// every major SCIM service implements.
-    pub const ASSUMED: Self = ServiceProviderConfig {
-        patch: true,
-        filter: true,
-        bulk: false,
-        etag: false,
-    };
-
-    fn from_json(v: &Value) -> Self {
-        let supported = |k: &str, default: bool| {
-            v.get(k)
-                .and_then(|o| o.get("supported"))
-                .and_then(Value::as_bool)
-                .unwrap_or(default)
-        };
-        ServiceProviderConfig {
-            patch: supported("patch", true),
-            filter: supported("filter", true),
-            bulk: supported("bulk", false),
-            etag: supported("etag", false),
-        }
-    }
-}
-
 struct CachedToken {
     value: String,
     refresh_at: Instant,
 }
 
-/// A target's live state, shared by the tasks delivering to it.
-pub(crate) struct Target {
+/// One target's transport, shared by the tasks sending to it.
+pub(crate) struct Client {
     pub config: TargetConfig,
     client: Result<reqwest::Client, String>,
     semaphore: Semaphore,
     token: Mutex<Option<CachedToken>>,
-    spc: OnceCell<ServiceProviderConfig>,
-    /// Group displayName → id; the lock is held while a group is looked up or created, so two
-    /// grants cannot create the same group twice.
-    pub groups: Mutex<HashMap<String, String>>,
+}
+
+/// Why a request did not produce a usable reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SendError {
+    /// Worth another try later: a connection error, a timeout, 408, 429 or 5xx.
+    Transient {
+        error: String,
+        http_status: Option<u16>,
+        retry_after: Option<Duration>,
+    },
+    /// Needs an operator (another 4xx, an unusable configuration or response).
+    Permanent {
+        error: String,
+        http_status: Option<u16>,
+    },
+}
+
+impl SendError {
+    pub fn permanent(error: impl Into<String>) -> Self {
+        SendError::Permanent {
+            error: error.into(),
+            http_status: None,
+        }
+    }
+
+    pub fn transient(error: impl Into<String>) -> Self {
+        SendError::Transient {
+            error: error.into(),
+            http_status: None,
+            retry_after: None,
+        }
+    }
+
+    /// The same error with `what` put in front of its text.
+    pub fn context(self, what: &str) -> Self {
+        match self {
+            SendError::Transient {
+                error,
+                http_status,
+                retry_after,
+            } => SendError::Transient {
+                error: format!("{what}: {error}"),
+                http_status,
+                retry_after,
+            },
+            SendError::Permanent { error, http_status } => SendError::Permanent {
+                error: format!("{what}: {error}"),
+                http_status,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Transient { error, .. } | SendError::Permanent { error, .. } => {
+                f.write_str(error)
+            }
+        }
+    }
 }
 
 /// A response, read whole (up to [`MAX_BODY`]).
@@ -121,20 +145,19 @@ impl Reply {
         }
     }
 
-    /// The outcome for a response the caller does not handle itself: 408, 429 and 5xx are
-    /// transient, everything else (other 4xx, unexpected 3xx or 2xx) needs an operator.
-    pub fn failure(&self, event_id: i64, what: &str) -> Outcome {
+    /// The error for a response the caller does not handle itself, classified by
+    /// [`is_transient_status`]: everything else (other 4xx, unexpected 3xx or 2xx) needs an
+    /// operator.
+    pub fn failure(&self, what: &str) -> SendError {
         let error = format!("{what}: HTTP {}: {}", self.status, self.error_text());
-        if self.status == 408 || self.status == 429 || self.status >= 500 {
-            Outcome::Retry {
-                event_id,
+        if is_transient_status(self.status) {
+            SendError::Transient {
                 error,
                 http_status: Some(self.status),
                 retry_after: self.retry_after,
             }
         } else {
-            Outcome::Failed {
-                event_id,
+            SendError::Permanent {
                 error,
                 http_status: Some(self.status),
             }
@@ -204,7 +227,7 @@ fn human(d: Duration) -> String {
     }
 }
 
-impl Target {
+impl Client {
     pub fn new(config: TargetConfig) -> Self {
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
@@ -222,77 +245,69 @@ impl Target {
                 )
             });
         let permits = config.max_concurrency.clamp(1, Semaphore::MAX_PERMITS);
-        Target {
+        Client {
             config,
             client,
             semaphore: Semaphore::new(permits),
             token: Mutex::new(None),
-            spc: OnceCell::new(),
-            groups: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Delivers one job under the target's concurrency limit.
-    pub async fn deliver(&self, job: &Job) -> Outcome {
-        let Ok(_permit) = self.semaphore.acquire().await else {
-            return Outcome::retry(job.event_id, "target is being reconfigured");
-        };
-        match self.config.kind {
-            TargetKind::Scim => super::scim::deliver(self, job).await,
-            TargetKind::Webhook => super::webhook::deliver(self, job).await,
-        }
+    /// A place among the target's `max_concurrency` requests in flight; hold it while sending.
+    pub async fn permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, SendError> {
+        self.semaphore
+            .acquire()
+            .await
+            .map_err(|_| SendError::transient("target is being reconfigured"))
     }
 
-    /// The base URL without a trailing slash.
-    pub fn base(&self) -> &str {
-        self.config.url.trim_end_matches('/')
-    }
-
-    /// Sends one request with authentication and `Idempotency-Key`, and reads the reply.
-    /// With OAuth2, a 401 fetches a fresh token and the request is sent once more.
+    /// Sends one request with authentication (and `Idempotency-Key` when it delivers an
+    /// event), and reads the reply. With OAuth2, a 401 fetches a fresh token and the request is
+    /// sent once more.
     pub async fn send(
         &self,
-        event_id: i64,
+        idempotency_key: Option<i64>,
         method: Method,
         url: &str,
         body: Option<(&'static str, Vec<u8>)>,
         headers: &[(&'static str, String)],
-    ) -> Result<Reply, Outcome> {
+    ) -> Result<Reply, SendError> {
         let client = self
             .client
             .as_ref()
-            .map_err(|e| Outcome::failed(event_id, e.clone()))?;
+            .map_err(|e| SendError::permanent(e.clone()))?;
         let mut used_token: Option<String> = None;
         for attempt in 0..2 {
-            let mut rb = client
-                .request(method.clone(), url)
-                .header("Idempotency-Key", event_id.to_string())
-                .header(
-                    ACCEPT,
-                    HeaderValue::from_static("application/scim+json, application/json"),
-                );
+            let mut rb = client.request(method.clone(), url);
+            if let Some(key) = idempotency_key {
+                rb = rb.header("Idempotency-Key", key.to_string());
+            }
+            rb = rb.header(
+                ACCEPT,
+                HeaderValue::from_static("application/scim+json, application/json"),
+            );
             for (k, v) in headers {
                 rb = rb.header(*k, v.as_str());
             }
             if let Some((ct, bytes)) = &body {
                 rb = rb.header(CONTENT_TYPE, *ct).body(bytes.clone());
             }
-            let (rb, token) = self.authorize(rb, event_id, used_token.as_deref()).await?;
+            let (rb, token) = self.authorize(rb, used_token.as_deref()).await?;
             used_token = token;
-            let reply = self.execute(rb, event_id).await?;
+            let reply = self.execute(rb).await?;
             if reply.status == 401 && attempt == 0 && used_token.is_some() {
                 continue; // the token may have been revoked or expired early: fetch a new one
             }
             return Ok(reply);
         }
-        Err(Outcome::failed(event_id, "unreachable: retry loop ended"))
+        Err(SendError::permanent("unreachable: retry loop ended"))
     }
 
-    async fn execute(&self, rb: RequestBuilder, event_id: i64) -> Result<Reply, Outcome> {
+    async fn execute(&self, rb: RequestBuilder) -> Result<Reply, SendError> {
         let mut resp = rb
             .send()
             .await
-            .map_err(|e| Outcome::retry(event_id, transport_error(&e, self.config.timeout)))?;
+            .map_err(|e| SendError::transient(transport_error(&e, self.config.timeout)))?;
         let status = resp.status().as_u16();
         let retry_after = resp
             .headers()
@@ -311,8 +326,7 @@ impl Target {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    return Err(Outcome::Retry {
-                        event_id,
+                    return Err(SendError::Transient {
                         error: transport_error(&e, self.config.timeout),
                         http_status: Some(status),
                         retry_after,
@@ -332,21 +346,20 @@ impl Target {
     async fn authorize(
         &self,
         rb: RequestBuilder,
-        event_id: i64,
         stale: Option<&str>,
-    ) -> Result<(RequestBuilder, Option<String>), Outcome> {
+    ) -> Result<(RequestBuilder, Option<String>), SendError> {
         Ok(match &self.config.auth {
             Auth::None => (rb, None),
             Auth::Bearer { token } => (rb.bearer_auth(token), None),
             Auth::Basic { username, password } => (rb.basic_auth(username, Some(password)), None),
             Auth::OAuth2 { .. } => {
-                let token = self.oauth_token(event_id, stale).await?;
+                let token = self.oauth_token(stale).await?;
                 (rb.bearer_auth(&token), Some(token))
             }
         })
     }
 
-    async fn oauth_token(&self, event_id: i64, stale: Option<&str>) -> Result<String, Outcome> {
+    async fn oauth_token(&self, stale: Option<&str>) -> Result<String, SendError> {
         let Auth::OAuth2 {
             token_url,
             client_id,
@@ -354,7 +367,7 @@ impl Target {
             scope,
         } = &self.config.auth
         else {
-            return Err(Outcome::failed(event_id, "target does not use oauth2"));
+            return Err(SendError::permanent("target does not use oauth2"));
         };
         let mut cached = self.token.lock().await;
         if let Some(t) = cached.as_ref() {
@@ -365,7 +378,7 @@ impl Target {
         let client = self
             .client
             .as_ref()
-            .map_err(|e| Outcome::failed(event_id, e.clone()))?;
+            .map_err(|e| SendError::permanent(e.clone()))?;
         let mut form = vec![
             ("grant_type", "client_credentials"),
             ("client_id", client_id.as_str()),
@@ -378,27 +391,16 @@ impl Target {
             .post(token_url)
             .header(ACCEPT, "application/json")
             .form(&form);
-        let reply = self.execute(rb, event_id).await.map_err(|o| match o {
-            Outcome::Retry {
-                event_id,
-                error,
-                http_status,
-                retry_after,
-            } => Outcome::Retry {
-                event_id,
-                error: format!("oauth2 token request: {error}"),
-                http_status,
-                retry_after,
-            },
-            other => other,
-        })?;
+        let reply = self
+            .execute(rb)
+            .await
+            .map_err(|e| e.context("oauth2 token request"))?;
         if !reply.ok() {
-            return Err(reply.failure(event_id, "oauth2 token request"));
+            return Err(reply.failure("oauth2 token request"));
         }
         let json = reply.json().unwrap_or(Value::Null);
         let Some(token) = json.get("access_token").and_then(Value::as_str) else {
-            return Err(Outcome::failed(
-                event_id,
+            return Err(SendError::permanent(
                 "oauth2 token response has no access_token",
             ));
         };
@@ -413,28 +415,6 @@ impl Target {
             refresh_at: Instant::now() + lifetime - margin,
         });
         Ok(token.to_string())
-    }
-
-    /// The service's ServiceProviderConfig, read once and cached. A service without one (404)
-    /// gets [`ServiceProviderConfig::ASSUMED`]; errors are not cached.
-    pub async fn service_provider_config(
-        &self,
-        event_id: i64,
-    ) -> Result<ServiceProviderConfig, Outcome> {
-        self.spc
-            .get_or_try_init(|| async {
-                let url = format!("{}/ServiceProviderConfig", self.base());
-                let reply = self.send(event_id, Method::GET, &url, None, &[]).await?;
-                match reply.status {
-                    200..=299 => Ok(reply.json().map_or(ServiceProviderConfig::ASSUMED, |v| {
-                        ServiceProviderConfig::from_json(&v)
-                    })),
-                    404 | 501 => Ok(ServiceProviderConfig::ASSUMED),
-                    _ => Err(reply.failure(event_id, "GET /ServiceProviderConfig")),
-                }
-            })
-            .await
-            .copied()
     }
 }
 
@@ -481,13 +461,13 @@ mod tests {
     fn classification() {
         for s in [408, 429, 500, 502, 503, 599] {
             assert!(
-                matches!(reply(s, "").failure(1, "x"), Outcome::Retry { .. }),
+                matches!(reply(s, "").failure("x"), SendError::Transient { .. }),
                 "{s}"
             );
         }
         for s in [400, 401, 403, 404, 409, 422, 302] {
             assert!(
-                matches!(reply(s, "").failure(1, "x"), Outcome::Failed { .. }),
+                matches!(reply(s, "").failure("x"), SendError::Permanent { .. }),
                 "{s}"
             );
         }

@@ -1,4 +1,8 @@
-//! Retry timing: capped exponential backoff with full jitter, honouring `Retry-After`.
+//! The retry policy, in one place for every connector: which failures are transient
+//! ([`is_transient_status`] for HTTP, [`is_transient_sqlstate`] for table targets), and when the
+//! next attempt is due ([`retry_delay`]: capped exponential backoff with full jitter, honouring
+//! `Retry-After`). The worker's ledger calls these for HTTP outcomes, and SQL reaches the same
+//! functions through `identity_sync._retry_delay` and `identity_sync._is_transient_sqlstate`.
 //!
 //! Full jitter (a uniform delay between zero and the exponential ceiling) spreads the retries
 //! of many events that failed together, so a target that was down is not hit by all of them at
@@ -11,6 +15,27 @@ use std::time::{Duration, SystemTime};
 /// target's `Retry-After` say: a target asking for a day's pause still gets a retry within the
 /// hour, so an operator sees it recover without a manual `retry`.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
+
+/// The first retry waits up to this long (the exponential ceiling's base).
+pub const RETRY_BASE: Duration = Duration::from_millis(500);
+
+/// The exponential ceiling stops growing here (before a target's `Retry-After`).
+pub const RETRY_CAP: Duration = Duration::from_secs(300);
+
+/// An HTTP status worth another try: 408 (request timeout), 429 (too many requests) and every
+/// 5xx. Anything else a caller did not handle needs an operator.
+pub fn is_transient_status(status: u16) -> bool {
+    status == 408 || status == 429 || status >= 500
+}
+
+/// A PostgreSQL error (by SQLSTATE) worth another try when applying an event to a table
+/// target: connection failures (class 08, a postgres_fdw server that is down), transaction
+/// rollbacks such as deadlocks and serialization failures (40), insufficient resources (53),
+/// operator intervention such as a shutdown (57), and a lock not available (55P03). Constraint
+/// or type errors (and everything else) need an operator.
+pub fn is_transient_sqlstate(sqlstate: &str) -> bool {
+    matches!(sqlstate.get(..2), Some("08" | "40" | "53" | "57")) || sqlstate == "55P03"
+}
 
 /// The delay before the next attempt.
 ///
@@ -59,6 +84,24 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn transient_classification() {
+        for s in [408, 429, 500, 502, 503, 599] {
+            assert!(super::is_transient_status(s), "{s}");
+        }
+        for s in [200, 302, 400, 401, 403, 404, 409, 422] {
+            assert!(!super::is_transient_status(s), "{s}");
+        }
+        for c in [
+            "08006", "08001", "40001", "40P01", "53100", "57P01", "55P03",
+        ] {
+            assert!(super::is_transient_sqlstate(c), "{c}");
+        }
+        for c in ["23505", "22P02", "42703", "55000", "", "4"] {
+            assert!(!super::is_transient_sqlstate(c), "{c}");
+        }
+    }
+
     use super::*;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
