@@ -118,6 +118,14 @@ CREATE TABLE identity_sync.target (
     resync_total int,              -- persons in the running resync, NULL when none runs
     resync_started_at timestamptz,
     adopting   bigint,         -- the reconcile run whose scan the planner adopts accounts from
+    -- The circuit breaker (40_deliver.sql, _breaker): target-level failures in a row, and the
+    -- quarantine they led to (NULL when not quarantined), with its single-request probes.
+    failure_streak    int NOT NULL DEFAULT 0,
+    failing_since     timestamptz,
+    quarantined_at    timestamptz,
+    quarantine_reason text,
+    probe_at          timestamptz,
+    probe_interval    interval,
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now()
 );

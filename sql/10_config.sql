@@ -318,6 +318,10 @@ LANGUAGE sql IMMUTABLE AS $$
            ('token_url',             '{scim,webhook}',       'text',      'OAuth2 token endpoint'),
            ('client_id',             '{scim,webhook}',       'text',      'OAuth2 client id'),
            ('scope',                 '{scim,webhook}',       'text',      'OAuth2 scope'),
+           ('secret_file',           '{scim,webhook}',       'path',      'absolute path of a file the server can read holding the secret, read at each use (never in SQL text); wins over set_secret'),
+           ('ca_file',               '{scim,webhook}',       'path',      'absolute path of a PEM file with the certificates of a private CA to trust'),
+           ('allow_insecure_http',   '{scim,webhook}',       'boolean',   'allow plain http to a host that is not a loopback address (default false)'),
+           ('max_response_bytes',    '{scim,webhook}',       'integer',   'a larger response body fails the request, default 1048576'),
            ('timeout',               '{scim,webhook}',       'interval',  'per request, default 10 s'),
            ('max_concurrency',       '{scim,webhook}',       'integer',   'requests in flight, default 16'),
            ('correlate_on',          '{scim}',               'text',      'attribute used to find an existing account before creating'),
@@ -330,6 +334,7 @@ LANGUAGE sql IMMUTABLE AS $$
            ('max_disables',          '{scim,webhook,table}', 'threshold', 'disables per plan before the target is held'),
            ('max_deletes',           '{scim,webhook,table}', 'threshold', 'deletes per plan before the target is held'),
            ('dry_run',               '{scim,webhook,table}', 'boolean',   'plan and record, never send'),
+           ('quarantine_after',      '{scim,webhook,table}', 'interval',  'how long every request (5 at least) must have failed before the target is quarantined and probed, default 1 minute'),
            ('unique_max_iterations', '{scim,webhook,table}', 'integer',   'cap for is_unique iterations, default 99'),
            ('orphans',               '{scim,table}',         'orphans',   'what repair does with accounts of nobody: report (default), disable or delete'),
            ('adopt',                 '{scim,table}',         'boolean',   'the next resync scans the target first and links existing accounts by correlate_on'),
@@ -359,6 +364,16 @@ BEGIN
     IF kind IN ('scim', 'webhook') AND (url IS NULL OR url !~* '^https?://[^/]') THEN
         RAISE EXCEPTION 'a % target needs an http or https url', kind USING ERRCODE = 'invalid_parameter_value',
             DETAIL = format('url is %s.', coalesce(quote_literal(url), 'null'));
+    END IF;
+    -- Plain http can be overheard (tokens, personal data): loopback only, unless the target
+    -- says otherwise. The worker's HTTP client refuses it too (core/src/deliver/client.rs).
+    IF kind IN ('scim', 'webhook') AND url ~* '^http://'
+       AND NOT coalesce((options->>'allow_insecure_http')::boolean, false)
+       AND NOT identity_sync._is_loopback_url(url) THEN
+        RAISE EXCEPTION 'plain http to a host that is not a loopback address is refused'
+            USING ERRCODE = 'invalid_parameter_value',
+            DETAIL = 'Tokens and personal data would cross the network unencrypted.',
+            HINT = 'Use an https url, or set the option {"allow_insecure_http": true}.';
     END IF;
     IF kind = 'table' AND url IS NOT NULL THEN
         RAISE EXCEPTION 'a table target has no url' USING ERRCODE = 'invalid_parameter_value',
@@ -391,6 +406,10 @@ BEGIN
                 END IF;
             WHEN 'boolean' THEN
                 IF jsonb_typeof(v) <> 'boolean' THEN RAISE EXCEPTION USING MESSAGE = 'true or false'; END IF;
+            WHEN 'path' THEN
+                IF jsonb_typeof(v) <> 'string' OR left(v->>0, 1) <> '/' THEN
+                    RAISE EXCEPTION USING MESSAGE = 'an absolute file path';
+                END IF;
             WHEN 'integer' THEN
                 IF jsonb_typeof(v) <> 'number' OR (v->>0)::numeric <> trunc((v->>0)::numeric) OR (v->>0)::numeric < 1 THEN
                     RAISE EXCEPTION USING MESSAGE = 'a positive whole number';

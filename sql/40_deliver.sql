@@ -43,6 +43,7 @@ BEGIN
     SELECT greatest(1, ceil(max_events::numeric / nullif(count(*), 0)))::int INTO share
       FROM identity_sync.target t
      WHERE t.kind = ANY (kinds) AND NOT t.paused AND t.held IS NULL
+       AND (t.quarantined_at IS NULL OR t.probe_at <= now())
        AND NOT coalesce((t.options->>'dry_run')::boolean, false)
        AND NOT (planning AND t.options ?| ARRAY['max_creates', 'max_disables', 'max_deletes']);
     IF share IS NULL THEN
@@ -59,16 +60,22 @@ BEGIN
                                 WHERE p.target_id = e.target_id AND p.person_key = e.person_key
                                   AND p.seq < e.seq AND p.state <> 'done')
              ORDER BY e.due_at, e.seq
-             LIMIT share
+             -- a quarantined target gets one request, the probe
+             LIMIT CASE WHEN t.quarantined_at IS NULL THEN share ELSE 1 END
                FOR UPDATE SKIP LOCKED) AS e
          WHERE t.kind = ANY (kinds) AND NOT t.paused AND t.held IS NULL
+           AND (t.quarantined_at IS NULL OR t.probe_at <= now())
            AND NOT coalesce((t.options->>'dry_run')::boolean, false)
            AND NOT (planning AND t.options ?| ARRAY['max_creates', 'max_disables', 'max_deletes'])),
     u AS (
         UPDATE identity_sync.event e
            SET state = 'sending', attempts = e.attempts + 1, sent_at = clock_timestamp()
           FROM c WHERE e.id = c.id
-        RETURNING e.*)
+        RETURNING e.*),
+    probing AS (
+        -- the next probe waits for this one's answer (or its interval, should it get lost)
+        UPDATE identity_sync.target t SET probe_at = now() + t.probe_interval
+         WHERE t.quarantined_at IS NOT NULL AND t.id IN (SELECT u.target_id FROM u))
     SELECT u.id, u.target_id, u.person_key, u.kind,
            CASE WHEN u.payload::text LIKE '%"$person"%'
                 THEN u.payload || jsonb_strip_nulls(jsonb_build_object(
@@ -81,10 +88,83 @@ BEGIN
 END
 $$;
 
+-- The circuit breaker (Entra's quarantine): a target whose every request has failed for
+-- quarantine_after (default 1 minute, at least 5 requests in a row) for target-level reasons
+-- (what says the target, not one person's data, is wrong: see _record) is quarantined: it gets
+-- one request at a time, a probe, at growing intervals (30 s doubling to 30 min), its failed
+-- events wait for it instead of an operator, and the first success ends it (_breaker_closed).
+-- A flaky target, whose failures are mixed with successes, is never quarantined. True when the
+-- target is quarantined now.
+CREATE FUNCTION identity_sync._breaker(e identity_sync.event, error text, target_level boolean)
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target;
+BEGIN
+    IF NOT target_level THEN
+        RETURN (SELECT x.quarantined_at IS NOT NULL FROM identity_sync.target x WHERE x.id = e.target_id);
+    END IF;
+    UPDATE identity_sync.target x
+       SET failure_streak = x.failure_streak + 1,
+           failing_since = coalesce(x.failing_since, e.sent_at)
+     WHERE x.id = e.target_id
+    RETURNING * INTO t;
+    IF t.quarantined_at IS NOT NULL THEN
+        IF e.sent_at >= t.quarantined_at THEN
+            -- a probe failed (not a request sent before the quarantine): wait longer
+            UPDATE identity_sync.target x
+               SET probe_interval = least(x.probe_interval * 2, interval '30 minutes'),
+                   probe_at = now() + least(x.probe_interval * 2, interval '30 minutes'),
+                   quarantine_reason = error
+             WHERE x.id = t.id;
+        END IF;
+        RETURN true;
+    END IF;
+    IF t.failure_streak < 5
+       OR now() - t.failing_since < coalesce((t.options->>'quarantine_after')::interval, interval '1 minute') THEN
+        RETURN false;
+    END IF;
+    UPDATE identity_sync.target x
+       SET quarantined_at = now(), quarantine_reason = error,
+           probe_interval = interval '30 seconds', probe_at = now() + interval '30 seconds'
+     WHERE x.id = t.id;
+    -- What failed for good during the streak was the target's fault: it waits for the target.
+    UPDATE identity_sync.event x SET state = 'retry', due_at = now() + interval '30 seconds'
+     WHERE x.target_id = t.id AND x.state = 'failed' AND x.sent_at >= t.failing_since;
+    PERFORM identity_sync._audit('quarantine', t.name, NULL,
+                                 jsonb_build_object('failures', t.failure_streak, 'since', t.failing_since,
+                                                    'reason', error));
+    RETURN true;
+END
+$$;
+
+-- A delivery succeeded for these targets: the streak is over, and so is a quarantine (its
+-- waiting events go at once).
+CREATE FUNCTION identity_sync._breaker_closed(target_ids int[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target;
+BEGIN
+    FOR t IN UPDATE identity_sync.target x
+                SET failure_streak = 0, failing_since = NULL, quarantined_at = NULL,
+                    quarantine_reason = NULL, probe_at = NULL, probe_interval = NULL
+               FROM identity_sync.target old
+              WHERE x.id = ANY (target_ids) AND old.id = x.id
+                AND (x.failure_streak > 0 OR x.quarantined_at IS NOT NULL)
+             RETURNING old.* LOOP
+        IF t.quarantined_at IS NOT NULL THEN
+            UPDATE identity_sync.event SET due_at = now() WHERE target_id = t.id AND state = 'retry';
+            PERFORM identity_sync._audit('quarantine_end', t.name, NULL,
+                                         jsonb_build_object('quarantined_for', now() - t.quarantined_at));
+            PERFORM identity_sync._wake_at_commit();
+        END IF;
+    END LOOP;
+END
+$$;
+
 -- Record one outcome. outcome: done | retry | failed | conflict.
 CREATE FUNCTION identity_sync._record(event_id bigint, outcome text, remote_id text DEFAULT NULL,
                                       error text DEFAULT NULL, http_status int DEFAULT NULL,
-                                      retry_in interval DEFAULT NULL)
+                                      retry_in interval DEFAULT NULL, target_level boolean DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     e identity_sync.event;
@@ -94,7 +174,24 @@ BEGIN
     IF e.id IS NULL OR e.state <> 'sending' THEN
         RETURN;   -- skipped or discarded by an operator meanwhile
     END IF;
-    IF outcome = 'done' THEN
+    -- Target-level failures feed the circuit breaker: a transient one without a status (no
+    -- answer) or with 408, 429 or 5xx, and a refusal of our credentials (401, 403, 407).
+    target_level := coalesce(target_level, CASE outcome
+        WHEN 'retry' THEN _record.http_status IS NULL OR _record.http_status IN (408, 429) OR _record.http_status >= 500
+        WHEN 'failed' THEN _record.http_status IN (401, 403, 407)
+        ELSE false END);
+    IF outcome = 'failed' AND target_level THEN
+        -- Our credentials were refused: that is the target's answer to every event, not a verdict
+        -- on this one; retry with backoff (and let the breaker judge the target).
+        outcome := 'retry';
+        retry_in := coalesce(retry_in, identity_sync._retry_delay(e.attempts));
+    END IF;
+    IF outcome = 'retry' AND identity_sync._breaker(e, error, target_level) THEN
+        -- The target is quarantined: this event waits for the target, not for an operator.
+        UPDATE identity_sync.event SET state = 'retry', last_error = error, http_status = _record.http_status,
+               due_at = (SELECT t.probe_at FROM identity_sync.target t WHERE t.id = e.target_id)
+         WHERE id = e.id;
+    ELSIF outcome = 'done' THEN
         PERFORM identity_sync._apply_done(ARRAY[e.id], ARRAY[_record.remote_id], ARRAY[_record.http_status]);
     ELSIF outcome = 'retry' AND e.attempts < max_attempts THEN
         UPDATE identity_sync.event SET state = 'retry', last_error = error, http_status = _record.http_status,
@@ -228,9 +325,9 @@ BEGIN
             -- operator.
             IF identity_sync._is_transient_sqlstate(SQLSTATE) THEN
                 PERFORM identity_sync._record(e.event_id, 'retry', NULL, SQLERRM, NULL,
-                                              identity_sync._retry_delay(e.attempts));
+                                              identity_sync._retry_delay(e.attempts), true);
             ELSE
-                PERFORM identity_sync._record(e.event_id, 'failed', NULL, SQLERRM, NULL);
+                PERFORM identity_sync._record(e.event_id, 'failed', NULL, SQLERRM, NULL, NULL, false);
             END IF;
         END;
         n := n + 1;

@@ -18,6 +18,7 @@ SELECT id, at, actor, action, object, old, new FROM identity_sync._audit;
 CREATE VIEW identity_sync.status AS
 SELECT t.name AS target, t.kind,
        CASE WHEN t.paused THEN 'paused'
+            WHEN t.quarantined_at IS NOT NULL THEN 'quarantined'
             WHEN t.held IS NOT NULL THEN 'held'
             WHEN EXISTS (SELECT FROM identity_sync.event e WHERE e.target_id = t.id AND e.state = 'failed')
               OR EXISTS (SELECT FROM identity_sync.event e WHERE e.target_id = t.id AND e.state = 'retry' AND e.attempts > 1)
@@ -40,7 +41,8 @@ SELECT t.name AS target, t.kind,
        END AS resync_progress,
        coalesce((t.options->>'dry_run')::boolean, false) AS dry_run,
        identity_sync._reconcile_progress(t.id) AS reconcile_progress,
-       (SELECT max(r.finished_at) FROM identity_sync.reconcile_run r WHERE r.target_id = t.id AND r.state = 'done') AS last_reconcile
+       (SELECT max(r.finished_at) FROM identity_sync.reconcile_run r WHERE r.target_id = t.id AND r.state = 'done') AS last_reconcile,
+       t.quarantined_at AS quarantined_since, t.quarantine_reason, t.probe_at AS next_probe
   FROM identity_sync.target t
   LEFT JOIN LATERAL (
      SELECT count(*) FILTER (WHERE state = 'active') AS active,
@@ -145,6 +147,9 @@ BEGIN
         UPDATE identity_sync.event SET state = 'pending', attempts = 0, due_at = now()
          WHERE target_id = (identity_sync._target(target_or_event)).id AND state IN ('failed', 'retry');
         GET DIAGNOSTICS n = ROW_COUNT;
+        -- A quarantined target is probed now (one request; its answer ends the quarantine or not).
+        UPDATE identity_sync.target SET probe_at = now()
+         WHERE id = (identity_sync._target(target_or_event)).id AND quarantined_at IS NOT NULL;
     END IF;
     PERFORM identity_sync._audit('retry', target_or_event, NULL, jsonb_build_object('events', n));
     PERFORM identity_sync._wake_at_commit();

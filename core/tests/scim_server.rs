@@ -321,7 +321,7 @@ fn wrong_bearer_token_fails_with_401_and_no_secret_in_the_error() {
     let s = ScimServer::start("right-token");
     let mut target = s.target(1);
     target.auth = Auth::Bearer {
-        token: "wrong-token-s3cr3t".to_string(),
+        token: "wrong-token-s3cr3t".into(),
     };
     let h = Harness::start(vec![target]);
     let mut create = job(1, 1, "p1", EventKind::Create);

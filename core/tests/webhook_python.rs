@@ -88,11 +88,11 @@ fn delivered_webhooks_verify_with_the_reference_library() {
     let server = FaultServer::start(|_| Action::status(202, ""));
     let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     let mut target = server.webhook_target(1, "/hooks/identity");
-    target.signing_secret = Some(secret.to_string());
+    target.signing_secret = Some(secret.into());
     let mut unsigned = server.webhook_target(2, "/hooks/unsigned");
     unsigned.signing_secret = None;
     let mut broken = server.webhook_target(3, "/hooks/broken");
-    broken.signing_secret = Some("whsec_***".to_string());
+    broken.signing_secret = Some("whsec_***".into());
     let h = Harness::start(vec![target, unsigned, broken]);
 
     let mut j = job(77, 1, "p-1", EventKind::Grant);

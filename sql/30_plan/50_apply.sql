@@ -70,6 +70,7 @@ BEGIN
         RETURNING e.*, o.remote_id AS new_remote_id)
     INSERT INTO pg_temp._is_done SELECT * FROM d;
     GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM identity_sync._breaker_closed(ARRAY(SELECT DISTINCT d.target_id FROM pg_temp._is_done d));
     UPDATE identity_sync.account a
        SET (state, attributes, groups, remote_id) = (
                SELECT (x).* FROM (SELECT identity_sync._apply_event(ROW(a.state, a.attributes, a.groups, a.remote_id),

@@ -284,3 +284,10 @@ mod tests {
         assert_eq!(super::caret("a +\nb ++ c", 8), expected);
     }
 }
+
+/// Whether a URL's host is a loopback address (`localhost`, 127.0.0.0/8, `[::1]`), the same
+/// rule the worker's HTTP client applies to plain `http://`.
+#[pg_extern(immutable, parallel_safe, strict, name = "_is_loopback_url")]
+fn is_loopback_url(url: &str) -> bool {
+    identity_sync_core::deliver::is_loopback_url(url)
+}

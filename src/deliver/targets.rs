@@ -3,7 +3,7 @@
 //! settings (`timeout`, `max_concurrency`) come from the GUCs in `guc.rs`.
 
 use crate::guc;
-use identity_sync_core::deliver::{Auth, TargetConfig, TargetKind};
+use identity_sync_core::deliver::{Auth, Secret, TargetConfig, TargetKind};
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 use serde_json::Value;
@@ -65,6 +65,11 @@ fn target_config(
     timeout_ms: Option<i64>,
 ) -> TargetConfig {
     let opt = |k: &str| options.get(k).and_then(Value::as_str).map(str::to_string);
+    // A secret_file wins over a secret given with set_secret: it is read at each use.
+    let secret = match opt("secret_file") {
+        Some(path) => Some(Secret::File(path.into())),
+        None => secret.map(Secret::Value),
+    };
     let secret_or_empty = secret.clone().unwrap_or_default();
     let auth = match opt("auth").as_deref() {
         Some("bearer") => Auth::Bearer {
@@ -110,5 +115,14 @@ fn target_config(
             .get("create_groups")
             .and_then(Value::as_bool)
             .unwrap_or(false),
+        ca_file: opt("ca_file").map(Into::into),
+        allow_insecure_http: options
+            .get("allow_insecure_http")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        max_response_bytes: options
+            .get("max_response_bytes")
+            .and_then(Value::as_u64)
+            .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX)),
     }
 }

@@ -10,12 +10,9 @@ use reqwest::{Method, RequestBuilder};
 use serde_json::Value;
 use tokio::sync::{Mutex, Semaphore};
 
-use super::config::{Auth, TargetConfig};
+use super::config::{is_loopback_url, Auth, TargetConfig, DEFAULT_MAX_RESPONSE_BYTES};
 use crate::retry::{is_transient_status, parse_retry_after};
 
-/// Responses larger than this are cut: error texts only need their start, and a target must
-/// not be able to make the worker buffer unbounded data.
-const MAX_BODY: usize = 1 << 20;
 /// Error texts quoted from a response are cut to this many characters.
 const MAX_ERROR_TEXT: usize = 300;
 
@@ -94,7 +91,7 @@ impl std::fmt::Display for SendError {
     }
 }
 
-/// A response, read whole (up to [`MAX_BODY`]).
+/// A response, read whole (up to the target's `max_response_bytes`).
 pub(crate) struct Reply {
     pub status: u16,
     pub body: Vec<u8>,
@@ -176,6 +173,19 @@ fn excerpt(s: &str) -> String {
     out
 }
 
+/// A URL for a message: scheme, host, port and path, never a user name or password in it.
+fn url_without_credentials(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.to_string()
+        }
+        Err(_) => "an unparsable url".to_string(),
+    }
+}
+
 /// Percent-encodes everything but RFC 3986 unreserved characters (for path segments and
 /// query values; spaces become `%20`, which every server decodes, unlike `+`).
 pub(crate) fn pct(s: &str) -> String {
@@ -229,27 +239,74 @@ fn human(d: Duration) -> String {
 
 impl Client {
     pub fn new(config: TargetConfig) -> Self {
-        let client = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout)
-            // A redirect would re-send a POST as GET, or send credentials elsewhere: report
-            // it instead.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("identity_sync/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| {
-                format!(
-                    "cannot create the HTTP client: {}",
-                    transport_error(&e, config.timeout)
-                )
-            });
+        let client = Self::build(&config);
         let permits = config.max_concurrency.clamp(1, Semaphore::MAX_PERMITS);
         Client {
             config,
             client,
             semaphore: Semaphore::new(permits),
             token: Mutex::new(None),
+        }
+    }
+
+    /// The HTTP client, or why there is none: TLS certificates are verified (against the public
+    /// roots and the target's `ca_file`), plain HTTP goes to loopback hosts only unless the
+    /// target allows it, redirects are never followed (a redirect would re-send a POST as GET,
+    /// or send credentials elsewhere), and connect and total timeouts are always set.
+    fn build(config: &TargetConfig) -> Result<reqwest::Client, String> {
+        for url in std::iter::once(config.url.as_str()).chain(match &config.auth {
+            Auth::OAuth2 { token_url, .. } => Some(token_url.as_str()),
+            _ => None,
+        }) {
+            if url
+                .get(..7)
+                .is_some_and(|s| s.eq_ignore_ascii_case("http://"))
+                && !config.allow_insecure_http
+                && !is_loopback_url(url)
+            {
+                return Err(format!(
+                    "plain http to a host that is not a loopback address is refused ({}); use https, or set the target option allow_insecure_http",
+                    url_without_credentials(url)
+                ));
+            }
+        }
+        let mut builder = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("identity_sync/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(60));
+        if let Some(path) = &config.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                format!(
+                    "ca_file {} holds no usable certificate: {e}",
+                    path.display()
+                )
+            })?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "ca_file {} holds no PEM certificate",
+                    path.display()
+                ));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        builder.build().map_err(|e| {
+            format!(
+                "cannot create the HTTP client: {}",
+                transport_error(&e, config.timeout)
+            )
+        })
+    }
+
+    fn max_body(&self) -> usize {
+        match self.config.max_response_bytes {
+            0 => DEFAULT_MAX_RESPONSE_BYTES,
+            n => n,
         }
     }
 
@@ -318,11 +375,16 @@ impl Client {
         loop {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
-                    let room = MAX_BODY.saturating_sub(body.len());
-                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                    if body.len() >= MAX_BODY {
-                        break;
+                    if body.len() + chunk.len() > self.max_body() {
+                        return Err(SendError::Permanent {
+                            error: format!(
+                                "the response body exceeds max_response_bytes ({} bytes)",
+                                self.max_body()
+                            ),
+                            http_status: Some(status),
+                        });
                     }
+                    body.extend_from_slice(&chunk);
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -350,8 +412,17 @@ impl Client {
     ) -> Result<(RequestBuilder, Option<String>), SendError> {
         Ok(match &self.config.auth {
             Auth::None => (rb, None),
-            Auth::Bearer { token } => (rb.bearer_auth(token), None),
-            Auth::Basic { username, password } => (rb.basic_auth(username, Some(password)), None),
+            Auth::Bearer { token } => (
+                rb.bearer_auth(token.read().map_err(SendError::transient)?),
+                None,
+            ),
+            Auth::Basic { username, password } => (
+                rb.basic_auth(
+                    username,
+                    Some(password.read().map_err(SendError::transient)?),
+                ),
+                None,
+            ),
             Auth::OAuth2 { .. } => {
                 let token = self.oauth_token(stale).await?;
                 (rb.bearer_auth(&token), Some(token))
@@ -379,6 +450,7 @@ impl Client {
             .client
             .as_ref()
             .map_err(|e| SendError::permanent(e.clone()))?;
+        let client_secret = client_secret.read().map_err(SendError::transient)?;
         let mut form = vec![
             ("grant_type", "client_credentials"),
             ("client_id", client_id.as_str()),

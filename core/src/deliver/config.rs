@@ -2,12 +2,70 @@
 //! by the worker from `identity_sync.target` (src/deliver/targets.rs).
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
+/// A secret: given with `set_secret` (stored in the database), or held in a file the server
+/// can read (target option `secret_file`), read each time it is used, so that replacing the
+/// file rotates the secret without a restart and the secret never appears in SQL text.
+/// `Debug` never shows a value.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Secret {
+    /// The secret itself.
+    Value(String),
+    /// An absolute path to a file holding the secret (surrounding white space is ignored).
+    File(PathBuf),
+}
+
+impl Secret {
+    /// The secret's text; for a file, its contents now.
+    pub fn read(&self) -> Result<String, String> {
+        match self {
+            Secret::Value(v) => Ok(v.clone()),
+            Secret::File(path) => match std::fs::read_to_string(path) {
+                Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_string()),
+                Ok(_) => Err(format!("secret_file {} is empty", path.display())),
+                Err(e) => Err(format!("cannot read secret_file {}: {e}", path.display())),
+            },
+        }
+    }
+}
+
+impl Default for Secret {
+    fn default() -> Self {
+        Secret::Value(String::new())
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(v: &str) -> Self {
+        Secret::Value(v.to_string())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(v: String) -> Self {
+        Secret::Value(v)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Secret::Value(_) => f.write_str("<redacted>"),
+            Secret::File(path) => write!(f, "File({})", path.display()),
+        }
+    }
+}
+
+/// Responses larger than this fail unless a target sets `max_response_bytes`.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1 << 20;
+
 /// What protocol a target speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TargetKind {
     /// SCIM 2.0 (RFC 7643/7644); the URL is the service's base, e.g. `https://h/scim/v2`.
+    #[default]
     Scim,
     /// JSON POSTed to the URL, signed per Standard Webhooks when a signing secret is set.
     Webhook,
@@ -22,14 +80,14 @@ pub enum Auth {
     /// `Authorization: Bearer <token>`.
     Bearer {
         /// The static token.
-        token: String,
+        token: Secret,
     },
     /// HTTP basic authentication.
     Basic {
         /// The user name.
         username: String,
         /// The password.
-        password: String,
+        password: Secret,
     },
     /// OAuth 2.0 client credentials grant (RFC 6749 §4.4). The client authenticates with
     /// `client_id` and `client_secret` in the form body (`client_secret_post`); the token is
@@ -40,7 +98,7 @@ pub enum Auth {
         /// The client id.
         client_id: String,
         /// The client secret.
-        client_secret: String,
+        client_secret: Secret,
         /// The requested scope, if any.
         scope: Option<String>,
     },
@@ -50,22 +108,22 @@ impl fmt::Debug for Auth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Auth::None => f.write_str("None"),
-            Auth::Bearer { .. } => f.write_str("Bearer { token: <redacted> }"),
-            Auth::Basic { username, .. } => f
+            Auth::Bearer { token } => f.debug_struct("Bearer").field("token", token).finish(),
+            Auth::Basic { username, password } => f
                 .debug_struct("Basic")
                 .field("username", username)
-                .field("password", &"<redacted>")
+                .field("password", password)
                 .finish(),
             Auth::OAuth2 {
                 token_url,
                 client_id,
+                client_secret,
                 scope,
-                ..
             } => f
                 .debug_struct("OAuth2")
                 .field("token_url", token_url)
                 .field("client_id", client_id)
-                .field("client_secret", &"<redacted>")
+                .field("client_secret", client_secret)
                 .field("scope", scope)
                 .finish(),
         }
@@ -73,7 +131,7 @@ impl fmt::Debug for Auth {
 }
 
 /// One target as the delivery thread needs it.
-#[derive(Clone, PartialEq)]
+#[derive(Clone, PartialEq, Default)]
 pub struct TargetConfig {
     /// The target's id in `identity_sync`.
     pub id: i32,
@@ -86,7 +144,7 @@ pub struct TargetConfig {
     /// Authentication.
     pub auth: Auth,
     /// Standard Webhooks secret (`whsec_<base64>`); webhooks only.
-    pub signing_secret: Option<String>,
+    pub signing_secret: Option<Secret>,
     /// Whole-request timeout (connect, send, receive).
     pub timeout: Duration,
     /// Requests in flight for this target at most (0 is taken as 1).
@@ -95,6 +153,28 @@ pub struct TargetConfig {
     pub correlate_on: Option<String>,
     /// SCIM: create a group that does not exist on grant.
     pub create_groups: bool,
+    /// PEM file with the certificate(s) of a private CA to trust besides the public roots.
+    pub ca_file: Option<PathBuf>,
+    /// Send plain `http://` to a host that is not a loopback address.
+    pub allow_insecure_http: bool,
+    /// A response body larger than this fails the request (0 means the default, 1 MB).
+    pub max_response_bytes: usize,
+}
+
+/// Whether `url` names a loopback host (`localhost`, 127.0.0.0/8, `[::1]`), where plain HTTP
+/// cannot be overheard.
+pub fn is_loopback_url(url: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    let Some(host) = u.host_str() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback())
 }
 
 impl fmt::Debug for TargetConfig {
@@ -105,14 +185,14 @@ impl fmt::Debug for TargetConfig {
             .field("kind", &self.kind)
             .field("url", &self.url)
             .field("auth", &self.auth)
-            .field(
-                "signing_secret",
-                &self.signing_secret.as_ref().map(|_| "<redacted>"),
-            )
+            .field("signing_secret", &self.signing_secret)
             .field("timeout", &self.timeout)
             .field("max_concurrency", &self.max_concurrency)
             .field("correlate_on", &self.correlate_on)
             .field("create_groups", &self.create_groups)
+            .field("ca_file", &self.ca_file)
+            .field("allow_insecure_http", &self.allow_insecure_http)
+            .field("max_response_bytes", &self.max_response_bytes)
             .finish()
     }
 }

@@ -21,7 +21,7 @@ mod job;
 mod scim;
 mod webhook;
 
-pub use config::{Auth, TargetConfig, TargetKind};
+pub use config::{is_loopback_url, Auth, Secret, TargetConfig, TargetKind};
 pub use job::{EventKind, Job, Outcome};
 
 use std::collections::{HashMap, VecDeque};
@@ -421,6 +421,7 @@ mod tests {
             max_concurrency: 1,
             correlate_on: None,
             create_groups: false,
+            ..TargetConfig::default()
         };
         let text = format!("{config:?}");
         assert!(!text.contains("s3cr3t") && text.contains("svc"), "{text}");

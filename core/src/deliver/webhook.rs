@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use super::client::Client;
+use super::client::{Client, SendError};
 use super::job::{Job, Outcome};
 use crate::webhook_sign::SigningKey;
 
@@ -36,7 +36,11 @@ pub(crate) async fn deliver(t: &Client, job: &Job) -> Outcome {
         ("webhook-timestamp", timestamp.to_string()),
     ];
     if let Some(secret) = &t.config.signing_secret {
-        match SigningKey::from_secret(secret) {
+        let secret = match secret.read() {
+            Ok(s) => s,
+            Err(e) => return SendError::transient(e).outcome(job.event_id),
+        };
+        match SigningKey::from_secret(&secret) {
             Ok(key) => headers.push(("webhook-signature", key.sign(&msg_id, timestamp, &body))),
             Err(e) => {
                 return Outcome::failed(job.event_id, format!("cannot sign the webhook: {e}"))

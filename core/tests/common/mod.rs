@@ -122,13 +122,14 @@ impl ScimServer {
             kind: TargetKind::Scim,
             url: self.base(),
             auth: Auth::Bearer {
-                token: self.token.clone(),
+                token: self.token.clone().into(),
             },
             signing_secret: None,
             timeout: Duration::from_secs(5),
             max_concurrency: 4,
             correlate_on: None,
             create_groups: false,
+            ..TargetConfig::default()
         }
     }
 }
@@ -387,6 +388,7 @@ impl FaultServer {
             max_concurrency: 8,
             correlate_on: None,
             create_groups: false,
+            ..TargetConfig::default()
         }
     }
 }
