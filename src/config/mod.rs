@@ -1,11 +1,10 @@
 //! Configuration, Rust side: checking user SQL expressions with positions inside the
 //! expression, SCIM attribute paths, and the text helpers identity engineers map with.
-//! The configuration API itself is SQL (`sql/config.sql`).
+//! The configuration API itself is SQL (`sql/10_config.sql`).
 
 use crate::error::Error;
-use pgrx::pg_sys::panic::{CaughtError, ErrorReport};
+use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
-use pgrx::PgLogLevel;
 use std::cell::Cell;
 use std::ffi::c_void;
 
@@ -120,19 +119,16 @@ fn probe(query: &str, offset: i32, expression: &str) -> (pg_sys::Oid, i32) {
             )),
             None => detail.push_str(&format!("in the expression: {expression}")),
         }
-        let mut out =
-            ErrorReport::new(report.sql_error_code(), message, "identity_sync").set_detail(detail);
-        if let Some(h) = report.hint() {
-            out = out.set_hint(h.to_string());
+        Error::InUserSql {
+            code: report.sql_error_code(),
+            message,
+            detail,
+            hint: report.hint().map(str::to_string),
         }
-        out.report(PgLogLevel::ERROR);
-        unreachable!("ERROR does not return")
+        .report()
     })
     .execute();
-    match result {
-        Ok(r) => r,
-        Err(e) => Error::InvalidParameter(e.to_string()).report(),
-    }
+    result.unwrap_or_else(|e| Error::from(e).report())
 }
 
 /// Check a user expression inside a generated probe query; returns the expression's type.
@@ -173,10 +169,11 @@ fn slug(input: &str) -> String {
 }
 
 /// Family-name prefixes ('van der Berg'): prefix, core name, display, sort key and login forms.
+/// No row for a NULL family name (as a STRICT function would answer; `given` may be NULL).
 #[pg_extern(immutable, parallel_safe)]
 fn name_variants(
     given: Option<&str>,
-    family: &str,
+    family: Option<&str>,
 ) -> TableIterator<
     'static,
     (
@@ -188,8 +185,11 @@ fn name_variants(
         name!(login, String),
     ),
 > {
-    let v = identity_sync_core::text::name_variants(given, family);
-    TableIterator::once((v.prefix, v.core, v.family, v.display, v.sort_key, v.login))
+    let row = family.map(|family| {
+        let v = identity_sync_core::text::name_variants(given, family);
+        (v.prefix, v.core, v.family, v.display, v.sort_key, v.login)
+    });
+    TableIterator::new(row)
 }
 
 #[cfg(any(test, feature = "pg_test"))]
