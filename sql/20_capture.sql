@@ -60,6 +60,17 @@ $$;
 CREATE FUNCTION identity_sync._capture_truncate() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF TG_WHEN <> 'AFTER' OR TG_LEVEL <> 'STATEMENT' OR TG_OP <> 'TRUNCATE' OR TG_NARGS <> 1
+       OR TG_ARGV[0] !~ '^[0-9]{1,9}$' THEN
+        RAISE EXCEPTION 'trigger "%" on %.% is not a valid identity_sync truncate trigger',
+                        TG_NAME, quote_ident(TG_TABLE_SCHEMA), quote_ident(TG_TABLE_NAME)
+            USING ERRCODE = 'trigger_protocol_violated',
+                  DETAIL = format('It fires %s %s FOR EACH %s with %s argument(s); identity_sync installs '
+                                  'identity_sync._capture_truncate as an AFTER TRUNCATE trigger FOR EACH STATEMENT '
+                                  'with the source id as its one argument.', TG_WHEN, TG_OP, TG_LEVEL, TG_NARGS),
+                  HINT = format('Remove it (DROP TRIGGER %I ON %I.%I;); identity_sync installs its own when a source is registered.',
+                                TG_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME);
+    END IF;
     INSERT INTO identity_sync.change (source_id, op, keys)
     SELECT TG_ARGV[0]::int, 'truncate', identity_sync._all_person_keys();
     PERFORM identity_sync._wake_at_commit();
@@ -193,6 +204,201 @@ SELECT person_key,
           FROM identity_sync._dirty d
           LEFT JOIN identity_sync.source s ON s.id = d.source_id) AS q
  GROUP BY person_key;
+
+------------------------------------------------------------------------------------------------
+-- Schema changes of sources: two event triggers keep every registration true to its table, so
+-- that an HR schema change can never leave every HR write failing (the capture trigger reads
+-- the registered key column; a related source's trigger runs its affected query) nor the
+-- planner compiling against names that are gone. What a DBA meets (README, "Schema changes of
+-- sources"):
+--   * DROP of a registered table, view or foreign table (also through DROP SCHEMA ... CASCADE,
+--     DROP OWNED, a dropped server or extension), and DROP COLUMN of a registered person key,
+--     starts or ends column: refused (2BP01), HINT drop_source first. (sql_drop)
+--   * RENAME of a registered column: followed: the registration takes the new name, the
+--     capture triggers are installed again with it, the targets are compiled again; a NOTICE
+--     says so. (ddl_command_end)
+--   * RENAME or SET SCHEMA of a source table, RENAME of its schema: followed (the registration
+--     holds the table's oid); the targets are compiled again.
+--   * Any change to a source that leaves a target's mappings or rules unable to compile (a
+--     renamed or dropped column they use), a contract date column that is no longer a date or
+--     timestamp, or a change anywhere that breaks a related source's affected query: refused
+--     (2BP01 / 42804), with the target or source named and PostgreSQL's own error as DETAIL.
+-- The extension's own DDL passes untouched: CREATE/DROP TRIGGER (drop_source, the follow
+-- itself) are not among the tags, the handlers return at once while no source is registered,
+-- and a dropped extension takes its event triggers with it before they could fire.
+------------------------------------------------------------------------------------------------
+
+-- A registered column, as a DBA reads it: 'person key', 'starts' or 'ends' column of src.
+CREATE FUNCTION identity_sync._registered_column_role(src identity_sync.source, col name)
+RETURNS text LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE col WHEN src.key_column THEN 'person key'
+                    WHEN src.starts_column THEN 'starts column'
+                    WHEN src.ends_column THEN 'ends column' END
+$$;
+
+-- sql_drop: refuse to drop a registered relation or a registered column of one.
+CREATE FUNCTION identity_sync._refuse_source_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    d record;
+    rel text;
+    what text;
+BEGIN
+    IF to_regclass('identity_sync.source') IS NULL THEN
+        RETURN;
+    END IF;
+    FOR d IN
+        SELECT o.object_type, o.object_identity, o.objsubid, o.address_names, s AS src
+          FROM pg_event_trigger_dropped_objects() AS o
+          JOIN identity_sync.source AS s ON s.relation = o.objid::regclass
+         WHERE o.classid = 'pg_class'::regclass
+         ORDER BY s.id, o.objsubid
+    LOOP
+        IF d.objsubid = 0 THEN
+            RAISE EXCEPTION 'cannot drop % %: it is an identity_sync source', d.object_type, d.object_identity
+                USING ERRCODE = 'dependent_objects_still_exist',
+                      DETAIL = format('%s is %s; the accounts of its persons are planned from it.', d.object_identity,
+                                      CASE (d.src).role WHEN 'related' THEN 'a related source' ELSE format('the %s source', (d.src).role) END),
+                      HINT = format('Drop the source first: SELECT identity_sync.drop_source(%L);', d.object_identity);
+        END IF;
+        what := identity_sync._registered_column_role(d.src, d.address_names[cardinality(d.address_names)]);
+        IF what IS NOT NULL THEN
+            rel := format('%I.%I', d.address_names[1], d.address_names[2]);
+            RAISE EXCEPTION 'cannot drop column "%" of %: it is the % of an identity_sync source',
+                            d.address_names[3], rel, what
+                USING ERRCODE = 'dependent_objects_still_exist',
+                      DETAIL = CASE WHEN what = 'person key'
+                                    THEN format('The capture triggers of %s read the person key of every written row from it.', rel)
+                                    ELSE format('Planning and the date-boundary check read the contracts'' dates from it.') END,
+                      HINT = format('Drop the source first (SELECT identity_sync.drop_source(%L);), or register it again with another column.', rel);
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- ddl_command_end: follow renames of registered columns and tables, and refuse a change that
+-- leaves a target or a related source's affected query broken.
+CREATE FUNCTION identity_sync._follow_source_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    src identity_sync.source;
+    old identity_sync.source;
+    missing name[];
+    renamed name;
+    touched boolean := false;
+    t record;
+    ty regtype;
+    msg text;
+    det text;
+    hnt text;
+BEGIN
+    IF to_regclass('identity_sync.source') IS NULL OR NOT EXISTS (SELECT FROM identity_sync.source) THEN
+        RETURN;
+    END IF;
+    -- The sources this command changed: the table itself, or the schema it lives in.
+    FOR src IN
+        SELECT s.* FROM identity_sync.source AS s
+         WHERE s.id IN (SELECT s2.id
+                          FROM identity_sync.source AS s2
+                          JOIN pg_class AS r ON r.oid = s2.relation,
+                               pg_event_trigger_ddl_commands() AS c
+                         WHERE (c.classid = 'pg_class'::regclass AND c.objid = r.oid)
+                            OR (c.classid = 'pg_namespace'::regclass AND c.objid = r.relnamespace))
+         ORDER BY s.id
+    LOOP
+        touched := true;
+        missing := ARRAY(SELECT col FROM unnest(ARRAY[src.key_column, src.starts_column, src.ends_column]) AS col
+                          WHERE col IS NOT NULL AND NOT EXISTS (
+                                SELECT FROM pg_attribute a
+                                 WHERE a.attrelid = src.relation AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped));
+        IF cardinality(missing) > 0 THEN
+            -- RENAME COLUMN reports the renamed column by its number.
+            SELECT a.attname INTO renamed
+              FROM pg_event_trigger_ddl_commands() AS c
+              JOIN pg_attribute AS a ON a.attrelid = c.objid AND a.attnum = c.objsubid
+             WHERE c.classid = 'pg_class'::regclass AND c.objid = src.relation AND c.objsubid > 0
+               AND c.object_type LIKE '%column';
+            IF renamed IS NULL OR cardinality(missing) > 1 THEN
+                -- (sql_drop refuses drops; this is a column gone some other way)
+                RAISE EXCEPTION 'the % of identity_sync source % does not exist any more: "%"',
+                                identity_sync._registered_column_role(src, missing[1]), src.relation, missing[1]
+                    USING ERRCODE = 'dependent_objects_still_exist',
+                          HINT = format('Undo the change, or drop the source first (SELECT identity_sync.drop_source(%L);).', src.relation::text);
+            END IF;
+            old := src;
+            src.key_column := CASE WHEN src.key_column = missing[1] THEN renamed ELSE src.key_column END;
+            src.starts_column := CASE WHEN src.starts_column = missing[1] THEN renamed ELSE src.starts_column END;
+            src.ends_column := CASE WHEN src.ends_column = missing[1] THEN renamed ELSE src.ends_column END;
+            UPDATE identity_sync.source
+               SET key_column = src.key_column, starts_column = src.starts_column, ends_column = src.ends_column
+             WHERE id = src.id;
+            PERFORM identity_sync._uninstall_capture(src.id);
+            PERFORM identity_sync._install_capture(src.id);
+            PERFORM identity_sync._audit('follow_rename', src.relation::text, to_jsonb(old), to_jsonb(src));
+            RAISE NOTICE 'identity_sync follows the rename: the % of source % is now "%"',
+                         identity_sync._registered_column_role(old, missing[1]), src.relation, renamed;
+        END IF;
+        IF src.role = 'contract' THEN
+            FOREACH renamed IN ARRAY ARRAY[src.starts_column, src.ends_column] LOOP
+                ty := identity_sync._column_type(src.relation, renamed, 'contract date');
+                IF ty NOT IN ('date'::regtype, 'timestamp'::regtype, 'timestamptz'::regtype) THEN
+                    RAISE EXCEPTION 'column "%" of % must stay of type date or timestamp, not %', renamed, src.relation, ty
+                        USING ERRCODE = 'datatype_mismatch',
+                              DETAIL = format('It is the %s of the identity_sync contract source.',
+                                              identity_sync._registered_column_role(src, renamed)),
+                              HINT = format('Undo the change, or drop the source first (SELECT identity_sync.drop_source(%L);).', src.relation::text);
+                END IF;
+            END LOOP;
+        END IF;
+    END LOOP;
+
+    -- Targets are compiled against the sources' names, columns and types: compile them again.
+    IF touched THEN
+        FOR t IN SELECT id, name FROM identity_sync.target ORDER BY id LOOP
+            BEGIN
+                PERFORM identity_sync._compile(t.id);
+            EXCEPTION WHEN OTHERS THEN
+                GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
+                RAISE EXCEPTION 'this change breaks the mappings or rules of target "%"', t.name
+                    USING ERRCODE = 'dependent_objects_still_exist',
+                          DETAIL = msg || CASE WHEN det <> '' THEN E'\n' || det ELSE '' END,
+                          HINT = CASE WHEN hnt <> '' THEN hnt || E'\n' ELSE '' END
+                              || 'Change the mappings and rules that use it in the same transaction as the schema change '
+                              || '(identity_sync.unmap and map, drop_rule and add_rule), or undo the change.';
+            END;
+        END LOOP;
+    END IF;
+
+    -- Every related source's affected query runs inside each write to its table: it must still
+    -- work, whichever table this command changed.
+    FOR src IN SELECT * FROM identity_sync.source WHERE role = 'related' AND capture = 'trigger' ORDER BY id LOOP
+        BEGIN
+            PERFORM identity_sync._use_user_search_path();
+            PERFORM identity_sync._check_query(
+                format('WITH changed AS (SELECT * FROM %s LIMIT 0) ', src.relation) || src.affected || E'\n LIMIT 0',
+                length(format('WITH changed AS (SELECT * FROM %s LIMIT 0) ', src.relation)), src.affected);
+            PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
+            RAISE EXCEPTION 'this change breaks the affected query of related source %', src.relation
+                USING ERRCODE = 'dependent_objects_still_exist',
+                      DETAIL = msg || CASE WHEN det <> '' THEN E'\n' || det ELSE '' END,
+                      HINT = CASE WHEN hnt <> '' THEN hnt || E'\n' ELSE '' END
+                          || format('Register the source again with a query that works, in the same transaction as the schema change '
+                                    '(SELECT identity_sync.drop_source(%L); SELECT identity_sync.add_related_source(%L, <affected query>);), '
+                                    'or undo the change.', src.relation::text, src.relation::text);
+        END;
+    END LOOP;
+END
+$$;
+
+CREATE EVENT TRIGGER identity_sync_refuse_source_drop ON sql_drop
+    EXECUTE FUNCTION identity_sync._refuse_source_drop();
+CREATE EVENT TRIGGER identity_sync_follow_source_ddl ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'ALTER VIEW', 'ALTER MATERIALIZED VIEW', 'ALTER FOREIGN TABLE', 'ALTER SCHEMA',
+                 'DROP TABLE', 'DROP VIEW', 'DROP MATERIALIZED VIEW', 'DROP FOREIGN TABLE', 'DROP SCHEMA',
+                 'DROP FUNCTION', 'DROP TYPE', 'DROP DOMAIN')
+    EXECUTE FUNCTION identity_sync._follow_source_ddl();
 
 -- HR writers need no privilege on the outbox: the capture trigger runs as the extension owner.
 -- (_capture is written in Rust, src/capture.rs; lib.rs makes it come before this file.)

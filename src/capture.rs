@@ -470,7 +470,7 @@ fn names(trigger: &PgTrigger<'_>) -> (String, String) {
         Ok(r) => format!("{}.{}", quote_ident(r.namespace()), quote_ident(r.name())),
         Err(_) => "?".to_string(),
     };
-    (quote_ident(&name), table)
+    (name, table)
 }
 
 /// A registered source, as `identity_sync.source` holds it.
@@ -571,11 +571,13 @@ fn registrations(
 fn reinstall_hint(trigger: &str, table: &str, of_table: Option<&Registration>) -> String {
     match of_table {
         Some(r) => format!(
-            "Remove it (DROP TRIGGER {trigger} ON {table};) and let identity_sync install the capture triggers of {table} again: {}",
+            "Remove it (DROP TRIGGER {} ON {table};) and let identity_sync install the capture triggers of {table} again: {}",
+            quote_ident(trigger),
             r.register_again_as_is()
         ),
         None => format!(
-            "Remove it (DROP TRIGGER {trigger} ON {table};). To capture {table}, register it with identity_sync.add_person_source, add_contract_source or add_related_source, which install its capture triggers."
+            "Remove it (DROP TRIGGER {} ON {table};). To capture {table}, register it with identity_sync.add_person_source, add_contract_source or add_related_source, which install its capture triggers.",
+            quote_ident(trigger)
         ),
     }
 }
@@ -629,11 +631,11 @@ fn key_column_missing(trigger: &PgTrigger<'_>, args: &Args) -> Error {
     if reg.role != args.role || reg.key_column.as_deref() != Some(args.key_or_query.as_str()) {
         return Error::SourceMismatch {
             detail: format!(
-                "Source {} is {} with person key column {}; the trigger reads column {} as the key of {} source, and {table} has no such column.",
+                "Source {} is {} with person key column \"{}\"; the trigger reads column \"{}\" as the key of {} source, and {table} has no such column.",
                 reg.id,
                 reg.kind(),
-                quote_ident(reg.key_column.as_deref().unwrap_or_default()),
-                quote_ident(&args.key_or_query),
+                reg.key_column.as_deref().unwrap_or_default(),
+                args.key_or_query,
                 if args.role == "person" { "the person" } else { "the contract" },
             ),
             hint: reinstall_hint(&name, &table, Some(&reg)),
@@ -644,7 +646,7 @@ fn key_column_missing(trigger: &PgTrigger<'_>, args: &Args) -> Error {
     }
     Error::KeyColumnMissing {
         detail: format!(
-            "The capture trigger {name} reads the person key of every row written to {table} from it, so every INSERT, UPDATE and DELETE on {table} fails. It was renamed or dropped while identity_sync's event trigger (which follows renames and refuses drops) was not active."
+            "The capture trigger \"{name}\" reads the person key of every row written to {table} from it, so every INSERT, UPDATE and DELETE on {table} fails. It was renamed or dropped while identity_sync's event trigger (which follows renames and refuses drops) was not active."
         ),
         hint: format!(
             "Rename the column back, or register {} again with its new key column: {}",
@@ -661,7 +663,7 @@ fn outbox_missing(trigger: &PgTrigger<'_>, schema_exists: bool) -> Error {
     let (name, table) = names(trigger);
     Error::OutboxMissing {
         detail: format!(
-            "The capture trigger {name} on {table} appends every change of {table} to it, so every INSERT, UPDATE and DELETE on {table} fails."
+            "The capture trigger \"{name}\" on {table} appends every change of {table} to it, so every INSERT, UPDATE and DELETE on {table} fails."
         ),
         hint: if schema_exists {
             format!(
@@ -670,7 +672,8 @@ fn outbox_missing(trigger: &PgTrigger<'_>, schema_exists: bool) -> Error {
             )
         } else {
             format!(
-                "The schema identity_sync is gone: rename it back, or remove the capture triggers of {table} (DROP TRIGGER {name} ON {table};)."
+                "The schema identity_sync is gone: rename it back, or remove the capture triggers of {table} (DROP TRIGGER {} ON {table};).",
+                quote_ident(&name)
             )
         },
     }
@@ -681,7 +684,7 @@ fn outbox_changed(trigger: &PgTrigger<'_>, found: &str) -> Error {
     let (name, table) = names(trigger);
     Error::OutboxChanged {
         detail: format!(
-            "It has the columns ({found}); the capture trigger {name} on {table} writes (id bigint, source_id integer, op text, keys text[], at timestamp with time zone), so every INSERT, UPDATE and DELETE on {table} fails."
+            "It has the columns ({found}); the capture trigger \"{name}\" on {table} writes (id bigint, source_id integer, op text, keys text[], at timestamp with time zone), so every INSERT, UPDATE and DELETE on {table} fails."
         ),
         hint: "Undo the change to identity_sync.change, or reinstall identity_sync.".to_string(),
     }
@@ -698,7 +701,7 @@ fn affected_query_failed(
         .map(|d| format!("{d}\n"))
         .unwrap_or_default();
     detail.push_str(&format!(
-        "The capture trigger {name} runs it for every INSERT, UPDATE and DELETE on {table}, so each fails until the query works again."
+        "The capture trigger \"{name}\" runs it for every INSERT, UPDATE and DELETE on {table}, so each fails until the query works again."
     ));
     let mut hint = report.hint().map(|h| format!("{h}\n")).unwrap_or_default();
     hint.push_str(&format!(
@@ -711,5 +714,107 @@ fn affected_query_failed(
         message: report.message().to_string(),
         detail,
         hint,
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn setup() {
+        Spi::run(
+            "CREATE TABLE cap_person (id int PRIMARY KEY, name text);
+             INSERT INTO cap_person VALUES (1, 'a'), (2, 'b');
+             SELECT identity_sync.add_person_source('cap_person', 'id');
+             DELETE FROM identity_sync.change;",
+        )
+        .expect("setup");
+    }
+
+    fn outbox_keys() -> Vec<String> {
+        Spi::get_one::<Vec<String>>(
+            "SELECT array_agg(k ORDER BY k) FROM identity_sync.change, unnest(keys) AS k",
+        )
+        .expect("outbox")
+        .unwrap_or_default()
+    }
+
+    #[pg_test]
+    fn a_statement_appends_one_row_with_its_keys() {
+        setup();
+        Spi::run("UPDATE cap_person SET name = 'x'").expect("update");
+        assert_eq!(outbox_keys(), ["1", "2"]);
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM identity_sync.change").expect("count"),
+            Some(1)
+        );
+    }
+
+    #[pg_test]
+    fn a_renamed_key_column_is_followed() {
+        setup();
+        Spi::run("ALTER TABLE cap_person RENAME COLUMN id TO person_no").expect("rename");
+        assert_eq!(
+            Spi::get_one::<String>(
+                "SELECT key_column::text FROM identity_sync.source WHERE relation = 'cap_person'::regclass"
+            )
+            .expect("source"),
+            Some("person_no".to_string())
+        );
+        Spi::run("UPDATE cap_person SET name = 'y' WHERE person_no = 2").expect("update");
+        assert_eq!(outbox_keys(), ["2"]);
+    }
+
+    #[pg_test(
+        error = "cannot drop column \"id\" of public.cap_person: it is the person key of an identity_sync source"
+    )]
+    fn dropping_the_key_column_is_refused() {
+        setup();
+        Spi::run("ALTER TABLE cap_person DROP COLUMN id").expect("refused");
+    }
+
+    #[pg_test(error = "cannot drop table public.cap_person: it is an identity_sync source")]
+    fn dropping_a_source_is_refused() {
+        setup();
+        Spi::run("DROP TABLE cap_person").expect("refused");
+    }
+
+    #[pg_test]
+    fn drop_source_then_drop_table_works() {
+        setup();
+        Spi::run("SELECT identity_sync.drop_source('cap_person'); DROP TABLE cap_person")
+            .expect("drop_source first");
+    }
+
+    #[pg_test(error = "person key column \"id\" of source public.cap_person does not exist")]
+    fn a_key_column_renamed_unseen_fails_writes_with_a_message_that_says_so() {
+        setup();
+        Spi::run(
+            "ALTER EVENT TRIGGER identity_sync_follow_source_ddl DISABLE;
+             ALTER TABLE cap_person RENAME COLUMN id TO pno;",
+        )
+        .expect("rename unseen");
+        Spi::run("UPDATE cap_person SET name = 'z'").expect("fails");
+    }
+
+    #[pg_test(
+        error = "trigger \"by_hand\" on public.cap_extra is not a valid identity_sync capture trigger"
+    )]
+    fn a_row_trigger_installed_by_hand_is_named() {
+        Spi::run(
+            "CREATE TABLE cap_extra (id int);
+             CREATE TRIGGER by_hand AFTER INSERT ON cap_extra FOR EACH ROW
+                 EXECUTE FUNCTION identity_sync._capture('1', 'person', 'id');",
+        )
+        .expect("setup");
+        Spi::run("INSERT INTO cap_extra VALUES (1)").expect("fails");
+    }
+
+    #[pg_test(error = "the change outbox identity_sync.change does not exist")]
+    fn a_missing_outbox_is_named() {
+        setup();
+        Spi::run("ALTER TABLE identity_sync.change RENAME TO change_elsewhere").expect("rename");
+        Spi::run("UPDATE cap_person SET name = 'w'").expect("fails");
     }
 }

@@ -176,7 +176,7 @@ impl Error {
 }
 
 #[cfg(any(test, feature = "pg_test"))]
-#[pg_schema]
+#[pgrx::pg_schema]
 mod tests {
     use super::Error;
     use pgrx::prelude::*;
