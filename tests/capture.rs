@@ -65,12 +65,13 @@ fn committed_update_marks_exactly_that_person_rolled_back_marks_nothing() {
 
 #[test]
 fn bulk_update_writes_one_outbox_row_and_each_person_once() {
-    let mut c = setup();
-    // The large sample has 11,051 dept_emp rows; take the first 10,000.
-    load_employees(&mut c, "large");
+    // The large sample has 11,051 dept_emp rows; take the first 10,000. (Loaded before the
+    // sources are registered: the loader drops and creates the tables, which identity_sync
+    // refuses for registered sources.)
+    let mut c = sample_db(DB, "large");
     c.batch_execute(
         "SET client_min_messages = warning;
-         DROP EXTENSION identity_sync CASCADE; CREATE EXTENSION identity_sync;
+         CREATE EXTENSION identity_sync;
          SELECT identity_sync.add_person_source('employee', 'emp_no');
          SELECT identity_sync.add_contract_source('dept_emp', 'emp_no', 'from_date', 'to_date');",
     )
@@ -451,6 +452,71 @@ fn quoted_mixed_case_and_spaced_identifiers() {
     assert_eq!(name, "Ann");
 }
 
+/// An HR schema change never leaves every HR write failing: a rename of the person key is
+/// followed (the writes after it are captured and planned), changes that would break capture
+/// or planning are refused with a message that says what to do, and the writes go on.
+#[test]
+fn hr_schema_changes_are_followed_or_refused() {
+    let mut c = setup();
+    c.batch_execute(
+        "SELECT identity_sync.add_target('t', 'webhook', 'http://127.0.0.1:9/', '{\"dry_run\": true}');
+         SELECT identity_sync.map('t', 'family', 'person.last_name');
+         SELECT identity_sync.add_rule('t', 'all', 'true');",
+    )
+    .unwrap();
+
+    // Followed: the registration, the capture triggers and the compiled target.
+    c.batch_execute("ALTER TABLE employee RENAME COLUMN emp_no TO employee_no")
+        .unwrap();
+    let key: String = one(
+        &mut c,
+        "SELECT key_column::text FROM identity_sync.source WHERE role = 'person'",
+    );
+    assert_eq!(key, "employee_no");
+    clear(&mut c);
+    c.batch_execute(
+        "UPDATE employee SET last_name = 'Renamed' WHERE employee_no = 10001;
+         SELECT identity_sync._plan(100);",
+    )
+    .unwrap();
+    let family: String = one(
+        &mut c,
+        "SELECT payload->'attributes'->>'family' FROM identity_sync.event WHERE person_key = '10001' ORDER BY id DESC LIMIT 1",
+    );
+    assert_eq!(family, "Renamed");
+
+    // Refused: the related source's query reads dept_emp.emp_no; the person source's table.
+    let (code, message, _, hint) = error_parts(
+        &mut c,
+        "ALTER TABLE dept_emp RENAME COLUMN emp_no TO employee_no",
+    );
+    assert_eq!(code, "2BP01");
+    assert_eq!(
+        message,
+        "this change breaks the affected query of related source public.department"
+    );
+    assert!(hint.contains("drop_source('public.department')"), "{hint}");
+    let (code, message, _, hint) = error_parts(&mut c, "DROP TABLE employee CASCADE");
+    assert_eq!(code, "2BP01");
+    assert_eq!(
+        message,
+        "cannot drop table public.employee: it is an identity_sync source"
+    );
+    assert!(hint.contains("drop_source('public.employee')"), "{hint}");
+
+    // Every source is still captured.
+    clear(&mut c);
+    c.batch_execute(
+        "UPDATE employee SET last_name = 'Again' WHERE employee_no = 10002;
+         UPDATE dept_emp SET to_date = to_date WHERE emp_no = 10003;",
+    )
+    .unwrap();
+    assert_eq!(
+        pending(&mut c),
+        BTreeSet::from(["10002".to_string(), "10003".to_string()])
+    );
+}
+
 /// Restores the worker's naptime however the test ends.
 struct NaptimeGuard;
 impl Drop for NaptimeGuard {
@@ -472,8 +538,10 @@ fn commit_wakes_the_worker() {
             .is_some()),
         "no worker"
     );
-    load_employees(&mut c, "small");
+    // (The extension goes first: the loader drops and creates the sample's tables, which
+    // identity_sync refuses while they are registered sources.)
     drop_extension(&mut c);
+    load_employees(&mut c, "small");
     c.batch_execute(
         "SET client_min_messages = warning;
          CREATE EXTENSION identity_sync;
