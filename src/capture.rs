@@ -1,10 +1,18 @@
 //! Capture: the statement trigger on HR sources, and the commit-time wake-up of the worker.
 //!
 //! `identity_sync._capture(source_id, role, key_or_query)` is one generic statement trigger
-//! (installed by `sql/capture.sql`, `_install_capture`): per triggering statement it runs one
-//! set-based INSERT of the affected person keys, read from the transition tables, into the
-//! outbox, with a plan prepared once per backend and source. No per-row code, no exception
-//! block, no index lookup on the HR write path; deduplication is the planner's job.
+//! (installed by `sql/20_capture.sql`, `_install_capture`): per triggering statement it appends
+//! one row holding the affected person keys, read from the transition tables, to the outbox
+//! (person and contract sources: straight from the tuplestores, without SPI; related sources:
+//! the user's affected query, with a plan prepared once per backend and source). No per-row
+//! code, no exception block, no index lookup on the HR write path; deduplication is the
+//! planner's job.
+//!
+//! When capture cannot work (a trigger installed by hand, a key column renamed or dropped
+//! behind identity_sync's back, the outbox gone, a related source's query broken) the HR write
+//! fails with an [`Error`] that says what happened and how to fix it; the source registry and
+//! the catalogs are read only then, on the error path. The event triggers of
+//! `sql/20_capture.sql` keep DDL on sources from getting there.
 //!
 //! A transaction that captured something asks for the worker to be woken at commit
 //! (`shmem::wake_at_commit`).

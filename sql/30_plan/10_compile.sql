@@ -51,7 +51,8 @@ BEGIN
     -- column names _desired inserts.
     PERFORM identity_sync._use_user_search_path();
     EXECUTE format('SELECT %s FROM (%s) AS q', identity_sync._compiled_columns(), sql) USING '{}'::text[], CURRENT_DATE, 0;
-    UPDATE identity_sync.target SET compiled = sql WHERE id = t.id;
+    -- (unchanged text: no write, so recompiling after DDL on a source locks no target row)
+    UPDATE identity_sync.target SET compiled = sql WHERE id = t.id AND compiled IS DISTINCT FROM sql;
 END
 $$;
 
