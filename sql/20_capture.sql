@@ -220,9 +220,10 @@ SELECT person_key,
 --   * RENAME or SET SCHEMA of a source table, RENAME of its schema: followed (the registration
 --     holds the table's oid); the targets are compiled again.
 --   * Any change to a source that leaves a target's mappings or rules unable to compile (a
---     renamed or dropped column they use), a contract date column that is no longer a date or
---     timestamp, or a change anywhere that breaks a related source's affected query: refused
---     (2BP01 / 42804), with the target or source named and PostgreSQL's own error as DETAIL.
+--     renamed or dropped column they use), or the self-service login expression or a product's
+--     owners condition failing, a contract date column that is no longer a date or timestamp,
+--     or a change anywhere that breaks a related source's affected query: refused (2BP01 /
+--     42804), with what breaks named and PostgreSQL's own error as DETAIL.
 -- The extension's own DDL passes untouched: CREATE/DROP TRIGGER (drop_source, the follow
 -- itself) are not among the tags, the handlers return at once while no source is registered,
 -- and a dropped extension takes its event triggers with it before they could fire.
@@ -288,6 +289,7 @@ DECLARE
     touched boolean := false;
     t record;
     ty regtype;
+    what text;
     msg text;
     det text;
     hnt text;
@@ -367,6 +369,31 @@ BEGIN
                               || '(identity_sync.unmap and map, drop_rule and add_rule), or undo the change.';
             END;
         END LOOP;
+        -- So is self-service: the login expression and the products' owners conditions.
+        BEGIN
+            msg := NULL;
+            IF (SELECT login_expression FROM identity_sync._settings) IS NOT NULL
+               AND (identity_sync._person_source()).id IS NOT NULL THEN
+                what := 'the self-service login expression';
+                PERFORM identity_sync._use_user_search_path();
+                PERFORM identity_sync._check_expression(
+                    'SELECT (' || (SELECT login_expression FROM identity_sync._settings) || E'\n) AS v FROM '
+                        || (identity_sync._person_source()).relation::text || ' AS person LIMIT 0',
+                    8, (SELECT login_expression FROM identity_sync._settings));
+                PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+            END IF;
+            FOR t IN SELECT name, owners FROM identity_sync.product ORDER BY id LOOP
+                what := format('the owners condition of product "%s"', t.name);
+                PERFORM identity_sync._check_owners(t.owners);
+            END LOOP;
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
+            RAISE EXCEPTION 'this change breaks %', what
+                USING ERRCODE = 'dependent_objects_still_exist',
+                      DETAIL = msg || CASE WHEN det <> '' THEN E'\n' || det ELSE '' END,
+                      HINT = CASE WHEN hnt <> '' THEN hnt || E'\n' ELSE '' END
+                          || 'Change it in the same transaction as the schema change (identity_sync.set_login, alter_product), or undo the change.';
+        END;
     END IF;
 
     -- Every related source's affected query runs inside each write to its table: it must still

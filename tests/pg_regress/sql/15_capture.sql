@@ -97,6 +97,11 @@ ALTER TABLE hr.contract RENAME COLUMN dept TO department; -- and so does a rule
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 ALTER SCHEMA hr RENAME TO staff;
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
+-- nor the self-service login expression
+SELECT identity_sync.set_login($$'regress_login_' || person.nick$$);
+ALTER TABLE hr.people RENAME COLUMN nick TO nickname;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT identity_sync.set_login(NULL);
 -- contract dates stay dates
 ALTER TABLE hr.contract ALTER COLUMN ends TYPE text;
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
