@@ -103,23 +103,44 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION identity_sync._check_relation(rel regclass) RETURNS text
+-- May `rel` be registered as a source of `role` (person, contract, related)? Returns how it is
+-- captured: 'trigger' (tables) or 'snapshot' (views, materialized views, foreign tables).
+CREATE FUNCTION identity_sync._check_relation(rel regclass, role text) RETURNS text
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    k "char";
+    capture text := (SELECT CASE WHEN c.relkind IN ('r', 'p') THEN 'trigger'
+                                 WHEN c.relkind IN ('v', 'm', 'f') THEN 'snapshot' END
+                       FROM pg_class c WHERE c.oid = rel);
+    registered regclass;
 BEGIN
-    SELECT relkind INTO k FROM pg_class WHERE oid = rel;
     IF NOT has_table_privilege(session_user, rel, 'SELECT') THEN
         RAISE EXCEPTION 'permission denied for relation %', rel USING ERRCODE = 'insufficient_privilege',
             HINT = 'The role registering a source must be able to read it.';
     END IF;
-    IF EXISTS (SELECT FROM identity_sync.source WHERE relation = rel) THEN
+    IF EXISTS (SELECT FROM identity_sync.source s WHERE s.relation = rel) THEN
         RAISE EXCEPTION 'relation % is already a source', rel USING ERRCODE = 'duplicate_object',
             HINT = format('Drop it first with identity_sync.drop_source(%L).', rel::text);
     END IF;
-    RETURN CASE WHEN k IN ('r', 'p') THEN 'trigger'
-                WHEN k IN ('v', 'm', 'f') THEN 'snapshot'
-                ELSE NULL END;
+    IF role = 'related' THEN
+        IF capture IS DISTINCT FROM 'trigger' THEN
+            RAISE EXCEPTION 'related source % must be a table', rel USING ERRCODE = 'wrong_object_type',
+                HINT = 'Related sources are captured by statement triggers; views and foreign tables cannot carry them.';
+        END IF;
+        RETURN capture;
+    END IF;
+    IF capture IS NULL THEN
+        RAISE EXCEPTION '% cannot be a source', rel USING ERRCODE = 'wrong_object_type',
+            HINT = 'Sources are tables, partitioned tables, views, materialized views or foreign tables.';
+    END IF;
+    -- One person source and one contract source.
+    registered := (SELECT s.relation FROM identity_sync.source s WHERE s.role = _check_relation.role);
+    IF registered IS NOT NULL THEN
+        RAISE EXCEPTION 'a % source is already registered: %', role, registered
+            USING ERRCODE = 'duplicate_object',
+                  HINT = format('There is one %s source; drop it first with identity_sync.drop_source()%s.', role,
+                                CASE WHEN role = 'contract' THEN ', or register a view that unions your contract tables' ELSE '' END);
+    END IF;
+    RETURN capture;
 END
 $$;
 
@@ -133,21 +154,47 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT * FROM identity_sync.source WHERE role = 'contract'
 $$;
 
+-- The person source, or an error: the person document (and self-service) needs one.
+CREATE FUNCTION identity_sync._require_person_source() RETURNS identity_sync.source
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    p identity_sync.source := identity_sync._person_source();
+BEGIN
+    IF p.id IS NULL THEN
+        RAISE EXCEPTION 'no person source is registered' USING ERRCODE = 'object_not_in_prerequisite_state',
+            HINT = 'Register one first: SELECT identity_sync.add_person_source(''hr.employee'', ''emp_no'');';
+    END IF;
+    RETURN p;
+END
+$$;
+
+-- Register a checked source: its row, its capture (triggers, or snapshots every minute), the
+-- targets' queries compiled again (the person document changed; related sources leave it as it
+-- is), and the audit log.
+CREATE FUNCTION identity_sync._add_source(relation regclass, role text, capture text, key_column name DEFAULT NULL,
+                                          starts_column name DEFAULT NULL, ends_column name DEFAULT NULL,
+                                          affected text DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    src identity_sync.source;
+BEGIN
+    INSERT INTO identity_sync.source (relation, role, key_column, starts_column, ends_column, affected, capture, snapshot_interval)
+    VALUES (relation, role, key_column, starts_column, ends_column, affected, capture,
+            CASE WHEN capture = 'snapshot' THEN interval '1 minute' END)
+    RETURNING * INTO src;
+    PERFORM identity_sync._install_capture(src.id);
+    IF role <> 'related' THEN
+        PERFORM identity_sync._recompile_all();
+    END IF;
+    PERFORM identity_sync._audit('add_' || role || '_source', relation::text, NULL, to_jsonb(src));
+END
+$$;
+
 CREATE FUNCTION identity_sync.add_person_source(relation regclass, key text)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    capture text := identity_sync._check_relation(relation);
-    src identity_sync.source;
+    capture text := identity_sync._check_relation(relation, 'person');
 BEGIN
-    IF capture IS NULL THEN
-        RAISE EXCEPTION '% cannot be a source', relation USING ERRCODE = 'wrong_object_type',
-            HINT = 'Sources are tables, partitioned tables, views, materialized views or foreign tables.';
-    END IF;
-    IF (identity_sync._person_source()).id IS NOT NULL THEN
-        RAISE EXCEPTION 'a person source is already registered: %', (identity_sync._person_source()).relation
-            USING ERRCODE = 'duplicate_object',
-                  HINT = 'There is one person source; drop it first with identity_sync.drop_source().';
-    END IF;
     PERFORM identity_sync._column_type(relation, key, 'person key');
     IF capture = 'trigger' AND NOT EXISTS (
         SELECT FROM pg_index i
@@ -159,31 +206,17 @@ BEGIN
                   DETAIL = 'Every person must be one row, found by its key.',
                   HINT = format('CREATE UNIQUE INDEX ON %s (%I);', relation, key);
     END IF;
-    INSERT INTO identity_sync.source (relation, role, key_column, capture, snapshot_interval)
-    VALUES (relation, 'person', key, capture, CASE WHEN capture = 'snapshot' THEN interval '1 minute' END)
-    RETURNING * INTO src;
-    PERFORM identity_sync._install_capture(src.id);
-    PERFORM identity_sync._recompile_all();
-    PERFORM identity_sync._audit('add_person_source', relation::text, NULL, to_jsonb(src));
+    PERFORM identity_sync._add_source(relation, 'person', capture, key_column => key);
 END
 $$;
 
 CREATE FUNCTION identity_sync.add_contract_source(relation regclass, person_key text, starts text, ends text)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    capture text := identity_sync._check_relation(relation);
-    src identity_sync.source;
+    capture text := identity_sync._check_relation(relation, 'contract');
     t regtype;
+    col text;
 BEGIN
-    IF capture IS NULL THEN
-        RAISE EXCEPTION '% cannot be a source', relation USING ERRCODE = 'wrong_object_type',
-            HINT = 'Sources are tables, partitioned tables, views, materialized views or foreign tables.';
-    END IF;
-    IF (identity_sync._contract_source()).id IS NOT NULL THEN
-        RAISE EXCEPTION 'a contract source is already registered: %', (identity_sync._contract_source()).relation
-            USING ERRCODE = 'duplicate_object',
-                  HINT = 'There is one contract source; drop it first with identity_sync.drop_source(), or register a view that unions your contract tables.';
-    END IF;
     PERFORM identity_sync._column_type(relation, person_key, 'person key');
     FOREACH t IN ARRAY ARRAY[identity_sync._column_type(relation, starts, 'starts'),
                              identity_sync._column_type(relation, ends, 'ends')] LOOP
@@ -195,36 +228,25 @@ BEGIN
                                       identity_sync._column_type(relation, ends, 'ends'));
         END IF;
     END LOOP;
-    INSERT INTO identity_sync.source (relation, role, key_column, starts_column, ends_column, capture, snapshot_interval)
-    VALUES (relation, 'contract', person_key, starts, ends, capture,
-            CASE WHEN capture = 'snapshot' THEN interval '1 minute' END)
-    RETURNING * INTO src;
     IF capture = 'trigger' THEN
         -- The date-boundary check finds contracts starting or ending on a day by index.
-        EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s (%I)',
-                       left(format('%s_%s_identity_sync', (SELECT relname FROM pg_class WHERE oid = relation), starts), 63),
-                       relation, starts);
-        EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s (%I)',
-                       left(format('%s_%s_identity_sync', (SELECT relname FROM pg_class WHERE oid = relation), ends), 63),
-                       relation, ends);
+        FOREACH col IN ARRAY ARRAY[starts, ends] LOOP
+            EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s (%I)',
+                           left(format('%s_%s_identity_sync', (SELECT relname FROM pg_class WHERE oid = relation), col), 63),
+                           relation, col);
+        END LOOP;
     END IF;
-    PERFORM identity_sync._install_capture(src.id);
-    PERFORM identity_sync._recompile_all();
-    PERFORM identity_sync._audit('add_contract_source', relation::text, NULL, to_jsonb(src));
+    PERFORM identity_sync._add_source(relation, 'contract', capture, key_column => person_key,
+                                      starts_column => starts, ends_column => ends);
 END
 $$;
 
 CREATE FUNCTION identity_sync.add_related_source(relation regclass, affected text)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    capture text := identity_sync._check_relation(relation);
-    src identity_sync.source;
+    capture text := identity_sync._check_relation(relation, 'related');
     ncols int;
 BEGIN
-    IF capture IS DISTINCT FROM 'trigger' THEN
-        RAISE EXCEPTION 'related source % must be a table', relation USING ERRCODE = 'wrong_object_type',
-            HINT = 'Related sources are captured by statement triggers; views and foreign tables cannot carry them.';
-    END IF;
     -- The affected query must return exactly one column (any type casts to text).
     PERFORM identity_sync._use_user_search_path();
     ncols := identity_sync._check_query(
@@ -235,10 +257,7 @@ BEGIN
         RAISE EXCEPTION 'the affected query returns % columns, not one', ncols USING ERRCODE = 'invalid_parameter_value',
             HINT = 'Return just the person key, e.g. SELECT emp_no FROM dept_emp JOIN changed USING (dept_no).';
     END IF;
-    INSERT INTO identity_sync.source (relation, role, affected, capture)
-    VALUES (relation, 'related', affected, 'trigger') RETURNING * INTO src;
-    PERFORM identity_sync._install_capture(src.id);
-    PERFORM identity_sync._audit('add_related_source', relation::text, NULL, to_jsonb(src));
+    PERFORM identity_sync._add_source(relation, 'related', capture, affected => affected);
 END
 $$;
 
@@ -263,44 +282,48 @@ $$;
 -- Settings
 ------------------------------------------------------------------------------------------------
 
+-- Change one column of the settings row and record it in the audit log (action, old -> new).
+CREATE FUNCTION identity_sync._set_setting(action text, setting text, value anyelement)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    old jsonb;
+BEGIN
+    EXECUTE format('SELECT to_jsonb(%I) FROM identity_sync._settings', setting) INTO old;
+    EXECUTE format('UPDATE identity_sync._settings SET %I = $1', setting) USING value;
+    PERFORM identity_sync._audit(action, NULL, old, to_jsonb(value));
+END
+$$;
+
 CREATE FUNCTION identity_sync.set_search_path(path text)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    old text := (SELECT search_path FROM identity_sync._settings);
 BEGIN
     PERFORM set_config('search_path', path, true);   -- rejects a malformed list
-    UPDATE identity_sync._settings SET search_path = path;
+    PERFORM identity_sync._set_setting('set_search_path', 'search_path', path);
     PERFORM identity_sync._recompile_all();          -- expressions must still resolve
     PERFORM identity_sync._uninstall_capture(id), identity_sync._install_capture(id)
        FROM identity_sync.source WHERE role = 'related';
-    PERFORM identity_sync._audit('set_search_path', NULL, to_jsonb(old), to_jsonb(path));
 END
 $$;
 
 CREATE FUNCTION identity_sync.set_primary_contract(order_by text)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    old text := (SELECT primary_contract_order FROM identity_sync._settings);
     q text;
 BEGIN
-    UPDATE identity_sync._settings SET primary_contract_order = nullif(btrim(order_by), '');
+    PERFORM identity_sync._set_setting('set_primary_contract', 'primary_contract_order', nullif(btrim(order_by), ''));
     -- Validate against the person document query; an error rolls the change back.
     q := 'SELECT count(*) ' || identity_sync._from_clause();
     PERFORM identity_sync._use_user_search_path();
     EXECUTE q USING '{}'::text[], CURRENT_DATE, 0;
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     PERFORM identity_sync._recompile_all();
-    PERFORM identity_sync._audit('set_primary_contract', NULL, to_jsonb(old), to_jsonb(order_by));
 END
 $$;
 
 CREATE FUNCTION identity_sync.set_clock(at timestamptz)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    old timestamptz := (SELECT clock FROM identity_sync._settings);
 BEGIN
-    UPDATE identity_sync._settings SET clock = at;
-    PERFORM identity_sync._audit('set_clock', NULL, to_jsonb(old), to_jsonb(at));
+    PERFORM identity_sync._set_setting('set_clock', 'clock', at);
     PERFORM identity_sync._wake_at_commit();
 END
 $$;
@@ -465,18 +488,8 @@ END
 $$;
 
 CREATE FUNCTION identity_sync._target(name text) RETURNS identity_sync.target
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    t identity_sync.target;
-BEGIN
-    SELECT * INTO t FROM identity_sync.target WHERE target.name = _target.name;
-    IF t.id IS NULL THEN
-        RAISE EXCEPTION 'target "%" does not exist', name USING ERRCODE = 'undefined_object',
-            HINT = coalesce('Targets: ' || (SELECT string_agg(target.name, ', ' ORDER BY target.name) FROM identity_sync.target) || '.',
-                            'Create one with identity_sync.add_target().');
-    END IF;
-    RETURN t;
-END
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT identity_sync._by_name(NULL::identity_sync.target, name, 'Create one with identity_sync.add_target().')
 $$;
 
 CREATE FUNCTION identity_sync.add_target(name text, kind text, url text DEFAULT NULL, options jsonb DEFAULT '{}')

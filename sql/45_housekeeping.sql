@@ -20,13 +20,10 @@ $$;
 CREATE FUNCTION identity_sync._housekeeping() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    s int;
     retention interval := identity_sync._event_retention();   -- NULL: keep forever
 BEGIN
-    FOR s IN SELECT id FROM identity_sync.source
-              WHERE capture = 'snapshot' AND (snapshot_at IS NULL OR snapshot_at + snapshot_interval <= now()) LOOP
-        PERFORM identity_sync._snapshot_source(s);
-    END LOOP;
+    PERFORM identity_sync._snapshot_source(s.id) FROM identity_sync.source s
+      WHERE s.capture = 'snapshot' AND (s.snapshot_at IS NULL OR s.snapshot_at + s.snapshot_interval <= now());
     PERFORM identity_sync._check_boundaries();
     PERFORM identity_sync._expire_grants();
     PERFORM identity_sync._reconcile_schedule();

@@ -64,40 +64,63 @@ SELECT t.name AS target, t.kind,
                 AND x.done_at > now() - interval '1 hour') AS delivered_last_hour
        FROM identity_sync.event WHERE target_id = t.id AND state <> 'done') AS e ON true;
 
-CREATE FUNCTION identity_sync.pause(target text) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+-- Stop (pause) or restart (resume) delivery to a target; planning goes on either way.
+CREATE FUNCTION identity_sync._set_paused(target text, paused boolean) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    UPDATE identity_sync.target SET paused = true WHERE id = (identity_sync._target(pause.target)).id;
-    PERFORM identity_sync._audit('pause', target, NULL, NULL);
+    UPDATE identity_sync.target t SET paused = _set_paused.paused
+     WHERE t.id = (identity_sync._target(_set_paused.target)).id;
+    PERFORM identity_sync._audit(CASE WHEN paused THEN 'pause' ELSE 'resume' END, target, NULL, NULL);
+    IF NOT paused THEN
+        PERFORM identity_sync._wake_at_commit();
+    END IF;
 END
 $$;
 
+CREATE FUNCTION identity_sync.pause(target text) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT identity_sync._set_paused(target, true)
+$$;
+
 CREATE FUNCTION identity_sync.resume(target text) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT identity_sync._set_paused(target, false)
+$$;
+
+-- The target `name`, which a threshold holds: release() and discard() decide about held events.
+CREATE FUNCTION identity_sync._held_target(name text) RETURNS identity_sync.target
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target := identity_sync._target(name);
 BEGIN
-    UPDATE identity_sync.target SET paused = false WHERE id = (identity_sync._target(resume.target)).id;
-    PERFORM identity_sync._audit('resume', target, NULL, NULL);
-    PERFORM identity_sync._wake_at_commit();
+    IF t.held IS NULL THEN
+        RAISE EXCEPTION 'target "%" is not held', name USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    RETURN t;
 END
+$$;
+
+-- An operator decided about a held target (action: release or discard of `events` events): it
+-- is held no more, and its thresholds count from now on.
+CREATE FUNCTION identity_sync._end_hold(t identity_sync.target, action text, events int) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    UPDATE identity_sync.target SET held = NULL, released_at = now() WHERE id = t.id;
+    SELECT identity_sync._audit(action, t.name, t.held, jsonb_build_object('events', events));
 $$;
 
 -- Let the events a threshold held go out.
 CREATE FUNCTION identity_sync.release(target text) RETURNS int
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    t identity_sync.target := identity_sync._target(target);
+    t identity_sync.target := identity_sync._held_target(target);
     n int;
 BEGIN
-    IF t.held IS NULL THEN
-        RAISE EXCEPTION 'target "%" is not held', target USING ERRCODE = 'object_not_in_prerequisite_state';
-    END IF;
     UPDATE identity_sync.event SET state = 'pending', due_at = now() WHERE target_id = t.id AND state = 'held';
     GET DIAGNOSTICS n = ROW_COUNT;
-    UPDATE identity_sync.target SET held = NULL, released_at = now() WHERE id = t.id;
+    PERFORM identity_sync._end_hold(t, 'release', n);
     IF coalesce((t.options->>'dry_run')::boolean, false) THEN
         PERFORM identity_sync._complete_dry_run(t.id);
     END IF;
-    PERFORM identity_sync._audit('release', target, t.held, jsonb_build_object('events', n));
     PERFORM identity_sync._wake_at_commit();
     RETURN n;
 END
@@ -108,12 +131,9 @@ $$;
 CREATE FUNCTION identity_sync.discard(target text) RETURNS int
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    t identity_sync.target := identity_sync._target(target);
+    t identity_sync.target := identity_sync._held_target(target);
     n int;
 BEGIN
-    IF t.held IS NULL THEN
-        RAISE EXCEPTION 'target "%" is not held', target USING ERRCODE = 'object_not_in_prerequisite_state';
-    END IF;
     WITH d AS (DELETE FROM identity_sync.event WHERE target_id = t.id AND state = 'held' RETURNING person_key)
     SELECT count(*) INTO n FROM d;
     -- The registry forgets what was planned and keeps what was applied.
@@ -124,8 +144,7 @@ BEGIN
            seq = coalesce((SELECT max(seq) FROM identity_sync.event e WHERE e.target_id = t.id AND e.person_key = a.person_key), a.seq)
      WHERE a.target_id = t.id AND a.state <> 'pending'
        AND NOT EXISTS (SELECT FROM identity_sync.event e WHERE e.target_id = t.id AND e.person_key = a.person_key AND e.state <> 'done');
-    UPDATE identity_sync.target SET held = NULL, released_at = now() WHERE id = t.id;
-    PERFORM identity_sync._audit('discard', target, t.held, jsonb_build_object('events', n));
+    PERFORM identity_sync._end_hold(t, 'discard', n);
     RETURN n;
 END
 $$;

@@ -17,31 +17,43 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       FROM identity_sync._contract_source() AS c
 $$;
 
+-- SQL text of a condition: the person key of `alias` (a row of the person source) is one of the
+-- keys in parameter $<param> (text[]), compared in the key column's own type so that its index
+-- answers.
+CREATE FUNCTION identity_sync._person_key_in(alias text, param int) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format('%I.%I = ANY ($%s::text[]::%s[])', alias, p.key_column, param,
+                  identity_sync._column_type(p.relation, p.key_column, 'person key'))
+      FROM identity_sync._require_person_source() AS p
+$$;
+
+-- SQL text joining the primary contract of `person` (an alias of the person source) as `alias`
+-- (person document: contract; self-service owners: requester_contract, owner_contract).
+CREATE FUNCTION identity_sync._primary_contract_join(person text, alias text) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format('LEFT JOIN LATERAL (SELECT * FROM %s AS contract WHERE contract.%I = %I.%I ORDER BY %s LIMIT 1) AS %I ON true ',
+                  c.relation, c.key_column, person, (identity_sync._person_source()).key_column,
+                  identity_sync._primary_contract_order(), alias)
+      FROM identity_sync._contract_source() AS c
+$$;
+
 -- SQL text of the FROM clause that binds the names person, contract, contracts, today and
 -- iteration for one target (NULL: neutral lifecycle). $1 = keys (text[]), $2 = day, $3 = iteration.
 CREATE FUNCTION identity_sync._from_clause(opts jsonb DEFAULT '{}')
 RETURNS text LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    p identity_sync.source := identity_sync._person_source();
+    p identity_sync.source := identity_sync._require_person_source();
     c identity_sync.source := identity_sync._contract_source();
-    keytype regtype;
-    ord text;
     create_before text := quote_literal(coalesce(opts->>'create_before', '0'));
     enable_before text := quote_literal(coalesce(opts->>'enable_before', '0'));
     disable_after text := quote_literal(coalesce(opts->>'disable_after', '0'));
     delete_after  text := CASE WHEN opts->>'delete_after' IS NULL THEN 'NULL' ELSE quote_literal(opts->>'delete_after') END;
     sql text;
 BEGIN
-    IF p.id IS NULL THEN
-        RAISE EXCEPTION 'no person source is registered' USING ERRCODE = 'object_not_in_prerequisite_state',
-            HINT = 'Register one first: SELECT identity_sync.add_person_source(''hr.employee'', ''emp_no'');';
-    END IF;
-    keytype := identity_sync._column_type(p.relation, p.key_column, 'person key');
     sql := format('FROM %s AS person CROSS JOIN LATERAL (SELECT $2::date AS today, $3::int AS iteration) AS _p ', p.relation);
     IF c.id IS NULL THEN
         sql := sql || 'CROSS JOIN LATERAL (SELECT NULL::record AS contract, NULL::record[] AS contracts, true AS _exists, true AS _enabled, true AS _creatable) AS _c ';
     ELSE
-        ord := identity_sync._primary_contract_order();
         sql := sql || format(
             'LEFT JOIN LATERAL (SELECT array_agg(c ORDER BY c.%2$I, c.%3$I) AS contracts, '
             || 'coalesce(bool_or(c.%2$I::date - %5$s::interval <= today AND (%8$s::interval IS NULL OR c.%3$I IS NULL OR today <= c.%3$I::date + %8$s::interval)), false) AS _exists, '
@@ -49,13 +61,12 @@ BEGIN
             -- A new account only for a person who is (about to be) working: not for a leaver of
             -- years ago whom a first sync meets.
             || 'coalesce(bool_or(c.%2$I::date - %5$s::interval <= today AND (c.%3$I IS NULL OR today <= c.%3$I::date + %7$s::interval)), false) AS _creatable '
-            || 'FROM %1$s AS c WHERE c.%4$I = person.%9$I) AS _cs ON true '
-            || 'LEFT JOIN LATERAL (SELECT * FROM %1$s AS contract WHERE contract.%4$I = person.%9$I ORDER BY %10$s LIMIT 1) AS contract ON true ',
+            || 'FROM %1$s AS c WHERE c.%4$I = person.%9$I) AS _cs ON true ',
             c.relation, c.starts_column, c.ends_column, c.key_column,
-            create_before, enable_before, disable_after, delete_after, p.key_column, ord);
+            create_before, enable_before, disable_after, delete_after, p.key_column)
+            || identity_sync._primary_contract_join('person', 'contract');
     END IF;
-    sql := sql || format('WHERE person.%I = ANY ($1::text[]::%s[])', p.key_column, keytype);
-    RETURN sql;
+    RETURN sql || 'WHERE ' || identity_sync._person_key_in('person', 1);
 END
 $$;
 

@@ -56,13 +56,10 @@ BEGIN
 END
 $$;
 
+-- After a change every target's query depends on (sources, primary contract, search_path).
 CREATE FUNCTION identity_sync._recompile_all() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    id int;
 BEGIN
-    FOR id IN SELECT target.id FROM identity_sync.target LOOP
-        PERFORM identity_sync._compile(id);
-    END LOOP;
+    PERFORM identity_sync._compile(t.id) FROM identity_sync.target t ORDER BY t.id;
 END
 $$;

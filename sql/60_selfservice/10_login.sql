@@ -99,22 +99,17 @@ $$;
 CREATE FUNCTION identity_sync.set_login(expression text)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    p identity_sync.source := identity_sync._person_source();
-    old text := (SELECT login_expression FROM identity_sync._settings);
+    p identity_sync.source;
     typ regtype;
     dup record;
     persons bigint;
     with_role bigint;
 BEGIN
     IF nullif(btrim(expression), '') IS NULL THEN
-        UPDATE identity_sync._settings SET login_expression = NULL;
-        PERFORM identity_sync._audit('set_login', NULL, to_jsonb(old), NULL);
+        PERFORM identity_sync._set_setting('set_login', 'login_expression', NULL::text);
         RETURN;
     END IF;
-    IF p.id IS NULL THEN
-        RAISE EXCEPTION 'no person source is registered' USING ERRCODE = 'object_not_in_prerequisite_state',
-            HINT = 'Register one first: SELECT identity_sync.add_person_source(''hr.employee'', ''emp_no'');';
-    END IF;
+    p := identity_sync._require_person_source();
     PERFORM identity_sync._check_single_expression('expression', expression);
     PERFORM identity_sync._use_user_search_path();
     typ := identity_sync._check_expression(
@@ -139,8 +134,7 @@ BEGIN
                    'LEFT JOIN pg_catalog.pg_roles r ON r.rolname = q.v', expression, p.relation)
        INTO persons, with_role;
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-    UPDATE identity_sync._settings SET login_expression = expression;
-    PERFORM identity_sync._audit('set_login', NULL, to_jsonb(old), to_jsonb(expression));
+    PERFORM identity_sync._set_setting('set_login', 'login_expression', expression);
     IF persons > 10000 THEN
         RAISE NOTICE '% of % persons have a role of that name', with_role, persons
             USING HINT = format('Each self-service call looks the caller up with this expression; index it, e.g. CREATE INDEX ON %s ((%s));',

@@ -5,27 +5,17 @@
 CREATE FUNCTION identity_sync._owners_from(with_owner_contract boolean)
 RETURNS text LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    p identity_sync.source := identity_sync._person_source();
-    c identity_sync.source := identity_sync._contract_source();
-    keytype regtype;
+    p identity_sync.source := identity_sync._require_person_source();
     sql text;
 BEGIN
-    IF p.id IS NULL THEN
-        RAISE EXCEPTION 'no person source is registered' USING ERRCODE = 'object_not_in_prerequisite_state',
-            HINT = 'Register one first: SELECT identity_sync.add_person_source(''hr.employee'', ''emp_no'');';
-    END IF;
-    keytype := identity_sync._column_type(p.relation, p.key_column, 'person key');
-    sql := format('FROM %1$s AS owner CROSS JOIN LATERAL (SELECT $2::date AS today) AS _p '
-                  'JOIN %1$s AS requester ON requester.%2$I = ANY ($1::text[]::%3$s[]) ',
-                  p.relation, p.key_column, keytype);
-    IF c.id IS NULL THEN
+    sql := format('FROM %1$s AS owner CROSS JOIN LATERAL (SELECT $2::date AS today) AS _p JOIN %1$s AS requester ON ',
+                  p.relation) || identity_sync._person_key_in('requester', 1) || ' ';
+    IF (identity_sync._contract_source()).id IS NULL THEN
         sql := sql || 'CROSS JOIN LATERAL (SELECT NULL::record AS requester_contract, NULL::record AS owner_contract) AS _c ';
     ELSE
-        sql := sql || format('LEFT JOIN LATERAL (SELECT * FROM %1$s AS contract WHERE contract.%2$I = requester.%3$I ORDER BY %4$s LIMIT 1) AS requester_contract ON true ',
-                             c.relation, c.key_column, p.key_column, identity_sync._primary_contract_order());
+        sql := sql || identity_sync._primary_contract_join('requester', 'requester_contract');
         IF with_owner_contract THEN
-            sql := sql || format('LEFT JOIN LATERAL (SELECT * FROM %1$s AS contract WHERE contract.%2$I = owner.%3$I ORDER BY %4$s LIMIT 1) AS owner_contract ON true ',
-                                 c.relation, c.key_column, p.key_column, identity_sync._primary_contract_order());
+            sql := sql || identity_sync._primary_contract_join('owner', 'owner_contract');
         END IF;
     END IF;
     RETURN sql;
@@ -68,14 +58,12 @@ RETURNS TABLE (requester text, owner text) LANGUAGE plpgsql STABLE SET search_pa
 DECLARE
     ps identity_sync.source := identity_sync._person_source();
     c identity_sync.source := identity_sync._contract_source();
-    keytype regtype;
     sql text;
 BEGIN
-    keytype := identity_sync._column_type(ps.relation, ps.key_column, 'person key');
     sql := format('SELECT DISTINCT requester.%1$I::text, owner.%1$I::text %2$s WHERE owner.%1$I::text <> requester.%1$I::text ',
                   ps.key_column, identity_sync._owners_from(p.owners ~* '\mowner_contract\M'));
     IF candidates IS NOT NULL THEN
-        sql := sql || format('AND owner.%I = ANY ($3::text[]::%s[]) ', ps.key_column, keytype);
+        sql := sql || 'AND ' || identity_sync._person_key_in('owner', 3) || ' ';
     END IF;
     IF c.id IS NOT NULL THEN
         sql := sql || format('AND EXISTS (SELECT FROM %1$s AS c WHERE c.%2$I = owner.%3$I AND c.%4$I::date <= today '
@@ -96,18 +84,8 @@ RETURNS text[] LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 CREATE FUNCTION identity_sync._product(name text) RETURNS identity_sync.product
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    p identity_sync.product;
-BEGIN
-    SELECT * INTO p FROM identity_sync.product WHERE product.name = _product.name;
-    IF p.id IS NULL THEN
-        RAISE EXCEPTION 'product "%" does not exist', name USING ERRCODE = 'undefined_object',
-            HINT = coalesce('Products: ' || (SELECT string_agg(product.name, ', ' ORDER BY product.name) FROM identity_sync.product) || '.',
-                            'There are no products yet.');
-    END IF;
-    RETURN p;
-END
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT identity_sync._by_name(NULL::identity_sync.product, name, 'There are no products yet.')
 $$;
 
 CREATE FUNCTION identity_sync._check_groups(groups text[]) RETURNS text[]

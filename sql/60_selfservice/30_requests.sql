@@ -55,27 +55,38 @@ BEGIN
 END
 $$;
 
--- The request, locked, after checking that the caller may decide it now. Self-approval and
--- non-owners are refused before the request's state is revealed.
-CREATE FUNCTION identity_sync._decidable(request_id bigint, me text, verb text)
+-- Request `request_id`, locked (for a decision or a revoke); `hint` says where the caller finds
+-- its requests when there is no such request.
+CREATE FUNCTION identity_sync._lock_request(request_id bigint, hint text)
 RETURNS identity_sync.request LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r identity_sync.request;
-    p identity_sync.product;
 BEGIN
     SELECT * INTO r FROM identity_sync.request WHERE id = request_id FOR UPDATE;
     IF r.id IS NULL THEN
-        RAISE EXCEPTION 'request % does not exist', request_id USING ERRCODE = 'undefined_object',
-            HINT = 'identity_sync.my_approvals lists the requests you can decide.';
+        RAISE EXCEPTION 'request % does not exist', request_id USING ERRCODE = 'undefined_object', HINT = hint;
     END IF;
+    RETURN r;
+END
+$$;
+
+-- Record the decision (approve or deny) of `me` on a request, after checking that `me` may
+-- decide it now; returns the request, locked. Self-approval and non-owners are refused before
+-- the request's state is revealed.
+CREATE FUNCTION identity_sync._decide(request_id bigint, me text, decision text, comment text)
+RETURNS identity_sync.request LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r identity_sync.request := identity_sync._lock_request(request_id, 'identity_sync.my_approvals lists the requests you can decide.');
+    p identity_sync.product;
+BEGIN
     SELECT * INTO p FROM identity_sync.product WHERE id = r.product_id;
     IF r.person_key = me THEN
-        RAISE EXCEPTION 'you cannot % your own request', verb USING ERRCODE = 'insufficient_privilege',
+        RAISE EXCEPTION 'you cannot % your own request', decision USING ERRCODE = 'insufficient_privilege',
             DETAIL = format('Request %s is your request for product "%s".', r.id, p.name),
             HINT = 'A current owner of the product decides it.';
     END IF;
     IF NOT me = ANY (identity_sync._owners(p, r.person_key, ARRAY[me])) THEN
-        RAISE EXCEPTION 'permission denied to % request %', verb, r.id USING ERRCODE = 'insufficient_privilege',
+        RAISE EXCEPTION 'permission denied to % request %', decision, r.id USING ERRCODE = 'insufficient_privilege',
             DETAIL = format('You (person %s) are not an owner of product "%s" for person %s today.', me, p.name, r.person_key),
             HINT = 'Owners follow HR data and are computed when deciding; identity_sync.my_approvals lists the requests you can decide.';
     END IF;
@@ -86,6 +97,9 @@ BEGIN
         RAISE EXCEPTION 'you have already decided request %', r.id USING ERRCODE = 'object_not_in_prerequisite_state',
             DETAIL = 'With approval "all" it waits for the other current owners.';
     END IF;
+    INSERT INTO identity_sync.decision (request_id, person_key, decided_by, requester, decision, comment, at)
+    VALUES (r.id, me, identity_sync._caller(), r.person_key, decision, comment, identity_sync._now());
+    PERFORM identity_sync._forget_decidable();
     RETURN r;
 END
 $$;
@@ -94,14 +108,11 @@ CREATE FUNCTION identity_sync.approve(request_id bigint, comment text DEFAULT NU
 RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     me text := identity_sync._me();
-    r identity_sync.request := identity_sync._decidable(request_id, me, 'approve');
+    r identity_sync.request := identity_sync._decide(request_id, me, 'approve', comment);
     p identity_sync.product;
     waiting text[];
 BEGIN
     SELECT * INTO p FROM identity_sync.product WHERE id = r.product_id;
-    INSERT INTO identity_sync.decision (request_id, person_key, decided_by, requester, decision, comment, at)
-    VALUES (r.id, me, identity_sync._caller(), r.person_key, 'approve', comment, identity_sync._now());
-    PERFORM identity_sync._forget_decidable();
     IF p.approval = 'all' THEN
         -- Every current owner must have approved; owners who are no longer owners do not count.
         waiting := ARRAY(SELECT o FROM unnest(identity_sync._owners(p, r.person_key)) AS o
@@ -132,11 +143,8 @@ CREATE FUNCTION identity_sync.deny(request_id bigint, comment text DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     me text := identity_sync._me();
-    r identity_sync.request := identity_sync._decidable(request_id, me, 'deny');
+    r identity_sync.request := identity_sync._decide(request_id, me, 'deny', comment);
 BEGIN
-    INSERT INTO identity_sync.decision (request_id, person_key, decided_by, requester, decision, comment, at)
-    VALUES (r.id, me, identity_sync._caller(), r.person_key, 'deny', comment, identity_sync._now());
-    PERFORM identity_sync._forget_decidable();
     UPDATE identity_sync.request x SET state = 'denied', decided_at = identity_sync._now()
      WHERE x.id = r.id RETURNING * INTO r;
     PERFORM identity_sync._audit_request('deny', r, jsonb_build_object('approver', me, 'comment', comment));
@@ -156,11 +164,7 @@ DECLARE
     p identity_sync.product;
     was text;
 BEGIN
-    SELECT * INTO r FROM identity_sync.request WHERE id = request_id FOR UPDATE;
-    IF r.id IS NULL THEN
-        RAISE EXCEPTION 'request % does not exist', request_id USING ERRCODE = 'undefined_object',
-            HINT = 'identity_sync.my_requests lists your requests.';
-    END IF;
+    r := identity_sync._lock_request(request_id, 'identity_sync.my_requests lists your requests.');
     SELECT * INTO p FROM identity_sync.product WHERE id = r.product_id;
     IF NOT (admin OR r.person_key = me OR me = ANY (identity_sync._owners(p, r.person_key, ARRAY[me]))) THEN
         RAISE EXCEPTION 'permission denied to revoke request %', r.id USING ERRCODE = 'insufficient_privilege',

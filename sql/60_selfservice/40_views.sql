@@ -8,6 +8,7 @@ LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     ids bigint[] := identity_sync._remembered_decidable(role);
     me text;
+    undecided bigint[];   -- pending requests of others that me has not decided
     p identity_sync.product;
     waiting text[];
 BEGIN
@@ -17,18 +18,17 @@ BEGIN
     ids := '{}';
     me := identity_sync._person_of_role(role);
     IF me IS NOT NULL THEN
+        undecided := ARRAY(SELECT r.id FROM identity_sync.request r
+                            WHERE r.state = 'pending' AND r.person_key <> me
+                              AND NOT EXISTS (SELECT FROM identity_sync.decision d
+                                               WHERE d.request_id = r.id AND d.person_key = me));
         FOR p IN SELECT * FROM identity_sync.product x
-                  WHERE EXISTS (SELECT FROM identity_sync.request r
-                                 WHERE r.product_id = x.id AND r.state = 'pending' AND r.person_key <> me) LOOP
+                  WHERE x.id IN (SELECT r.product_id FROM identity_sync.request r WHERE r.id = ANY (undecided)) LOOP
             waiting := ARRAY(SELECT DISTINCT r.person_key FROM identity_sync.request r
-                           WHERE r.product_id = p.id AND r.state = 'pending' AND r.person_key <> me
-                             AND NOT EXISTS (SELECT FROM identity_sync.decision d
-                                              WHERE d.request_id = r.id AND d.person_key = me));
-            CONTINUE WHEN cardinality(waiting) = 0;
+                              WHERE r.id = ANY (undecided) AND r.product_id = p.id);
             ids := ids || ARRAY(
                 SELECT r.id FROM identity_sync.request r
-                 WHERE r.product_id = p.id AND r.state = 'pending' AND r.person_key <> me
-                   AND NOT EXISTS (SELECT FROM identity_sync.decision d WHERE d.request_id = r.id AND d.person_key = me)
+                 WHERE r.id = ANY (undecided) AND r.product_id = p.id
                    AND r.person_key IN (SELECT o.requester FROM identity_sync._owner_pairs(p, waiting, ARRAY[me]) AS o));
         END LOOP;
     END IF;
