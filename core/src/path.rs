@@ -479,6 +479,29 @@ pub fn build_resource(flat: &Map<String, Value>) -> Result<Value, PathError> {
     Ok(Value::Object(root))
 }
 
+fn empty_object() -> Value {
+    Value::Object(Map::new())
+}
+
+fn empty_array() -> Value {
+    Value::Array(Vec::new())
+}
+
+/// The value under `key` as a `T` (`kind` is `Value::as_object_mut` or `Value::as_array_mut`),
+/// made `empty()` first when it is missing or of another kind.
+fn slot_of<T>(
+    container: &mut Map<String, Value>,
+    key: String,
+    empty: fn() -> Value,
+    kind: fn(&mut Value) -> Option<&mut T>,
+) -> Option<&mut T> {
+    let slot = container.entry(key).or_insert_with(empty);
+    if kind(slot).is_none() {
+        *slot = empty();
+    }
+    kind(slot)
+}
+
 /// Applies flat changes to a nested resource in place (null removes), for services without
 /// PATCH, which get the whole resource back with PUT.
 ///
@@ -497,11 +520,7 @@ pub fn apply_changes(resource: &mut Value, changes: &Map<String, Value>) -> Resu
         let container = match &p.urn {
             Some(u) => {
                 let k = key_ci(root, u);
-                let slot = root.entry(k).or_insert_with(|| Value::Object(Map::new()));
-                if !slot.is_object() {
-                    *slot = Value::Object(Map::new());
-                }
-                match slot.as_object_mut() {
+                match slot_of(root, k, empty_object, Value::as_object_mut) {
                     Some(m) => m,
                     None => continue,
                 }
@@ -526,17 +545,11 @@ pub fn apply_changes(resource: &mut Value, changes: &Map<String, Value>) -> Resu
                             container.remove(&key);
                         }
                     }
-                } else {
-                    let slot = container
-                        .entry(key)
-                        .or_insert_with(|| Value::Object(Map::new()));
-                    if !slot.is_object() {
-                        *slot = Value::Object(Map::new());
-                    }
-                    if let Some(obj) = slot.as_object_mut() {
-                        let sk = key_ci(obj, sub);
-                        obj.insert(sk, value.clone());
-                    }
+                } else if let Some(obj) =
+                    slot_of(container, key, empty_object, Value::as_object_mut)
+                {
+                    let sk = key_ci(obj, sub);
+                    obj.insert(sk, value.clone());
                 }
             }
             (Some(f), Some(sub)) => {
@@ -556,27 +569,20 @@ pub fn apply_changes(resource: &mut Value, changes: &Map<String, Value>) -> Resu
                             container.remove(&key);
                         }
                     }
-                } else {
-                    let slot = container
-                        .entry(key)
-                        .or_insert_with(|| Value::Array(Vec::new()));
-                    if !slot.is_array() {
-                        *slot = Value::Array(Vec::new());
+                } else if let Some(arr) = slot_of(container, key, empty_array, Value::as_array_mut)
+                {
+                    if !arr.iter().any(|e| f.matches(e)) {
+                        let mut el = Map::new();
+                        el.insert(f.attr.clone(), f.value.clone());
+                        arr.push(Value::Object(el));
                     }
-                    if let Some(arr) = slot.as_array_mut() {
-                        if !arr.iter().any(|e| f.matches(e)) {
-                            let mut el = Map::new();
-                            el.insert(f.attr.clone(), f.value.clone());
-                            arr.push(Value::Object(el));
-                        }
-                        if let Some(obj) = arr
-                            .iter_mut()
-                            .find(|e| f.matches(e))
-                            .and_then(Value::as_object_mut)
-                        {
-                            let sk = key_ci(obj, sub);
-                            obj.insert(sk, value.clone());
-                        }
+                    if let Some(obj) = arr
+                        .iter_mut()
+                        .find(|e| f.matches(e))
+                        .and_then(Value::as_object_mut)
+                    {
+                        let sk = key_ci(obj, sub);
+                        obj.insert(sk, value.clone());
                     }
                 }
             }
