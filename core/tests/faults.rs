@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{job, map, Action, FaultServer, Harness};
+use common::{failure, job, map, retry, Action, FaultServer, Harness};
 use identity_sync_core::deliver::{Auth, EventKind, Outcome, TargetKind};
 use serde_json::json;
 
@@ -68,21 +68,6 @@ fn responses_and_transport_errors_are_classified() {
     let out = by_event(h.run(jobs));
     assert!(started.elapsed() < Duration::from_secs(5));
 
-    let retry = |o: &Outcome| match o {
-        Outcome::Retry {
-            http_status,
-            retry_after,
-            error,
-            ..
-        } => (*http_status, *retry_after, error.clone()),
-        other => panic!("expected retry, got {other:?}"),
-    };
-    let failed = |o: &Outcome| match o {
-        Outcome::Failed {
-            http_status, error, ..
-        } => (*http_status, error.clone()),
-        other => panic!("expected failure, got {other:?}"),
-    };
     let (s, ra, e) = retry(&out[0]);
     assert_eq!((s, ra), (Some(500), None));
     assert!(e.contains("HTTP 500: boom"), "{e}");
@@ -94,10 +79,10 @@ fn responses_and_transport_errors_are_classified() {
     assert_eq!(retry(&out[2]).0, Some(429));
     assert_eq!(retry(&out[2]).1, Some(Duration::from_secs(7)));
     assert_eq!(retry(&out[3]).0, Some(408));
-    let (s, e) = failed(&out[4]);
+    let (s, e) = failure(&out[4]);
     assert_eq!(s, Some(404));
     assert!(e.contains("no such hook"), "{e}");
-    let (s, e) = failed(&out[5]);
+    let (s, e) = failure(&out[5]);
     assert_eq!(s, Some(422));
     assert!(
         e.len() < 400,
@@ -110,7 +95,7 @@ fn responses_and_transport_errors_are_classified() {
     let (s, _, e) = retry(&out[7]);
     assert_eq!(s, None);
     assert!(e.contains("timed out after 500 ms"), "{e}");
-    assert_eq!(failed(&out[8]).0, Some(302), "redirects are not followed");
+    assert_eq!(failure(&out[8]).0, Some(302), "redirects are not followed");
     assert!(matches!(
         out[9],
         Outcome::Done {
@@ -201,10 +186,8 @@ fn a_failed_event_holds_back_the_persons_later_events() {
             ..
         }
     ));
-    match &out[1] {
-        Outcome::Retry { error, .. } => assert!(error.contains("earlier event 1"), "{error}"),
-        other => panic!("{other:?}"),
-    }
+    let (_, _, error) = retry(&out[1]);
+    assert!(error.contains("earlier event 1"), "{error}");
     assert_eq!(
         out[2],
         Outcome::Done {
@@ -326,39 +309,22 @@ fn oauth2_token_is_cached_and_refreshed_once_on_401() {
     );
     let h = Harness::start(vec![t, bad]);
 
-    assert!(matches!(
-        h.one(job(1, 1, "p", EventKind::Update)),
-        Outcome::Done { .. }
-    ));
-    assert_eq!(
-        token_requests.load(Ordering::SeqCst),
-        2,
-        "one fetch, one refresh after 401"
-    );
-    assert!(matches!(
-        h.one(job(2, 1, "p", EventKind::Update)),
-        Outcome::Done { .. }
-    ));
-    assert_eq!(
-        token_requests.load(Ordering::SeqCst),
-        2,
-        "the token is cached"
-    );
-
-    match h.one(job(3, 2, "p", EventKind::Update)) {
-        Outcome::Failed {
-            http_status: Some(401),
-            error,
-            ..
-        } => {
-            assert!(
-                error.contains("oauth2 token request") && error.contains("invalid_client"),
-                "{error}"
-            );
-            assert!(!error.contains("s3cr3t"));
-        }
-        other => panic!("{other:?}"),
+    for (event, why) in [
+        (1, "one fetch, one refresh after 401"),
+        (2, "the token is cached"),
+    ] {
+        let o = h.one(job(event, 1, "p", EventKind::Update));
+        assert!(matches!(o, Outcome::Done { .. }), "{o:?}");
+        assert_eq!(token_requests.load(Ordering::SeqCst), 2, "{why}");
     }
+
+    let (status, error) = failure(&h.one(job(3, 2, "p", EventKind::Update)));
+    assert_eq!(status, Some(401));
+    assert!(
+        error.contains("oauth2 token request") && error.contains("invalid_client"),
+        "{error}"
+    );
+    assert!(!error.contains("s3cr3t"));
 }
 
 #[test]
@@ -375,16 +341,9 @@ fn scim_5xx_and_missing_service_provider_config() {
     let mut j = job(1, 1, "p", EventKind::Update);
     j.account_id = Some("u/1".into());
     j.changed = map(json!({"title": "x"}));
-    match h.one(j) {
-        Outcome::Retry {
-            http_status: Some(503),
-            error,
-            ..
-        } => {
-            assert!(error.contains("maintenance"), "{error}")
-        }
-        other => panic!("{other:?}"),
-    }
+    let (status, _, error) = retry(&h.one(j));
+    assert_eq!(status, Some(503));
+    assert!(error.contains("maintenance"), "{error}");
     let seen = server.seen();
     assert_eq!(seen[1].method, "PATCH");
     assert_eq!(

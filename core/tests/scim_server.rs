@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{job, map, Harness, ScimServer};
+use common::{failure, job, map, Harness, ScimServer};
 use identity_sync_core::deliver::{Auth, EventKind, Outcome};
 use serde_json::{json, Value};
 
@@ -16,6 +16,21 @@ fn done_id(o: &Outcome) -> String {
         } => id.clone(),
         other => panic!("expected done with an account id, got {other:?}"),
     }
+}
+
+/// The account id of a create that found an existing account (correlate_on) instead of making one.
+fn correlated_id(o: &Outcome) -> String {
+    assert!(
+        matches!(
+            o,
+            Outcome::Done {
+                correlated: true,
+                ..
+            }
+        ),
+        "expected a correlated create, got {o:?}"
+    );
+    done_id(o)
 }
 
 fn user_count(s: &ScimServer) -> u64 {
@@ -150,20 +165,10 @@ fn correlation_links_an_existing_account_and_brings_it_up_to_date() {
         "emails[type eq \"work\"].value": "n@example.org",
         "active": true,
     }));
-    let o = h.one(create);
-    assert!(
-        matches!(
-            o,
-            Outcome::Done {
-                correlated: true,
-                ..
-            }
-        ),
-        "{o:?}"
-    );
-    assert_eq!(done_id(&o), existing["id"].as_str().unwrap());
+    let id = correlated_id(&h.one(create));
+    assert_eq!(id, existing["id"].as_str().unwrap());
     assert_eq!(user_count(&s), 1, "no second account");
-    let (_, u) = s.get(&format!("/v2/Users/{}", done_id(&o)));
+    let (_, u) = s.get(&format!("/v2/Users/{id}"));
     assert_eq!(u["userName"], "new.name");
     assert_eq!(u["name"]["givenName"], "New");
     assert!(u.get("title").is_none(), "{u}");
@@ -194,18 +199,7 @@ fn a_retried_create_whose_reply_was_lost_is_linked_by_external_id() {
     create.attributes = map(json!({"userName": "r1", "externalId": "p1"}));
     let first = done_id(&h.one(create.clone()));
     create.attempt = 2;
-    let o = h.one(create);
-    assert!(
-        matches!(
-            o,
-            Outcome::Done {
-                correlated: true,
-                ..
-            }
-        ),
-        "{o:?}"
-    );
-    assert_eq!(done_id(&o), first);
+    assert_eq!(correlated_id(&h.one(create)), first);
     assert_eq!(user_count(&s), 1);
 }
 
@@ -244,15 +238,11 @@ fn group_membership_grant_and_revoke() {
     let mut grant = job(2, 1, "p1", EventKind::Grant);
     grant.account_id = Some(id.clone());
     grant.group = Some("Staff \"A\"".to_string());
-    match h.one(grant.clone()) {
-        Outcome::Failed { error, .. } => {
-            assert!(
-                error.contains("does not exist in target \"scim1\""),
-                "{error}"
-            )
-        }
-        other => panic!("expected failure, got {other:?}"),
-    }
+    let (_, error) = failure(&h.one(grant.clone()));
+    assert!(
+        error.contains("does not exist in target \"scim1\""),
+        "{error}"
+    );
 
     grant.target_id = 2;
     grant.event_id = 3;
@@ -326,17 +316,10 @@ fn wrong_bearer_token_fails_with_401_and_no_secret_in_the_error() {
     let h = Harness::start(vec![target]);
     let mut create = job(1, 1, "p1", EventKind::Create);
     create.attributes = map(json!({"userName": "x"}));
-    match h.one(create) {
-        Outcome::Failed {
-            http_status: Some(401),
-            error,
-            ..
-        } => {
-            assert!(error.contains("Authorization failure"), "{error}");
-            assert!(!error.contains("s3cr3t"));
-        }
-        other => panic!("expected 401 failure, got {other:?}"),
-    }
+    let (status, error) = failure(&h.one(create));
+    assert_eq!(status, Some(401));
+    assert!(error.contains("Authorization failure"), "{error}");
+    assert!(!error.contains("s3cr3t"));
     assert_eq!(user_count(&s), 0);
 }
 
@@ -344,10 +327,8 @@ fn wrong_bearer_token_fails_with_401_and_no_secret_in_the_error() {
 fn jobs_without_an_account_id_fail_clearly() {
     let s = ScimServer::start("tok-noid");
     let h = Harness::start(vec![s.target(1)]);
-    match h.one(job(1, 1, "p1", EventKind::Disable)) {
-        Outcome::Failed { error, .. } => assert!(error.contains("no account id"), "{error}"),
-        other => panic!("{other:?}"),
-    }
+    let (_, error) = failure(&h.one(job(1, 1, "p1", EventKind::Disable)));
+    assert!(error.contains("no account id"), "{error}");
     // A delete of an account never created is trivially done.
     assert!(matches!(
         h.one(job(2, 1, "p2", EventKind::Delete)),

@@ -191,6 +191,29 @@ pub fn job(event_id: i64, target_id: i32, person: &str, kind: EventKind) -> Job 
     }
 }
 
+/// The HTTP status, `Retry-After` and error of a retry outcome; panics on any other outcome.
+pub fn retry(o: &Outcome) -> (Option<u16>, Option<Duration>, String) {
+    match o {
+        Outcome::Retry {
+            http_status,
+            retry_after,
+            error,
+            ..
+        } => (*http_status, *retry_after, error.clone()),
+        other => panic!("expected retry, got {other:?}"),
+    }
+}
+
+/// The HTTP status and error of a failed outcome; panics on any other outcome.
+pub fn failure(o: &Outcome) -> (Option<u16>, String) {
+    match o {
+        Outcome::Failed {
+            http_status, error, ..
+        } => (*http_status, error.clone()),
+        other => panic!("expected failure, got {other:?}"),
+    }
+}
+
 /// A JSON object literal as a map.
 pub fn map(v: Value) -> Map<String, Value> {
     match v {
