@@ -319,23 +319,22 @@ RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 $$;
 
 -- The row of a named object (a target, a product) by its name, or an error listing the names
--- there are: `row_type` picks the table (NULL::identity_sync.target), `none` is the hint when the
--- table is empty.
-CREATE FUNCTION identity_sync._by_name(row_type anyelement, name text, none text) RETURNS anyelement
+-- there are. `r` is a NULL of the row type wanted (NULL::identity_sync.target), which picks the
+-- table; `otherwise` is the hint when the table is empty.
+CREATE FUNCTION identity_sync._by_name(r anyelement, name text, otherwise text) RETURNS anyelement
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    rel regclass := (SELECT t.typrelid FROM pg_type t WHERE t.oid = pg_typeof(row_type));
+    rel regclass := (SELECT t.typrelid FROM pg_type t WHERE t.oid = pg_typeof(r));
     what text := (SELECT c.relname FROM pg_class c WHERE c.oid = rel);
-    hit row_type%TYPE;
     names text;
 BEGIN
-    EXECUTE format('SELECT * FROM %s WHERE name = $1', rel) INTO hit USING name;
-    IF hit.id IS NULL THEN
+    EXECUTE format('SELECT * FROM %s WHERE name = $1', rel) INTO r USING name;
+    IF r.id IS NULL THEN
         EXECUTE format('SELECT string_agg(name, '', '' ORDER BY name) FROM %s', rel) INTO names;
         RAISE EXCEPTION '% "%" does not exist', what, name USING ERRCODE = 'undefined_object',
-            HINT = coalesce(initcap(what) || 's: ' || names || '.', none);
+            HINT = coalesce(initcap(what) || 's: ' || names || '.', otherwise);
     END IF;
-    RETURN hit;
+    RETURN r;
 END
 $$;
 
