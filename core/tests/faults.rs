@@ -179,13 +179,7 @@ fn a_failed_event_holds_back_the_persons_later_events() {
         job(2, 1, "a", EventKind::Update),
         job(3, 1, "b", EventKind::Create),
     ]));
-    assert!(matches!(
-        out[0],
-        Outcome::Failed {
-            http_status: Some(400),
-            ..
-        }
-    ));
+    assert_eq!(failure(&out[0]).0, Some(400));
     let (_, _, error) = retry(&out[1]);
     assert!(error.contains("earlier event 1"), "{error}");
     assert_eq!(

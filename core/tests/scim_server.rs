@@ -3,7 +3,7 @@
 mod common;
 
 use common::{failure, job, map, Harness, ScimServer};
-use identity_sync_core::deliver::{Auth, EventKind, Outcome};
+use identity_sync_core::deliver::{Auth, EventKind, Job, Outcome};
 use serde_json::{json, Value};
 
 const ENT: &str = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
@@ -16,6 +16,13 @@ fn done_id(o: &Outcome) -> String {
         } => id.clone(),
         other => panic!("expected done with an account id, got {other:?}"),
     }
+}
+
+/// A create of `person` in target `target_id` with these attributes.
+fn create_job(event_id: i64, target_id: i32, person: &str, attributes: Value) -> Job {
+    let mut j = job(event_id, target_id, person, EventKind::Create);
+    j.attributes = map(attributes);
+    j
 }
 
 /// The account id of a create that found an existing account (correlate_on) instead of making one.
@@ -42,18 +49,22 @@ fn user_lifecycle_create_update_disable_enable_delete() {
     let s = ScimServer::start("tok-lifecycle");
     let h = Harness::start(vec![s.target(1)]);
 
-    let mut create = job(1, 1, "p1", EventKind::Create);
-    create.attributes = map(json!({
-        "userName": "zoe.berg",
-        "externalId": "p1",
-        "name.givenName": "Zoë",
-        "name.familyName": "Berg",
-        "emails[type eq \"work\"].value": "zoe@example.org",
-        format!("{ENT}:department"): "IT",
-        format!("{ENT}:manager.value"): "m-1",
-        "title": null,
-        "active": false,
-    }));
+    let create = create_job(
+        1,
+        1,
+        "p1",
+        json!({
+            "userName": "zoe.berg",
+            "externalId": "p1",
+            "name.givenName": "Zoë",
+            "name.familyName": "Berg",
+            "emails[type eq \"work\"].value": "zoe@example.org",
+            format!("{ENT}:department"): "IT",
+            format!("{ENT}:manager.value"): "m-1",
+            "title": null,
+            "active": false,
+        }),
+    );
     let created = h.one(create.clone());
     let id = done_id(&created);
     assert!(matches!(
@@ -155,16 +166,20 @@ fn correlation_links_an_existing_account_and_brings_it_up_to_date() {
     target.correlate_on = Some("externalId".to_string());
     let h = Harness::start(vec![target]);
 
-    let mut create = job(1, 1, "p7", EventKind::Create);
-    create.attributes = map(json!({
-        "userName": "new.name",
-        // A quote and a backslash: the filter value must be escaped (RFC 7644 §3.4.2.2).
-        "externalId": "E\"7\\x",
-        "name.givenName": "New",
-        "title": null,
-        "emails[type eq \"work\"].value": "n@example.org",
-        "active": true,
-    }));
+    let create = create_job(
+        1,
+        1,
+        "p7",
+        json!({
+            "userName": "new.name",
+            // A quote and a backslash: the filter value must be escaped (RFC 7644 §3.4.2.2).
+            "externalId": "E\"7\\x",
+            "name.givenName": "New",
+            "title": null,
+            "emails[type eq \"work\"].value": "n@example.org",
+            "active": true,
+        }),
+    );
     let id = correlated_id(&h.one(create));
     assert_eq!(id, existing["id"].as_str().unwrap());
     assert_eq!(user_count(&s), 1, "no second account");
@@ -178,8 +193,7 @@ fn correlation_links_an_existing_account_and_brings_it_up_to_date() {
     );
 
     // No match: a normal create.
-    let mut other = job(2, 1, "p8", EventKind::Create);
-    other.attributes = map(json!({"userName": "p8", "externalId": "p8"}));
+    let other = create_job(2, 1, "p8", json!({"userName": "p8", "externalId": "p8"}));
     assert!(matches!(
         h.one(other),
         Outcome::Done {
@@ -195,8 +209,7 @@ fn correlation_links_an_existing_account_and_brings_it_up_to_date() {
 fn a_retried_create_whose_reply_was_lost_is_linked_by_external_id() {
     let s = ScimServer::start("tok-retry");
     let h = Harness::start(vec![s.target(1)]);
-    let mut create = job(1, 1, "p1", EventKind::Create);
-    create.attributes = map(json!({"userName": "r1", "externalId": "p1"}));
+    let mut create = create_job(1, 1, "p1", json!({"userName": "r1", "externalId": "p1"}));
     let first = done_id(&h.one(create.clone()));
     create.attempt = 2;
     assert_eq!(correlated_id(&h.one(create)), first);
@@ -207,11 +220,9 @@ fn a_retried_create_whose_reply_was_lost_is_linked_by_external_id() {
 fn uniqueness_conflict_on_create() {
     let s = ScimServer::start("tok-conflict");
     let h = Harness::start(vec![s.target(1)]);
-    let mut a = job(1, 1, "a", EventKind::Create);
-    a.attributes = map(json!({"userName": "jdoe"}));
+    let a = create_job(1, 1, "a", json!({"userName": "jdoe"}));
     done_id(&h.one(a));
-    let mut b = job(2, 1, "b", EventKind::Create);
-    b.attributes = map(json!({"userName": "JDoe"}));
+    let b = create_job(2, 1, "b", json!({"userName": "JDoe"}));
     match h.one(b) {
         Outcome::Conflict { event_id: 2, error } => {
             assert!(
@@ -231,8 +242,7 @@ fn group_membership_grant_and_revoke() {
     creating.create_groups = true;
     let h = Harness::start(vec![strict, creating]);
 
-    let mut create = job(1, 2, "p1", EventKind::Create);
-    create.attributes = map(json!({"userName": "g1"}));
+    let create = create_job(1, 2, "p1", json!({"userName": "g1"}));
     let id = done_id(&h.one(create));
 
     let mut grant = job(2, 1, "p1", EventKind::Grant);
@@ -289,8 +299,7 @@ fn group_membership_grant_and_revoke() {
 fn a_stale_previous_state_is_repaired_after_no_target() {
     let s = ScimServer::start("tok-notarget");
     let h = Harness::start(vec![s.target(1)]);
-    let mut create = job(1, 1, "p1", EventKind::Create);
-    create.attributes = map(json!({"userName": "nt"}));
+    let create = create_job(1, 1, "p1", json!({"userName": "nt"}));
     let id = done_id(&h.one(create));
     // We believe a work e-mail exists; the target has none, so the in-place replace fails
     // with noTarget and the sender must re-read the account and add the element instead.
@@ -314,8 +323,7 @@ fn wrong_bearer_token_fails_with_401_and_no_secret_in_the_error() {
         token: "wrong-token-s3cr3t".into(),
     };
     let h = Harness::start(vec![target]);
-    let mut create = job(1, 1, "p1", EventKind::Create);
-    create.attributes = map(json!({"userName": "x"}));
+    let create = create_job(1, 1, "p1", json!({"userName": "x"}));
     let (status, error) = failure(&h.one(create));
     assert_eq!(status, Some(401));
     assert!(error.contains("Authorization failure"), "{error}");
@@ -366,10 +374,14 @@ fn without_patch_support_users_and_groups_are_replaced_with_put() {
     target.create_groups = true;
     let h = Harness::start(vec![target]);
 
-    let mut create = job(1, 1, "p1", EventKind::Create);
-    create.attributes = map(json!({
-        "userName": "np", "title": "Clerk", "emails[type eq \"work\"].value": "w@x"
-    }));
+    let create = create_job(
+        1,
+        1,
+        "p1",
+        json!({
+            "userName": "np", "title": "Clerk", "emails[type eq \"work\"].value": "w@x"
+        }),
+    );
     let id = done_id(&h.one(create.clone()));
     // Something else manages nickName: a PUT must not wipe it.
     let (_, mut u) = s.get(&format!("/v2/Users/{id}"));
