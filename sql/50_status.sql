@@ -186,7 +186,7 @@ BEGIN
     SELECT * INTO e FROM identity_sync.event WHERE id = event_id;
     IF e.id IS NULL OR e.state NOT IN ('failed', 'retry', 'held', 'pending') THEN
         RAISE EXCEPTION 'event % cannot be skipped', event_id USING ERRCODE = 'object_not_in_prerequisite_state',
-            DETAIL = coalesce(format('It is %s.', e.state), 'It does not exist.');
+            DETAIL = CASE WHEN e.id IS NULL THEN 'It does not exist.' ELSE format('It is %s.', e.state) END;
     END IF;
     UPDATE identity_sync.event SET state = 'done', done_at = clock_timestamp(),
            last_error = coalesce(last_error, '') || ' (skipped by ' || session_user || ')'
