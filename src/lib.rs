@@ -18,94 +18,38 @@ mod status;
 
 ::pgrx::pg_module_magic!(name, version);
 
-// The SQL of each stage, in load order (sql/ numbers its files the same way). A Rust function
-// that a file grants, comments or alters is in its `requires`, so it is created before it.
+/// The SQL files between the first and the last, in load order: each `requires` the one before
+/// it, and the Rust functions it grants, comments or alters (so those are created before it).
+macro_rules! sql_in_load_order {
+    ($previous:tt; $file:tt as $name:tt $(requires [$($function:ident),*])?; $($rest:tt)*) => {
+        pgrx::extension_sql_file!($file, name = $name, requires = [$previous $($(, $function)*)?]);
+        sql_in_load_order!($name; $($rest)*);
+    };
+    ($previous:tt;) => {};
+}
+
+// The SQL of each stage, in load order (sql/ numbers its files the same way).
 pgrx::extension_sql_file!("../sql/00_schema.sql", name = "schema", bootstrap);
-pgrx::extension_sql_file!(
-    "../sql/10_config.sql",
-    name = "config",
-    requires = ["schema", normalize_diacritics, slug, name_variants]
-);
-pgrx::extension_sql_file!(
-    "../sql/20_capture.sql",
-    name = "capture",
-    requires = ["config", _capture]
-);
-pgrx::extension_sql_file!(
-    "../sql/30_plan/00_person.sql",
-    name = "plan_person",
-    requires = ["capture"]
-);
-pgrx::extension_sql_file!(
-    "../sql/30_plan/10_compile.sql",
-    name = "plan_compile",
-    requires = ["plan_person"]
-);
-pgrx::extension_sql_file!(
-    "../sql/30_plan/20_desired.sql",
-    name = "plan_desired",
-    requires = ["plan_compile"]
-);
-pgrx::extension_sql_file!(
-    "../sql/30_plan/30_diff.sql",
-    name = "plan_diff",
-    requires = ["plan_desired"]
-);
-pgrx::extension_sql_file!(
-    "../sql/30_plan/40_thresholds.sql",
-    name = "plan_thresholds",
-    requires = ["plan_diff"]
-);
-pgrx::extension_sql_file!(
-    "../sql/30_plan/50_apply.sql",
-    name = "plan_apply",
-    requires = ["plan_thresholds"]
-);
-pgrx::extension_sql_file!(
-    "../sql/30_plan/60_plan.sql",
-    name = "plan",
-    requires = ["plan_apply"]
-);
-pgrx::extension_sql_file!(
-    "../sql/40_deliver.sql",
-    name = "deliver",
-    requires = ["plan"]
-);
-pgrx::extension_sql_file!(
-    "../sql/45_housekeeping.sql",
-    name = "housekeeping",
-    requires = ["deliver"]
-);
-pgrx::extension_sql_file!(
-    "../sql/48_reconcile.sql",
-    name = "reconcile",
-    requires = ["housekeeping"]
-);
-pgrx::extension_sql_file!(
-    "../sql/50_status.sql",
-    name = "status",
-    requires = ["reconcile", worker_status]
-);
-pgrx::extension_sql_file!(
-    "../sql/60_selfservice/10_login.sql",
-    name = "selfservice_login",
-    requires = ["status"]
-);
-pgrx::extension_sql_file!(
-    "../sql/60_selfservice/20_products.sql",
-    name = "selfservice_products",
-    requires = ["selfservice_login"]
-);
-pgrx::extension_sql_file!(
-    "../sql/60_selfservice/30_requests.sql",
-    name = "selfservice_requests",
-    requires = ["selfservice_products"]
-);
-pgrx::extension_sql_file!(
-    "../sql/60_selfservice/40_views.sql",
-    name = "selfservice_views",
-    requires = ["selfservice_requests"]
-);
+sql_in_load_order! {
+    "schema";
+    "../sql/10_config.sql" as "config" requires [normalize_diacritics, slug, name_variants];
+    "../sql/20_capture.sql" as "capture" requires [_capture];
+    "../sql/30_plan/00_person.sql" as "plan_person";
+    "../sql/30_plan/10_compile.sql" as "plan_compile";
+    "../sql/30_plan/20_desired.sql" as "plan_desired";
+    "../sql/30_plan/30_diff.sql" as "plan_diff";
+    "../sql/30_plan/40_thresholds.sql" as "plan_thresholds";
+    "../sql/30_plan/50_apply.sql" as "plan_apply";
+    "../sql/30_plan/60_plan.sql" as "plan";
+    "../sql/40_deliver.sql" as "deliver";
+    "../sql/45_housekeeping.sql" as "housekeeping";
+    "../sql/48_reconcile.sql" as "reconcile";
+    "../sql/50_status.sql" as "status" requires [worker_status];
+    "../sql/60_selfservice/10_login.sql" as "selfservice_login";
+    "../sql/60_selfservice/20_products.sql" as "selfservice_products";
+    "../sql/60_selfservice/30_requests.sql" as "selfservice_requests";
+    "../sql/60_selfservice/40_views.sql" as "selfservice_views";
+}
 pgrx::extension_sql_file!(
     "../sql/99_private_by_default.sql",
     name = "private_by_default",
