@@ -88,7 +88,9 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT identity_sync._by_name(NULL::identity_sync.product, name, 'There are no products yet.')
 $$;
 
-CREATE FUNCTION identity_sync._check_groups(groups text[]) RETURNS text[]
+-- Check what a product grants and how (add_product, alter_product): its groups, its approval
+-- mode and how long a grant lasts. Returns the groups sorted and distinct.
+CREATE FUNCTION identity_sync._check_product(groups text[], approval text, valid_for interval) RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF groups IS NULL OR cardinality(groups) = 0 THEN
@@ -99,29 +101,15 @@ BEGIN
         RAISE EXCEPTION 'group names must not be empty' USING ERRCODE = 'invalid_parameter_value',
             DETAIL = format('groups are %s.', groups);
     END IF;
-    RETURN ARRAY(SELECT DISTINCT g FROM unnest(groups) AS g ORDER BY g);
-END
-$$;
-
-CREATE FUNCTION identity_sync._check_approval(approval text) RETURNS text
-LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
     IF approval IS NULL OR approval NOT IN ('any', 'all') THEN
         RAISE EXCEPTION 'invalid approval "%"', approval USING ERRCODE = 'invalid_parameter_value',
             HINT = 'any: one current owner approves; all: every current owner approves.';
     END IF;
-    RETURN approval;
-END
-$$;
-
-CREATE FUNCTION identity_sync._check_valid_for(valid_for interval) RETURNS interval
-LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
     IF valid_for IS NOT NULL AND valid_for <= interval '0' THEN
         RAISE EXCEPTION 'valid_for must be positive, not %', valid_for USING ERRCODE = 'invalid_parameter_value',
             HINT = 'NULL means the grant lasts until it is revoked.';
     END IF;
-    RETURN valid_for;
+    RETURN ARRAY(SELECT DISTINCT g FROM unnest(groups) AS g ORDER BY g);
 END
 $$;
 
@@ -143,9 +131,7 @@ CREATE FUNCTION identity_sync.add_product(name text, target text, groups text[],
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     t identity_sync.target := identity_sync._target(target);
-    g text[] := identity_sync._check_groups(groups);
-    a text := identity_sync._check_approval(approval);
-    v interval := identity_sync._check_valid_for(valid_for);
+    g text[] := identity_sync._check_product(groups, approval, valid_for);
     p identity_sync.product;
 BEGIN
     IF name IS NULL OR btrim(name) = '' THEN
@@ -157,7 +143,7 @@ BEGIN
     END IF;
     PERFORM identity_sync._check_owners(owners);
     INSERT INTO identity_sync.product (name, target_id, groups, owners, approval, valid_for, description)
-    VALUES (name, t.id, g, owners, a, v, description)
+    VALUES (name, t.id, g, owners, approval, valid_for, description)
     RETURNING * INTO p;
     PERFORM identity_sync._audit('add_product', name, NULL, to_jsonb(p) || jsonb_build_object('target', t.name));
     IF (SELECT login_expression FROM identity_sync._settings) IS NULL THEN
@@ -184,12 +170,14 @@ BEGIN
         RAISE EXCEPTION 'product "%" already exists or the name is empty', new_name USING ERRCODE = 'duplicate_object';
     END IF;
     UPDATE identity_sync.product
-       SET groups = CASE WHEN alter_product.groups IS NULL THEN product.groups ELSE identity_sync._check_groups(alter_product.groups) END,
+       SET groups = identity_sync._check_product(coalesce(alter_product.groups, product.groups),
+                                                 coalesce(alter_product.approval, product.approval),
+                                                 CASE WHEN alter_product.valid_for = interval '0' THEN NULL
+                                                      ELSE coalesce(alter_product.valid_for, product.valid_for) END),
            owners = coalesce(alter_product.owners, product.owners),
-           approval = CASE WHEN alter_product.approval IS NULL THEN product.approval ELSE identity_sync._check_approval(alter_product.approval) END,
-           valid_for = CASE WHEN alter_product.valid_for IS NULL THEN product.valid_for
-                            WHEN alter_product.valid_for = interval '0' THEN NULL
-                            ELSE identity_sync._check_valid_for(alter_product.valid_for) END,
+           approval = coalesce(alter_product.approval, product.approval),
+           valid_for = CASE WHEN alter_product.valid_for = interval '0' THEN NULL
+                            ELSE coalesce(alter_product.valid_for, product.valid_for) END,
            description = coalesce(alter_product.description, product.description),
            name = coalesce(new_name, product.name),
            updated_at = now()
