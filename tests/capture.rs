@@ -626,17 +626,8 @@ fn dump_and_restore_keep_configuration_and_capture() {
     drop(fresh_db(restored));
     let mut pg_restore = std::process::Command::new("pg_restore");
     env(&mut pg_restore);
-    let out = pg_restore
-        .args(["-d", restored])
-        .arg(&dump)
-        .output()
-        .expect("run pg_restore");
+    run_ok(pg_restore.args(["-d", restored]).arg(&dump), "pg_restore");
     let _ = std::fs::remove_file(&dump);
-    assert!(
-        out.status.success(),
-        "pg_restore: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let mut r = db_named(restored);
     let accounts: i64 = r
         .query_one("SELECT count(*) FROM identity_sync.account", &[])

@@ -221,20 +221,16 @@ for line in open(sys.argv[2]):
         print("invalid:", r["headers"].get("webhook-id"), repr(e), file=sys.stderr)
 print(ok, bad)
 "#;
-    let out = Command::new(venv_dir().join("bin/python"))
-        .arg("-c")
-        .arg(script)
-        .arg(secret)
-        .arg(&data)
-        .output()
-        .expect("run .venv/bin/python");
+    let out = run_ok(
+        Command::new(venv_dir().join("bin/python"))
+            .arg("-c")
+            .arg(script)
+            .arg(secret)
+            .arg(&data),
+        "the standardwebhooks verification script",
+    );
     let _ = std::fs::remove_dir_all(&dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "standardwebhooks verification script failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let mut it = stdout
         .split_whitespace()
         .map(|n| n.parse::<usize>().unwrap());

@@ -273,13 +273,20 @@ fn run_load_employees(name: &str, size: &str, port: Option<u16>) {
             .env("PGPORT", port.to_string())
             .env("PGUSER", "postgres");
     }
-    let out = cmd.output().expect("run scripts/load-employees");
+    run_ok(&mut cmd, &format!("scripts/load-employees {name} {size}"));
+}
+
+/// Runs a command to its end and returns its output; panics with that output when it fails
+/// (`what` names the command in the message).
+pub fn run_ok(cmd: &mut Command, what: &str) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
     assert!(
         out.status.success(),
-        "scripts/load-employees {name} {size} failed:\n{}{}",
+        "{what} failed:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    out
 }
 
 /// The sample's sources: `employee` (persons), `dept_emp` (contracts) and `department`
@@ -621,13 +628,7 @@ impl Cluster {
         for s in settings {
             cmd.arg("--set").arg(s);
         }
-        let out = cmd.output().expect("run scripts/cluster");
-        assert!(
-            out.status.success(),
-            "scripts/cluster start {name} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_ok(&mut cmd, &format!("scripts/cluster start {name}"));
         let port = std::fs::read_to_string(format!("/var/tmp/identity_sync-{name}/port"))
             .expect("read the cluster's port file")
             .trim()
