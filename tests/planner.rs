@@ -36,6 +36,21 @@ fn setup(size: &str, clock: &str) -> Client {
     c
 }
 
+/// `setup`, then in one transaction the dry-run SCIM target `dry` (with `more_options`, members
+/// to add to its options object, e.g. `, "create_before": "30 days"`) and `config` (its
+/// mappings, rules, a resync).
+fn setup_dry(size: &str, clock: &str, more_options: &str, config: &str) -> Client {
+    let mut c = setup(size, clock);
+    exec(
+        &mut c,
+        &format!(
+            "SELECT identity_sync.add_target('dry', 'scim', 'http://127.0.0.1:9/v2', '{{\"dry_run\": true{more_options}}}');
+             {config}"
+        ),
+    );
+    c
+}
+
 fn json_of(c: &mut Client, sql: &str) -> Value {
     let s: Option<String> = one(c, sql);
     s.map(|s| serde_json::from_str(&s).expect("valid json"))
@@ -239,11 +254,11 @@ fn oracle(c: &mut Client, day: &str, prev: &str) -> [i64; 6] {
 #[test]
 fn replay_of_hr_history_matches_oracle() {
     let started = Instant::now();
-    let mut c = setup("large", "1985-01-01");
-    exec(
-        &mut c,
-        "SELECT identity_sync.add_target('dry', 'scim', 'http://127.0.0.1:9/v2', '{\"dry_run\": true}');
-         SELECT identity_sync.map('dry', 'externalId', $$person.emp_no::text$$);
+    let mut c = setup_dry(
+        "large",
+        "1985-01-01",
+        "",
+        "SELECT identity_sync.map('dry', 'externalId', $$person.emp_no::text$$);
          SELECT identity_sync.map('dry', 'department', $$contract.dept_no$$);
          SELECT identity_sync.add_rule('dry', 'everyone', 'true');
          SELECT identity_sync.resync('dry');",
@@ -562,12 +577,11 @@ fn mass_termination_is_held_then_discarded() {
 /// account now; the boundary check enables it on the day. A hire 40 days ahead gets nothing yet.
 #[test]
 fn preboarding_creates_disabled_and_enables_on_the_day() {
-    let mut c = setup("small", "2003-03-01");
-    exec(
-        &mut c,
-        "SELECT identity_sync.add_target('dry', 'scim', 'http://127.0.0.1:9/v2',
-                '{\"dry_run\": true, \"create_before\": \"30 days\"}');
-         SELECT identity_sync.map('dry', 'userName', $$person.emp_no::text$$);
+    let mut c = setup_dry(
+        "small",
+        "2003-03-01",
+        r#", "create_before": "30 days""#,
+        "SELECT identity_sync.map('dry', 'userName', $$person.emp_no::text$$);
          SELECT identity_sync.add_rule('dry', 'everyone', 'true');
          INSERT INTO employee VALUES (900001, '1980-01-01', 'Petra', 'Preboard', 'F', '2003-03-15'),
                                      (900002, '1980-01-01', 'Lars', 'Later', 'M', '2003-04-10');
@@ -728,11 +742,11 @@ fn unique_usernames_over_all_employees() {
 /// members; a date rule (hired before 1990) scopes exactly those persons.
 #[test]
 fn department_and_date_rules_scope_exactly() {
-    let mut c = setup("small", "1996-06-01");
-    exec(
-        &mut c,
-        "SELECT identity_sync.add_target('dry', 'scim', 'http://127.0.0.1:9/v2', '{\"dry_run\": true}');
-         SELECT identity_sync.map('dry', 'userName', $$person.emp_no::text$$);
+    let mut c = setup_dry(
+        "small",
+        "1996-06-01",
+        "",
+        "SELECT identity_sync.map('dry', 'userName', $$person.emp_no::text$$);
          SELECT identity_sync.add_rule('dry', 'sales',
                 $$contract.dept_no = 'd007' AND contract.from_date <= today AND contract.to_date >= today$$, '{sales}');
          SELECT identity_sync.add_rule('dry', 'veterans', $$person.hire_date < date '1990-01-01'$$, '{veterans}');
@@ -790,12 +804,12 @@ fn department_and_date_rules_scope_exactly() {
 /// attributes, groups), for a new account and for a move, and changes nothing.
 #[test]
 fn preview_equals_plan_and_changes_nothing() {
-    let mut c = setup("small", "2003-01-01");
-    exec(
-        &mut c,
+    let mut c = setup_dry(
+        "small",
+        "2003-01-01",
+        "",
         &format!(
-            "SELECT identity_sync.add_target('dry', 'scim', 'http://127.0.0.1:9/v2', '{{\"dry_run\": true}}');
-             SELECT identity_sync.map('dry', 'userName', $${USERNAME_EXPR}$$, true, true);
+            "SELECT identity_sync.map('dry', 'userName', $${USERNAME_EXPR}$$, true, true);
              SELECT identity_sync.map('dry', 'name.givenName', $$person.first_name$$);
              SELECT identity_sync.map('dry', 'name.familyName', $$person.last_name$$);
              SELECT identity_sync.map('dry', 'urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:department', $$contract.dept_no$$);
@@ -886,11 +900,11 @@ fn preview_equals_plan_and_changes_nothing() {
 /// inside the expression, and the configuration is unchanged afterwards.
 #[test]
 fn invalid_expressions_rejected_with_position_config_unchanged() {
-    let mut c = setup("small", "2003-01-01");
-    exec(
-        &mut c,
-        "SELECT identity_sync.add_target('dry', 'scim', 'http://127.0.0.1:9/v2', '{\"dry_run\": true}');
-         SELECT identity_sync.map('dry', 'department', $$contract.dept_no$$);
+    let mut c = setup_dry(
+        "small",
+        "2003-01-01",
+        "",
+        "SELECT identity_sync.map('dry', 'department', $$contract.dept_no$$);
          SELECT identity_sync.add_rule('dry', 'everyone', 'true');",
     );
     let before = config_fingerprint(&mut c);
@@ -943,12 +957,12 @@ fn invalid_expressions_rejected_with_position_config_unchanged() {
 /// that person, visibly, and not the batch.
 #[test]
 fn runtime_error_fails_one_person_not_the_batch() {
-    let mut c = setup("small", "2003-01-01");
-    exec(
-        &mut c,
+    let mut c = setup_dry(
+        "small",
+        "2003-01-01",
         // (disable_after of a century: leavers get accounts too, so every person is planned)
-        "SELECT identity_sync.add_target('dry', 'scim', 'http://127.0.0.1:9/v2', '{\"dry_run\": true, \"disable_after\": \"100 years\"}');
-         SELECT identity_sync.map('dry', 'department',
+        r#", "disable_after": "100 years""#,
+        "SELECT identity_sync.map('dry', 'department',
                 $$(SELECT dept_no FROM dept_emp d WHERE d.emp_no = person.emp_no)$$);
          SELECT identity_sync.add_rule('dry', 'everyone', 'true');
          SELECT identity_sync.resync('dry');",
