@@ -95,6 +95,19 @@ impl ScimTarget {
             .map_err(|e| e.outcome(event_id))
     }
 
+    /// A request with a SCIM JSON body for an event (see `send`).
+    async fn send_json(
+        &self,
+        event_id: i64,
+        method: Method,
+        url: &str,
+        body: &Value,
+    ) -> Step<Reply> {
+        let body = serde_json::to_vec(body).unwrap_or_default();
+        self.send(event_id, method, url, Some((SCIM_JSON, body)), &[])
+            .await
+    }
+
     /// The service's ServiceProviderConfig, read once and cached. A service without one (404)
     /// gets [`ServiceProviderConfig::ASSUMED`]; errors are not cached.
     pub async fn service_provider_config(&self) -> Result<ServiceProviderConfig, SendError> {
@@ -244,15 +257,8 @@ async fn create(t: &ScimTarget, spc: ServiceProviderConfig, job: &Job) -> Step<O
         res.insert("active".to_string(), Value::Bool(true));
     }
     let url = format!("{}/Users", t.base());
-    let body = serde_json::to_vec(&Value::Object(res)).unwrap_or_default();
     let reply = t
-        .send(
-            job.event_id,
-            Method::POST,
-            &url,
-            Some((SCIM_JSON, body)),
-            &[],
-        )
+        .send_json(job.event_id, Method::POST, &url, &Value::Object(res))
         .await?;
     if reply.status == 409 && reply.scim_type().as_deref() == Some("uniqueness") {
         return Err(Outcome::Conflict {
@@ -467,20 +473,14 @@ fn element_values(p: &AttrPath, current: &Value) -> Vec<(String, Value)> {
         .unwrap_or_default()
 }
 
-fn patch_body(ops: Vec<Value>) -> Vec<u8> {
-    serde_json::to_vec(&json!({"schemas": [PATCH_OP], "Operations": ops})).unwrap_or_default()
+fn patch_request(ops: Vec<Value>) -> Value {
+    json!({"schemas": [PATCH_OP], "Operations": ops})
 }
 
 async fn patch_user_raw(t: &ScimTarget, job: &Job, id: &str, ops: Vec<Value>) -> Step<Reply> {
     let url = format!("{}/Users/{}", t.base(), pct(id));
-    t.send(
-        job.event_id,
-        Method::PATCH,
-        &url,
-        Some((SCIM_JSON, patch_body(ops))),
-        &[],
-    )
-    .await
+    t.send_json(job.event_id, Method::PATCH, &url, &patch_request(ops))
+        .await
 }
 
 /// PATCHes a user; 200 with a body and 204 without are both success.
@@ -505,16 +505,7 @@ async fn put_user(t: &ScimTarget, job: &Job, id: &str, changes: &Map<String, Val
         obj.remove("meta"); // read-only; some services refuse it in a PUT
     }
     let url = format!("{}/Users/{}", t.base(), pct(id));
-    let body = serde_json::to_vec(&res).unwrap_or_default();
-    let reply = t
-        .send(
-            job.event_id,
-            Method::PUT,
-            &url,
-            Some((SCIM_JSON, body)),
-            &[],
-        )
-        .await?;
+    let reply = t.send_json(job.event_id, Method::PUT, &url, &res).await?;
     if reply.ok() {
         Ok(reply.status)
     } else {
@@ -593,14 +584,8 @@ async fn membership(t: &ScimTarget, spc: ServiceProviderConfig, job: &Job) -> St
                 let filter = format!("members[value eq {}]", Value::String(user.to_string()));
                 json!({"op": "remove", "path": filter})
             };
-            t.send(
-                job.event_id,
-                Method::PATCH,
-                &url,
-                Some((SCIM_JSON, patch_body(vec![op]))),
-                &[],
-            )
-            .await?
+            t.send_json(job.event_id, Method::PATCH, &url, &patch_request(vec![op]))
+                .await?
         } else {
             put_membership(t, job, &url, user, grant).await?
         };
@@ -648,8 +633,7 @@ async fn put_membership(
     }
     group.insert("members".to_string(), Value::Array(members));
     group.remove("meta");
-    let body = serde_json::to_vec(&Value::Object(group)).unwrap_or_default();
-    t.send(job.event_id, Method::PUT, url, Some((SCIM_JSON, body)), &[])
+    t.send_json(job.event_id, Method::PUT, url, &Value::Object(group))
         .await
 }
 
@@ -690,16 +674,9 @@ async fn resolve_group(
             return Ok(None);
         }
         let url = format!("{}/Groups", t.base());
-        let body = serde_json::to_vec(&json!({"schemas": [GROUP_SCHEMA], "displayName": name}))
-            .unwrap_or_default();
+        let group = json!({"schemas": [GROUP_SCHEMA], "displayName": name});
         let reply = t
-            .send(
-                job.event_id,
-                Method::POST,
-                &url,
-                Some((SCIM_JSON, body)),
-                &[],
-            )
+            .send_json(job.event_id, Method::POST, &url, &group)
             .await?;
         if reply.ok() {
             if let Some(id) = resource_id(&reply) {
