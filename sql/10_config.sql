@@ -357,6 +357,7 @@ LANGUAGE sql IMMUTABLE AS $$
            ('max_disables',          '{scim,webhook,table}', 'threshold', 'disables per plan before the target is held'),
            ('max_deletes',           '{scim,webhook,table}', 'threshold', 'deletes per plan before the target is held'),
            ('dry_run',               '{scim,webhook,table}', 'boolean',   'plan and record, never send'),
+           ('out_of_scope',          '{scim,webhook,table}', 'out_of_scope', 'what happens to the account of a person no rule matches any more: disable (default), keep (left as it is) or delete'),
            ('quarantine_after',      '{scim,webhook,table}', 'interval',  'how long every request (5 at least) must have failed before the target is quarantined and probed, default 1 minute'),
            ('unique_max_iterations', '{scim,webhook,table}', 'integer',   'cap for is_unique iterations, default 99'),
            ('orphans',               '{scim,table}',         'orphans',   'what repair does with accounts of nobody: report (default), disable or delete'),
@@ -365,7 +366,9 @@ LANGUAGE sql IMMUTABLE AS $$
            ('reconcile_mode',        '{scim,table}',         'reconcile_mode', 'what a scheduled reconcile does: report (default) or repair'),
            ('relation',              '{table}',              'regclass',  'the table (or foreign table) written'),
            ('key_column',            '{table}',              'text',      'its column holding the person key'),
-           ('active_column',         '{table}',              'text',      'its boolean column holding the active flag')
+           ('active_column',         '{table}',              'text',      'its boolean column holding the active flag'),
+           ('groups_relation',       '{table}',              'regclass',  'a membership table (or foreign table) with the key column and group_column: one row per granted group'),
+           ('group_column',          '{table}',              'text',      'the column of groups_relation holding the group name, default group_name')
 $$;
 
 CREATE FUNCTION identity_sync._validate_options(kind text, url text, options jsonb)
@@ -418,6 +421,10 @@ BEGIN
             WHEN 'auth' THEN
                 IF jsonb_typeof(v) <> 'string' OR v->>0 NOT IN ('none', 'bearer', 'basic', 'oauth2') THEN
                     RAISE EXCEPTION USING MESSAGE = 'one of none, bearer, basic, oauth2';
+                END IF;
+            WHEN 'out_of_scope' THEN
+                IF jsonb_typeof(v) <> 'string' OR v->>0 NOT IN ('disable', 'keep', 'delete') THEN
+                    RAISE EXCEPTION USING MESSAGE = 'one of disable, keep, delete';
                 END IF;
             WHEN 'orphans' THEN
                 IF jsonb_typeof(v) <> 'string' OR v->>0 NOT IN ('report', 'disable', 'delete') THEN
@@ -482,6 +489,16 @@ BEGIN
         IF options ? 'active_column' AND identity_sync._column_type((options->>'relation')::regclass, options->>'active_column', 'active_column') <> 'boolean'::regtype THEN
             RAISE EXCEPTION 'active_column "%" must be boolean', options->>'active_column' USING ERRCODE = 'datatype_mismatch';
         END IF;
+        IF options ? 'group_column' AND NOT options ? 'groups_relation' THEN
+            RAISE EXCEPTION 'option group_column needs groups_relation' USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'For example {"groups_relation": "app.user_groups", "group_column": "group_name"}.';
+        END IF;
+        IF options ? 'groups_relation' THEN
+            -- Memberships are rows (key, group) of groups_relation, keyed like the relation.
+            PERFORM identity_sync._column_type((options->>'groups_relation')::regclass, options->>'key_column', 'key_column');
+            PERFORM identity_sync._column_type((options->>'groups_relation')::regclass,
+                                               coalesce(options->>'group_column', 'group_name'), 'group_column');
+        END IF;
     END IF;
     RETURN options;
 END
@@ -534,11 +551,24 @@ BEGIN
     PERFORM identity_sync._compile(t.id);
     -- New lifecycle intervals move moments that may already lie behind the date-boundary check
     -- (a delete_after set for leavers of last year): plan the target's accounts again now.
-    IF EXISTS (SELECT FROM unnest(ARRAY['create_before', 'enable_before', 'disable_after', 'delete_after']) AS k
+    -- So does a new choice for accounts out of scope.
+    IF EXISTS (SELECT FROM unnest(ARRAY['create_before', 'enable_before', 'disable_after', 'delete_after', 'out_of_scope']) AS k
                 WHERE t.options->k IS DISTINCT FROM n.options->k) THEN
         INSERT INTO identity_sync._dirty (person_key, target_id, op, first_at)
         SELECT a.person_key, t.id, 'lifecycle', now() FROM identity_sync.account a
          WHERE a.target_id = t.id AND a.planned_state <> 'deleted'
+        ON CONFLICT DO NOTHING;
+    END IF;
+    -- A new membership table gets every membership the registry knows: the accounts' groups are
+    -- planned again as grants (writing a membership that is there already changes nothing).
+    IF n.options->>'groups_relation' IS NOT NULL
+       AND (t.options->'groups_relation' IS DISTINCT FROM n.options->'groups_relation'
+            OR t.options->'group_column' IS DISTINCT FROM n.options->'group_column') THEN
+        UPDATE identity_sync.account a SET planned_groups = '{}', groups = '{}'
+         WHERE a.target_id = t.id AND a.planned_state IN ('active', 'disabled') AND a.planned_groups <> '{}';
+        INSERT INTO identity_sync._dirty (person_key, target_id, op, first_at)
+        SELECT a.person_key, t.id, 'groups_relation', now() FROM identity_sync.account a
+         WHERE a.target_id = t.id AND a.planned_state IN ('active', 'disabled')
         ON CONFLICT DO NOTHING;
     END IF;
     PERFORM identity_sync._audit('alter_target', n.name, to_jsonb(t) - 'compiled', to_jsonb(n) - 'compiled');

@@ -28,7 +28,9 @@ $$;
 
 -- Claim due events of the given target kinds: per person only the first unfinished event, so
 -- that a person's events go out strictly in order and one at a time. Each target gets its share
--- of max_events, so a slow target cannot crowd out the others. PL/pgSQL so that its plans are
+-- of max_events, so a slow target cannot crowd out the others. Events a threshold holds wait as
+-- 'held' (and so do their persons' later events) until an operator releases them, all or one
+-- action's (release(target, kind)), or discards them; what was released goes meanwhile. PL/pgSQL so that its plans are
 -- cached for the worker's session (a SQL function would be planned on every call).
 CREATE FUNCTION identity_sync._claim(kinds text[], max_events int)
 RETURNS TABLE (event_id bigint, target_id int, person_key text, kind text, payload jsonb,
@@ -42,7 +44,7 @@ DECLARE
 BEGIN
     SELECT greatest(1, ceil(max_events::numeric / nullif(count(*), 0)))::int INTO share
       FROM identity_sync.target t
-     WHERE t.kind = ANY (kinds) AND NOT t.paused AND t.held IS NULL
+     WHERE t.kind = ANY (kinds) AND NOT t.paused
        AND (t.quarantined_at IS NULL OR t.probe_at <= now())
        AND NOT coalesce((t.options->>'dry_run')::boolean, false)
        AND NOT (planning AND t.options ?| ARRAY['max_creates', 'max_disables', 'max_deletes']);
@@ -63,7 +65,7 @@ BEGIN
              -- a quarantined target gets one request, the probe
              LIMIT CASE WHEN t.quarantined_at IS NULL THEN share ELSE 1 END
                FOR UPDATE SKIP LOCKED) AS e
-         WHERE t.kind = ANY (kinds) AND NOT t.paused AND t.held IS NULL
+         WHERE t.kind = ANY (kinds) AND NOT t.paused
            AND (t.quarantined_at IS NULL OR t.probe_at <= now())
            AND NOT coalesce((t.options->>'dry_run')::boolean, false)
            AND NOT (planning AND t.options ?| ARRAY['max_creates', 'max_disables', 'max_deletes'])),
@@ -197,6 +199,7 @@ BEGIN
         UPDATE identity_sync.event SET state = 'retry', last_error = error, http_status = _record.http_status,
                due_at = clock_timestamp() + coalesce(retry_in, interval '1 second') WHERE id = e.id;
     ELSIF outcome = 'conflict' THEN
+        e.http_status := _record.http_status;
         PERFORM identity_sync._uniqueness_conflict(e, error);
     ELSE
         UPDATE identity_sync.event SET state = 'failed', http_status = _record.http_status,
@@ -229,24 +232,65 @@ BEGIN
 END
 $$;
 
--- The target said a unique value is taken (SCIM 409 uniqueness) by an account we do not manage:
--- remember the value as taken, drop this person's unfinished events, plan the person again.
-CREATE FUNCTION identity_sync._uniqueness_conflict(e identity_sync.event, error text)
+-- The target said a unique value is taken (SCIM 409 uniqueness, a table's unique_violation) by
+-- an account we do not manage: remember the value as taken, and plan the person again, so that
+-- the next iteration is tried. `taken`: the unique attributes whose values are taken (NULL: every
+-- unique attribute the event sends, for a target that does not say which). The event and the
+-- person's later ones are closed as done with the reason (trace shows them); the registry goes
+-- back to what the target has: no account for a create, the applied state for an update.
+CREATE FUNCTION identity_sync._uniqueness_conflict(e identity_sync.event, error text, taken text[] DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sent jsonb := CASE e.kind WHEN 'create' THEN e.payload->'attributes' ELSE e.payload->'changed' END;
 BEGIN
     INSERT INTO identity_sync._unique (target_id, attribute, value, person_key)
-    SELECT e.target_id, m.attribute, e.payload->'attributes'->>m.attribute, NULL
+    SELECT e.target_id, m.attribute, sent->>m.attribute, NULL
       FROM identity_sync.mapping m
-     WHERE m.target_id = e.target_id AND m.is_unique AND e.payload->'attributes'->>m.attribute IS NOT NULL
+     WHERE m.target_id = e.target_id AND m.is_unique AND sent->>m.attribute IS NOT NULL
+       AND (taken IS NULL OR m.attribute = ANY (taken))
     ON CONFLICT (target_id, attribute, value) DO UPDATE SET person_key = NULL;
-    DELETE FROM identity_sync.event x
+    UPDATE identity_sync.event x
+       SET state = 'done', done_at = clock_timestamp(),
+           http_status = CASE WHEN x.id = e.id THEN e.http_status END,
+           last_error = CASE WHEN x.id = e.id THEN error || ' (value taken: planned again with the next iteration)'
+                             ELSE format('planned again after a unique value was taken (event %s)', e.id) END
      WHERE x.target_id = e.target_id AND x.person_key = e.person_key AND x.state <> 'done';
     UPDATE identity_sync.account a
-       SET planned_state = 'deleted', planned_attributes = '{}', planned_groups = '{}'
+       SET planned_state = CASE WHEN a.state = 'pending' THEN 'deleted' ELSE a.state END,
+           planned_attributes = CASE WHEN a.state = 'pending' THEN '{}' ELSE a.attributes END,
+           planned_groups = CASE WHEN a.state = 'pending' THEN '{}' ELSE a.groups END
      WHERE a.target_id = e.target_id AND a.person_key = e.person_key;
     INSERT INTO identity_sync._dirty (person_key, target_id, op, first_at)
     VALUES (e.person_key, e.target_id, 'conflict', now()) ON CONFLICT DO NOTHING;
     RAISE LOG 'identity_sync: unique value taken in the target for person %: %', e.person_key, error;
+END
+$$;
+
+-- A table target refused an event with unique_violation: the unique attributes (is_unique) it
+-- sends whose values another row of the relation holds. Empty when the violation is about
+-- something else (then the event fails as any constraint violation does).
+CREATE FUNCTION identity_sync._table_values_taken(t identity_sync.target, e identity_sync.event)
+RETURNS text[] LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel regclass := (t.options->>'relation')::regclass;
+    keycol text := t.options->>'key_column';
+    keytype text := format_type((SELECT atttypid FROM pg_attribute WHERE attrelid = rel AND attname = keycol), NULL);
+    sent jsonb := CASE e.kind WHEN 'create' THEN e.payload->'attributes' ELSE e.payload->'changed' END;
+    m record;
+    taken text[] := '{}';
+    found boolean;
+BEGIN
+    FOR m IN SELECT mp.attribute FROM identity_sync.mapping mp
+              WHERE mp.target_id = t.id AND mp.is_unique AND sent->>mp.attribute IS NOT NULL LOOP
+        EXECUTE format('SELECT EXISTS (SELECT FROM %s AS x, jsonb_populate_record(NULL::%s, $1) AS r '
+                       'WHERE x.%I = r.%I AND x.%I IS DISTINCT FROM $2::%s)',
+                       rel, rel, m.attribute, m.attribute, keycol, keytype)
+          INTO found USING sent, e.person_key;
+        IF found THEN
+            taken := taken || m.attribute;
+        END IF;
+    END LOOP;
+    RETURN taken;
 END
 $$;
 
@@ -257,6 +301,8 @@ DECLARE
     rel regclass := (t.options->>'relation')::regclass;
     keycol text := t.options->>'key_column';
     activecol text := t.options->>'active_column';
+    groups_rel regclass := (t.options->>'groups_relation')::regclass;
+    groupcol text := coalesce(t.options->>'group_column', 'group_name');
     keytype text := format_type((SELECT atttypid FROM pg_attribute WHERE attrelid = rel AND attname = keycol), NULL);
     attrs jsonb;
     sets text;
@@ -295,8 +341,20 @@ BEGIN
         END IF;
     ELSIF e.kind = 'delete' THEN
         EXECUTE format('DELETE FROM %s WHERE %I = $1::%s', rel, keycol, keytype) USING key;
+        IF groups_rel IS NOT NULL THEN
+            EXECUTE format('DELETE FROM %s WHERE %I = $1::%s', groups_rel, keycol, keytype) USING key;
+        END IF;
+    ELSIF e.kind = 'grant' AND groups_rel IS NOT NULL THEN
+        -- (no ON CONFLICT: the membership table needs no unique index, and a foreign table
+        -- could not use one)
+        EXECUTE format('INSERT INTO %1$s (%2$I, %3$I) SELECT $1::%4$s, $2 '
+                       'WHERE NOT EXISTS (SELECT FROM %1$s WHERE %2$I = $1::%4$s AND %3$I = $2)',
+                       groups_rel, keycol, groupcol, keytype) USING key, e.payload->>'group';
+    ELSIF e.kind = 'revoke' AND groups_rel IS NOT NULL THEN
+        EXECUTE format('DELETE FROM %s WHERE %I = $1::%s AND %I = $2', groups_rel, keycol, keytype, groupcol)
+          USING key, e.payload->>'group';
     END IF;
-    -- grant / revoke: a table target keeps no group memberships; recorded in the registry only.
+    -- grant / revoke without groups_relation: memberships are recorded in the registry only.
 END
 $$;
 
@@ -305,6 +363,8 @@ CREATE FUNCTION identity_sync._deliver_tables(max_events int)
 RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     e record;
+    ev identity_sync.event;
+    taken text[];
     t identity_sync.target;
     n int := 0;
 BEGIN
@@ -318,7 +378,18 @@ BEGIN
         BEGIN
             PERFORM identity_sync._apply_table_event(t, e);
             PERFORM identity_sync._record(e.event_id, 'done', e.person_key);
-        EXCEPTION WHEN OTHERS THEN
+        EXCEPTION WHEN unique_violation THEN
+            -- A unique attribute's value is taken by a row we do not manage: plan the person
+            -- again with the next iteration (as a SCIM 409 uniqueness does). Another unique
+            -- constraint fails the event.
+            SELECT * INTO ev FROM identity_sync.event x WHERE x.id = e.event_id;
+            taken := CASE WHEN e.kind IN ('create', 'update') THEN identity_sync._table_values_taken(t, ev) END;
+            IF cardinality(taken) > 0 THEN
+                PERFORM identity_sync._uniqueness_conflict(ev, SQLERRM, taken);
+            ELSE
+                PERFORM identity_sync._record(e.event_id, 'failed', NULL, SQLERRM, NULL, NULL, false);
+            END IF;
+        WHEN OTHERS THEN
             -- A connection failure (a postgres_fdw table's server is down), deadlock,
             -- serialization failure, shutdown or lack of resources passes: retry with the backoff
             -- HTTP targets use (core's retry policy). Anything else (constraint, type) needs an

@@ -10,7 +10,7 @@ BEGIN
                (SELECT min(d.due) FROM identity_sync.target t
                  CROSS JOIN LATERAL (SELECT min(e.due_at) AS due FROM identity_sync.event e
                                       WHERE e.target_id = t.id AND e.state IN ('pending', 'retry')) AS d
-                 WHERE NOT t.paused AND t.held IS NULL),
+                 WHERE NOT t.paused),
                (SELECT min(snapshot_at + snapshot_interval) FROM identity_sync.source WHERE capture = 'snapshot'),
                date_trunc('day', now()) + interval '1 day') - now())) * 1000)::bigint);
 END

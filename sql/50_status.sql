@@ -100,24 +100,48 @@ BEGIN
 END
 $$;
 
--- An operator decided about a held target (action: release or discard of `events` events): it
--- is held no more, and its thresholds count from now on.
-CREATE FUNCTION identity_sync._end_hold(t identity_sync.target, action text, events int) RETURNS void
+-- An operator decided about a held target (action: release or discard; detail: how many events,
+-- and so on, for the audit log): it is held no more, and its thresholds count from now on.
+CREATE FUNCTION identity_sync._end_hold(t identity_sync.target, action text, detail jsonb) RETURNS void
 LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     UPDATE identity_sync.target SET held = NULL, released_at = now() WHERE id = t.id;
-    SELECT identity_sync._audit(action, t.name, t.held, jsonb_build_object('events', events));
+    SELECT identity_sync._audit(action, t.name, t.held, detail);
 $$;
 
--- Let the events a threshold held go out.
-CREATE FUNCTION identity_sync.release(target text) RETURNS int
+-- Let the events a threshold held go out: all of them, or one action's (kind: create, disable,
+-- delete, ...). A person's events go in order, so releasing a kind releases the whole held
+-- queue of each person who has a held event of that kind (a create with the grants after it);
+-- the other persons' events stay held, and the target with them, now held by the threshold
+-- those events exceed (if any; else by the one that held it).
+CREATE FUNCTION identity_sync.release(target text, kind text DEFAULT NULL) RETURNS int
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     t identity_sync.target := identity_sync._held_target(target);
     n int;
+    remaining jsonb;
 BEGIN
-    UPDATE identity_sync.event SET state = 'pending', due_at = now() WHERE target_id = t.id AND state = 'held';
+    IF kind IS NOT NULL AND kind NOT IN ('create', 'update', 'enable', 'disable', 'delete', 'grant', 'revoke') THEN
+        RAISE EXCEPTION 'invalid event kind "%"', kind USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'The kinds are create, update, enable, disable, delete, grant and revoke; NULL releases every held event.';
+    END IF;
+    UPDATE identity_sync.event e SET state = 'pending', due_at = now()
+     WHERE e.target_id = t.id AND e.state = 'held'
+       AND (release.kind IS NULL
+            OR e.person_key IN (SELECT h.person_key FROM identity_sync.event h
+                                 WHERE h.target_id = t.id AND h.state = 'held' AND h.kind = release.kind));
     GET DIAGNOSTICS n = ROW_COUNT;
-    PERFORM identity_sync._end_hold(t, 'release', n);
+    SELECT jsonb_object_agg(k, c) INTO remaining
+      FROM (SELECT e.kind AS k, count(*) AS c FROM identity_sync.event e
+             WHERE e.target_id = t.id AND e.state = 'held' GROUP BY 1) AS q;
+    IF remaining IS NULL THEN
+        PERFORM identity_sync._end_hold(t, 'release', jsonb_strip_nulls(jsonb_build_object('events', n, 'kind', kind)));
+    ELSE
+        -- Still held: by what the events left exceed (the threshold window goes on).
+        UPDATE identity_sync.target x SET held = coalesce(identity_sync._check_thresholds(t, remaining), t.held)
+         WHERE x.id = t.id;
+        PERFORM identity_sync._audit('release', t.name, t.held,
+                                     jsonb_build_object('events', n, 'kind', kind, 'still_held', remaining));
+    END IF;
     IF coalesce((t.options->>'dry_run')::boolean, false) THEN
         PERFORM identity_sync._complete_dry_run(t.id);
     END IF;
@@ -144,7 +168,7 @@ BEGIN
            seq = coalesce((SELECT max(seq) FROM identity_sync.event e WHERE e.target_id = t.id AND e.person_key = a.person_key), a.seq)
      WHERE a.target_id = t.id AND a.state <> 'pending'
        AND NOT EXISTS (SELECT FROM identity_sync.event e WHERE e.target_id = t.id AND e.person_key = a.person_key AND e.state <> 'done');
-    PERFORM identity_sync._end_hold(t, 'discard', n);
+    PERFORM identity_sync._end_hold(t, 'discard', jsonb_build_object('events', n));
     RETURN n;
 END
 $$;
@@ -243,6 +267,42 @@ BEGIN
 END
 $$;
 
+-- Provision one person now (Entra's "provision on demand"), what a helpdesk runs after fixing
+-- HR data: plan the person in one target or in every target, in this transaction, exactly as
+-- the worker would (thresholds, dry run, order), and return the events written. The worker
+-- sends them as soon as this transaction commits.
+CREATE FUNCTION identity_sync.sync_person(person_key text, target text DEFAULT NULL)
+RETURNS SETOF identity_sync.events
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    only_id int;
+    t identity_sync.target;
+    pid bigint;
+    n int := 0;
+BEGIN
+    IF sync_person.target IS NOT NULL THEN
+        only_id := (identity_sync._target(sync_person.target)).id;
+    END IF;
+    IF person_key IS NULL OR (identity_sync.person(person_key) IS NULL
+                              AND NOT EXISTS (SELECT FROM identity_sync.account a WHERE a.person_key = sync_person.person_key)) THEN
+        RAISE EXCEPTION 'person "%" is unknown', person_key USING ERRCODE = 'no_data_found',
+            DETAIL = 'The person source has no row with that key, and no target has an account of it.',
+            HINT = 'Person keys are the person source''s key column as text, e.g. ''10001''.';
+    END IF;
+    INSERT INTO identity_sync.plan_run (persons, keys) VALUES (1, ARRAY[person_key]) RETURNING id INTO pid;
+    -- In id order, as the worker's planner goes (_lock_target_plans).
+    FOR t IN SELECT * FROM identity_sync.target x
+              WHERE x.compiled IS NOT NULL AND (only_id IS NULL OR x.id = only_id) ORDER BY x.id LOOP
+        n := n + identity_sync._plan_target(t, ARRAY[person_key], pid);
+    END LOOP;
+    UPDATE identity_sync.plan_run SET events = n WHERE id = pid;
+    PERFORM identity_sync._audit('sync_person', person_key, NULL,
+                                 jsonb_build_object('target', sync_person.target, 'events', n, 'plan_id', pid));
+    PERFORM identity_sync._wake_at_commit();
+    RETURN QUERY SELECT * FROM identity_sync.events e WHERE e.plan_id = pid ORDER BY e.target, e.seq;
+END
+$$;
+
 -- True once nothing is dirty, pending or in flight (held and failed events do not count);
 -- false after the timeout. For scripts and tests.
 CREATE FUNCTION identity_sync.wait_idle(timeout interval DEFAULT '30 seconds') RETURNS boolean
@@ -255,7 +315,7 @@ BEGIN
            AND NOT EXISTS (SELECT FROM identity_sync._dirty)
            AND NOT EXISTS (SELECT FROM identity_sync.reconcile_run r WHERE r.state IN ('queued', 'scanning', 'comparing', 'planning'))
            AND NOT EXISTS (SELECT FROM identity_sync.event e JOIN identity_sync.target t ON t.id = e.target_id
-                            WHERE e.state IN ('pending', 'sending', 'retry') AND NOT t.paused AND t.held IS NULL
+                            WHERE e.state IN ('pending', 'sending', 'retry') AND NOT t.paused
                               -- events waiting behind a failed one wait for an operator, not for us
                               AND NOT EXISTS (SELECT FROM identity_sync.event f
                                                WHERE f.target_id = e.target_id AND f.person_key = e.person_key
@@ -368,9 +428,10 @@ GRANT EXECUTE ON FUNCTION identity_sync.wait_idle(interval), identity_sync.worke
    TO identity_sync_reader;
 
 -- Operators: the levers.
-GRANT EXECUTE ON FUNCTION identity_sync.pause(text), identity_sync.resume(text), identity_sync.release(text),
+GRANT EXECUTE ON FUNCTION identity_sync.pause(text), identity_sync.resume(text), identity_sync.release(text, text),
                           identity_sync.discard(text), identity_sync.retry(text), identity_sync.skip(bigint),
-                          identity_sync.resync(text), identity_sync.preview(text, text), identity_sync.trace(text)
+                          identity_sync.resync(text), identity_sync.preview(text, text), identity_sync.trace(text),
+                          identity_sync.sync_person(text, text)
    TO identity_sync_operator;
 
 COMMENT ON VIEW identity_sync.status IS 'One row per target: state (active, paused, held, failing), accounts and events by state, oldest pending age, last success and error, deliveries in the last hour, resync progress.';
@@ -379,11 +440,12 @@ COMMENT ON VIEW identity_sync.events IS 'Provisioning events by target name, wit
 COMMENT ON VIEW identity_sync.audit_log IS 'Every configuration and operator call: who, when, what, old and new (secrets never).';
 COMMENT ON FUNCTION identity_sync.pause(text) IS 'Stop delivering to a target (planning goes on).';
 COMMENT ON FUNCTION identity_sync.resume(text) IS 'Resume delivering to a paused target.';
-COMMENT ON FUNCTION identity_sync.release(text) IS 'Let the events held by a threshold go out.';
+COMMENT ON FUNCTION identity_sync.release(text, text) IS 'Let the events held by a threshold go out: all, or those of the persons with a held event of one kind (create, disable, delete, ...), the others staying held.';
 COMMENT ON FUNCTION identity_sync.discard(text) IS 'Drop the events held by a threshold.';
 COMMENT ON FUNCTION identity_sync.retry(text) IS 'Retry failed events of a target (by name) or one event (by id).';
 COMMENT ON FUNCTION identity_sync.skip(bigint) IS 'Give up on one failed event so the person''s later events go on.';
 COMMENT ON FUNCTION identity_sync.resync(text) IS 'Full reconcile of every person for a target, in batches; progress in status.';
+COMMENT ON FUNCTION identity_sync.sync_person(text, text) IS 'Provision one person now: plan it in one target (or every target) at once and return the events written; the worker sends them at commit.';
 COMMENT ON FUNCTION identity_sync.wait_idle(interval) IS 'Wait until nothing is dirty, pending or in flight; false on timeout.';
 COMMENT ON FUNCTION identity_sync.preview(text, text) IS 'What a plan would do for a person now, per target; changes nothing.';
 COMMENT ON FUNCTION identity_sync.trace(text) IS 'The story of one person: changes, plans, events and results in time order.';

@@ -260,26 +260,37 @@ fn boundary_check_marks_a_leaver_without_dml() {
         .unwrap();
     assert!(pending(&mut c).is_empty());
 
-    // The check uses the indexes on the contract dates, not a full scan.
-    let plan: Vec<String> = c
-        .query(
-            "EXPLAIN SELECT emp_no FROM dept_emp WHERE to_date > '2020-06-09' AND to_date <= '2020-06-14'",
-            &[],
-        )
+    // The check finds the contracts by the indexes add_contract_source made on their dates,
+    // not by a full scan: the plan of the statement _check_boundaries runs, as auto_explain
+    // reports it to this session.
+    let (mut e, notices) = connect_with_notices(config(DB));
+    e.batch_execute(
+        "LOAD 'auto_explain';
+         SET auto_explain.log_min_duration = 0;
+         SET auto_explain.log_nested_statements = on;
+         SET auto_explain.log_level = notice;
+         SELECT identity_sync.set_clock('2020-06-20 09:00+00');
+         SELECT identity_sync._check_boundaries();",
+    )
+    .unwrap();
+    let plans: Vec<String> = notices
+        .lock()
         .unwrap()
         .iter()
-        .map(|r| r.get(0))
+        .map(|n| n.message.clone())
+        .filter(|m| m.contains("unnest($1::interval[])") && m.contains("dept_emp"))
         .collect();
-    let indexes: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pg_indexes WHERE tablename = 'dept_emp' AND indexname LIKE '%identity_sync'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        indexes, 2,
-        "add_contract_source indexes starts and ends: {plan:?}"
+    assert_eq!(plans.len(), 1, "one boundary query: {plans:#?}");
+    let plan = &plans[0];
+    for index in [
+        "dept_emp_from_date_identity_sync",
+        "dept_emp_to_date_identity_sync",
+    ] {
+        assert!(plan.contains(index), "{index} unused:\n{plan}");
+    }
+    assert!(
+        !plan.contains("Seq Scan on dept_emp"),
+        "a full scan:\n{plan}"
     );
 }
 

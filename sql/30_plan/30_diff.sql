@@ -6,6 +6,9 @@ DECLARE
     -- Attributes sent at creation only never count as changed.
     create_only text[] := ARRAY(SELECT attribute FROM identity_sync.mapping
                                  WHERE target_id = t.id AND on_create_only);
+    -- The account of a person no rule matches any more (or who is gone from HR): disabled
+    -- (default), kept as it is (no event at all until a rule matches again), or deleted.
+    out_of_scope text := coalesce(t.options->>'out_of_scope', 'disable');
 BEGIN
     IF to_regclass('pg_temp._is_plan') IS NULL THEN
         CREATE TEMP TABLE _is_plan (
@@ -38,22 +41,28 @@ BEGIN
                coalesce(d.exists_now, CASE WHEN a.orphan THEN t.options->>'orphans' IS DISTINCT FROM 'delete'
                                            ELSE t.options->>'delete_after' IS NULL END) AS exists_now,
                coalesce(d.enabled_now, false) AS enabled_now,
-               coalesce(d.creatable_now, false) AS creatable_now
+               coalesce(d.creatable_now, false) AS creatable_now,
+               -- out_of_scope = keep: an account out of scope (not an orphan, which reconcile
+               -- retires) is left exactly as planned so far.
+               (out_of_scope = 'keep' AND a.person_key IS NOT NULL AND a.planned_state <> 'deleted'
+                AND NOT a.orphan AND NOT coalesce(d.rules <> '{}', false)) AS kept
          -- OFFSET 0 keeps each lateral step computed once per person instead of being
          -- flattened into (and recomputed by) every expression that uses it.
          OFFSET 0) AS b
      CROSS JOIN LATERAL (
         SELECT CASE
+                 WHEN b.kept THEN b.planned_state
                  WHEN b.has_account THEN
                    CASE WHEN NOT b.exists_now THEN 'deleted'
                         WHEN b.in_scope AND b.enabled_now THEN 'active'
+                        WHEN NOT b.in_scope AND NOT a.orphan AND out_of_scope = 'delete' THEN 'deleted'
                         ELSE 'disabled' END
                  WHEN b.in_scope AND b.exists_now AND b.creatable_now THEN
                    CASE WHEN b.enabled_now THEN 'active' ELSE 'disabled' END
                END AS want_state OFFSET 0) AS w
      CROSS JOIN LATERAL (
         SELECT b.in_scope, b.rules, b.has_account, b.planned_state, w.want_state, b.seq,
-               coalesce(d.attributes, '{}') AS attributes,
+               CASE WHEN b.kept THEN a.planned_attributes ELSE coalesce(d.attributes, '{}') END AS attributes,
                coalesce(ch.changed, '{}') AS changed,
                coalesce(ch.previous, '{}') AS previous,
                g.groups,
@@ -61,7 +70,8 @@ BEGIN
                       WHERE NOT (b.has_account AND x = ANY (a.planned_groups)) ORDER BY x) AS to_grant,
                ARRAY(SELECT x FROM unnest(CASE WHEN b.has_account THEN a.planned_groups ELSE '{}' END) AS x
                       WHERE x <> ALL (g.groups) ORDER BY x) AS to_revoke
-          FROM (SELECT CASE WHEN w.want_state IN ('active', 'disabled') AND b.in_scope
+          FROM (SELECT CASE WHEN b.kept THEN a.planned_groups
+                            WHEN w.want_state IN ('active', 'disabled') AND b.in_scope
                             THEN ARRAY(SELECT DISTINCT x FROM unnest(coalesce(d.groups, '{}')
                                          || identity_sync._granted_groups(t.id, k.person_key, b.enabled_now)) AS x ORDER BY x)
                             ELSE '{}'::text[] END AS groups OFFSET 0) AS g
@@ -69,7 +79,8 @@ BEGIN
             SELECT jsonb_object_agg(e.key, e.value) AS changed,
                    jsonb_object_agg(e.key, a.planned_attributes->e.key) AS previous
               FROM jsonb_each(d.attributes) AS e
-             WHERE b.has_account AND a.planned_attributes IS DISTINCT FROM d.attributes  -- fast path
+             WHERE b.has_account AND NOT b.kept
+               AND a.planned_attributes IS DISTINCT FROM d.attributes  -- fast path
                AND e.key <> ALL (create_only)
                AND a.planned_attributes->e.key IS DISTINCT FROM e.value) AS ch ON true OFFSET 0) AS s
      -- The events, in the order they must be delivered.

@@ -38,6 +38,15 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN person_key IS NULL THEN NULL ELSE jsonb_build_object('$person', person_key::text) END
 $$;
 
+-- Plans of one target are made one at a time: the worker's batches and sync_person() (another
+-- session) would otherwise both number a person's next events from the same account.seq. A
+-- transaction lock, taken per target in id order by every planner (_plan and sync_person
+-- go through the targets by id), so two planners never wait for each other in a circle.
+CREATE FUNCTION identity_sync._lock_target_plans(target_id int) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_catalog.pg_advisory_xact_lock('identity_sync.target'::pg_catalog.regclass::oid::int, target_id)
+$$;
+
 -- Plan one target for a set of persons: write events and the registry's planned state.
 CREATE FUNCTION identity_sync._plan_target(t identity_sync.target, keys text[], plan_id bigint)
 RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -52,6 +61,12 @@ DECLARE
     -- Only targets that map person_ref() values need their references indexed.
     has_refs boolean := EXISTS (SELECT FROM identity_sync.mapping mp WHERE mp.target_id = t.id AND mp.expression ~* 'person_ref');
 BEGIN
+    -- One planner per target at a time; what another one committed meanwhile (a hold) counts.
+    PERFORM identity_sync._lock_target_plans(t.id);
+    SELECT * INTO t FROM identity_sync.target x WHERE x.id = t.id;
+    IF NOT FOUND OR t.compiled IS NULL THEN
+        RETURN 0;   -- dropped, or left without a person source, meanwhile
+    END IF;
     -- Orphans (accounts of nobody that reconcile retires) have no desired state: only persons
     -- are evaluated, and the diff retires the orphans.
     IF EXISTS (SELECT FROM identity_sync.account a WHERE a.target_id = t.id AND a.orphan) THEN
@@ -109,7 +124,8 @@ BEGIN
             hold := identity_sync._check_thresholds(t, counts);
             IF hold IS NOT NULL THEN
                 UPDATE identity_sync.target SET held = hold WHERE id = t.id;
-                UPDATE identity_sync.event SET state = 'held' WHERE target_id = t.id AND state = 'pending';
+                -- (retries too: nothing goes out until an operator has decided)
+                UPDATE identity_sync.event SET state = 'held' WHERE target_id = t.id AND state IN ('pending', 'retry');
                 t.held := hold;
                 RAISE LOG 'identity_sync: target "%" held: % % events planned within the hour, % allows %',
                     t.name, hold->>'planned', hold->>'kind', hold->>'threshold', hold->>'allowed';
