@@ -30,8 +30,9 @@ $$;
 -- that a person's events go out strictly in order and one at a time. Each target gets its share
 -- of max_events, so a slow target cannot crowd out the others. Events a threshold holds wait as
 -- 'held' (and so do their persons' later events) until an operator releases them, all or one
--- action's (release(target, kind)), or discards them; what was released goes meanwhile. PL/pgSQL so that its plans are
--- cached for the worker's session (a SQL function would be planned on every call).
+-- action's (release(target, kind)), or discards them; what was released goes meanwhile.
+-- PL/pgSQL so that its plans are cached for the worker's session (a SQL function would be
+-- planned on every call).
 CREATE FUNCTION identity_sync._claim(kinds text[], max_events int)
 RETURNS TABLE (event_id bigint, target_id int, person_key text, kind text, payload jsonb,
                remote_id text, attempts int, created_at timestamptz)

@@ -279,12 +279,18 @@ DECLARE
     t identity_sync.target;
     pid bigint;
     n int := 0;
+    known boolean;
 BEGIN
     IF sync_person.target IS NOT NULL THEN
         only_id := (identity_sync._target(sync_person.target)).id;
     END IF;
-    IF person_key IS NULL OR (identity_sync.person(person_key) IS NULL
-                              AND NOT EXISTS (SELECT FROM identity_sync.account a WHERE a.person_key = sync_person.person_key)) THEN
+    BEGIN
+        known := identity_sync.person(person_key) IS NOT NULL;
+    EXCEPTION WHEN data_exception THEN
+        known := false;   -- not even of the key column's type
+    END;
+    IF person_key IS NULL OR NOT (known OR EXISTS (SELECT FROM identity_sync.account a
+                                                    WHERE a.person_key = sync_person.person_key)) THEN
         RAISE EXCEPTION 'person "%" is unknown', person_key USING ERRCODE = 'no_data_found',
             DETAIL = 'The person source has no row with that key, and no target has an account of it.',
             HINT = 'Person keys are the person source''s key column as text, e.g. ''10001''.';
