@@ -117,8 +117,8 @@ SELECT identity_sync._record(id, 'done', 'u-2') FROM identity_sync.events WHERE 
 SELECT person_key, state, remote_id FROM identity_sync.accounts WHERE target = 'crm' AND person_key = '2';
 
 -- The target says the unique userName is taken by an account we do not manage: the value is
--- remembered as taken, the person's unfinished events are dropped and the person is planned
--- again, with the next iteration.
+-- remembered as taken, the person's unfinished events are closed as done (with the reason) and
+-- the person is planned again, with the next iteration.
 UPDATE identity_sync.event SET due_at = now() WHERE state = 'retry';
 SELECT person_key, kind, attempts FROM identity_sync._claim(ARRAY['scim'], 10) ORDER BY person_key;
 SELECT identity_sync._record(id, 'conflict', error => '409 uniqueness: userName bob is taken')
