@@ -391,7 +391,7 @@ BEGIN
                 PERFORM identity_sync._check_expression(
                     'SELECT (' || (SELECT login_expression FROM identity_sync._settings) || E'\n) AS v FROM '
                         || (identity_sync._person_source()).relation::text || ' AS person LIMIT 0',
-                    8, (SELECT login_expression FROM identity_sync._settings));
+                    8, (SELECT login_expression FROM identity_sync._settings), 'login expression');
                 PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
             END IF;
             FOR t IN SELECT name, owners FROM identity_sync.product ORDER BY id LOOP
@@ -415,7 +415,7 @@ BEGIN
             PERFORM identity_sync._use_user_search_path();
             PERFORM identity_sync._check_query(
                 format('WITH changed AS (SELECT * FROM %s LIMIT 0) ', src.relation) || src.affected || E'\n LIMIT 0',
-                length(format('WITH changed AS (SELECT * FROM %s LIMIT 0) ', src.relation)), src.affected);
+                length(format('WITH changed AS (SELECT * FROM %s LIMIT 0) ', src.relation)), src.affected, 'affected query');
             PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
         EXCEPTION WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;

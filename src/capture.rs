@@ -151,9 +151,26 @@ fn capture(trigger: &PgTrigger<'_>) -> Result<(), Error> {
             );
             ("affected_timeout", Vec::new())
         }
+        // (isolated raises PostgreSQL's errors again from Rust: ErrorReport)
         Err(caught) => match *caught {
-            CaughtError::PostgresError(report) if query_is_broken(report.sql_error_code()) => {
+            CaughtError::PostgresError(report) | CaughtError::ErrorReport(report)
+                if query_is_broken(report.sql_error_code()) =>
+            {
                 return Err(affected_query_failed(trigger, &report));
+            }
+            // It (or a function it calls) tried to write: evaluated read-only (src/evaluate.rs).
+            CaughtError::PostgresError(report) | CaughtError::ErrorReport(report)
+                if report.sql_error_code() == PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION =>
+            {
+                return Err(Error::InUserSql {
+                    code: report.sql_error_code(),
+                    message: format!("{}: {}", labels[0], report.message()),
+                    detail: report.detail().unwrap_or_default().to_string(),
+                    hint: Some(
+                        "identity_sync evaluates it read-only: the query, and every function it calls, must only read."
+                            .to_string(),
+                    ),
+                });
             }
             other => other.rethrow(),
         },

@@ -515,7 +515,7 @@ fn a_runaway_affected_query_does_not_hold_up_hr_writes() {
         .collect();
     assert_eq!(
         warnings,
-        ["identity_sync: the affected query of related source department ran past identity_sync.capture_timeout (500ms); every person will be planned again"]
+        ["identity_sync: the affected query of related source public.department ran past identity_sync.capture_timeout (500ms); every person will be planned again"]
     );
     assert!(
         wait_until(Duration::from_secs(120), || count(

@@ -150,14 +150,19 @@ fn probe(query: &str, offset: i32, expression: &str, what: &str) -> (pg_sys::Oid
 /// generated probe query, as `identity_sync.run_as` and read-only (src/evaluate.rs); returns
 /// the expression's type.
 #[pg_extern(volatile, parallel_unsafe, name = "_check_expression")]
-fn check_expression(query: &str, offset: i32, expression: &str, what: &str) -> pg_sys::Oid {
+fn check_expression(
+    query: &str,
+    offset: i32,
+    expression: &str,
+    what: default!(&str, "'expression'"),
+) -> pg_sys::Oid {
     probe(query, offset, expression, what).0
 }
 
 /// Check a user query inside a generated probe query, like [`check_expression`]; returns its
 /// number of columns.
 #[pg_extern(volatile, parallel_unsafe, name = "_check_query")]
-fn check_query(query: &str, offset: i32, user_query: &str, what: &str) -> i32 {
+fn check_query(query: &str, offset: i32, user_query: &str, what: default!(&str, "'query'")) -> i32 {
     probe(query, offset, user_query, what).1
 }
 
