@@ -254,7 +254,8 @@ BEGIN
 END
 $$;
 
--- True once nothing is dirty, pending or in flight (held and failed events do not count);
+-- True once nothing is dirty, pending or in flight (held and failed events, and the persons
+-- of a target whose planning fails, waiting in _deferred, do not count);
 -- false after the timeout. For scripts and tests.
 CREATE FUNCTION identity_sync.wait_idle(timeout interval DEFAULT '30 seconds') RETURNS boolean
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
