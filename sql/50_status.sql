@@ -44,7 +44,8 @@ SELECT t.name AS target, t.kind,
        coalesce(e.delivered_last_hour, 0) AS delivered_last_hour,
        (SELECT count(*) FROM identity_sync._plan_error pe WHERE pe.target_id = t.id) AS plan_errors,
        CASE WHEN t.resync_total IS NOT NULL THEN
-            format('%s of %s persons planned', t.resync_total - (SELECT count(*) FROM identity_sync._dirty d WHERE d.target_id IN (0, t.id)), t.resync_total)
+            format('%s of %s persons planned', t.resync_total - (SELECT count(*) FROM identity_sync._dirty d WHERE d.target_id IN (0, t.id))
+                                                               - (SELECT count(*) FROM identity_sync._deferred d WHERE d.target_id = t.id), t.resync_total)
        END AS resync_progress,
        coalesce((t.options->>'dry_run')::boolean, false) AS dry_run,
        identity_sync._reconcile_progress(t.id) AS reconcile_progress,
@@ -336,6 +337,13 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
         SELECT d.first_at, 'dirty', t.name, jsonb_build_object('op', d.op, 'source', s.relation::text)
           FROM identity_sync._dirty d LEFT JOIN identity_sync.source s ON s.id = d.source_id
           LEFT JOIN identity_sync.target t ON t.id = d.target_id
+         WHERE d.person_key = trace.person_key
+        UNION ALL
+        -- waiting for a target whose planning fails (30_plan/60_plan.sql)
+        SELECT d.first_at, 'waiting', t.name, jsonb_build_object('op', d.op, 'source', s.relation::text,
+                                                                'reason', t.plan_error, 'next_attempt', t.plan_retry_at)
+          FROM identity_sync._deferred d LEFT JOIN identity_sync.source s ON s.id = d.source_id
+          JOIN identity_sync.target t ON t.id = d.target_id
          WHERE d.person_key = trace.person_key
         UNION ALL
         SELECT p.started_at, 'plan', NULL, jsonb_build_object('plan_id', p.id, 'persons', p.persons, 'events', p.events)

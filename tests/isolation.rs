@@ -127,8 +127,13 @@ fn a_runaway_mapping_fails_its_target_while_another_target_delivers() {
         ),
         "active"
     );
-    // The persons of the failing target wait for it; it has no account yet.
+    // The persons of the failing target wait for it (trace says why); it has no account yet.
     assert!(count(&mut c, "SELECT count(*) FROM identity_sync._deferred") >= 1);
+    let waiting: String = one(
+        &mut c,
+        "SELECT detail->>'reason' FROM identity_sync.trace('10001') WHERE step = 'waiting' AND target = 'slow'",
+    );
+    assert_eq!(waiting, "mapping \"sleepy\" timed out after 1s");
     assert_eq!(
         count(
             &mut c,
