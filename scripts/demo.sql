@@ -5,6 +5,9 @@
 SET client_min_messages = warning;
 
 \echo '    sources: employee (person), dept_emp (contracts), department (lookup)'
+-- identity_sync evaluates mappings, rules and the affected query as identity_sync_evaluator
+-- (README, Security), which reads what it is granted.
+GRANT SELECT ON employee, dept_emp, department, dept_manager, title TO identity_sync_evaluator;
 SELECT identity_sync.add_person_source('employee', 'emp_no') \g /dev/null
 SELECT identity_sync.add_contract_source('dept_emp', 'emp_no', 'from_date', 'to_date') \g /dev/null
 SELECT identity_sync.add_related_source('department',

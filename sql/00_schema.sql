@@ -16,6 +16,12 @@ BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'identity_sync_admin') THEN
         CREATE ROLE identity_sync_admin NOLOGIN;
     END IF;
+    -- The role user SQL runs as (the default of the setting identity_sync.run_as,
+    -- src/evaluate.rs): it can log in nowhere and holds nothing but what the extension's files
+    -- grant it (its helper functions) and the administrator grants it (SELECT on HR tables).
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'identity_sync_evaluator') THEN
+        CREATE ROLE identity_sync_evaluator NOLOGIN;
+    END IF;
 END
 $roles$;
 GRANT identity_sync_reader TO identity_sync_operator;
@@ -104,6 +110,17 @@ CREATE TABLE identity_sync._dirty (
 CREATE INDEX ON identity_sync._dirty (first_at) WHERE held_by IS NULL;
 CREATE INDEX ON identity_sync._dirty (held_by) WHERE held_by IS NOT NULL;
 
+-- Persons whose planning for one target waits for that target's next plan attempt: planning it
+-- failed for the whole target (30_plan/60_plan.sql), and other targets went on without them.
+CREATE TABLE identity_sync._deferred (
+    target_id  int NOT NULL,
+    person_key text NOT NULL,
+    source_id  int,
+    op         text NOT NULL,
+    first_at   timestamptz NOT NULL,
+    PRIMARY KEY (target_id, person_key)
+);
+
 -- Targets and their configuration.
 CREATE TABLE identity_sync.target (
     id         int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -126,6 +143,12 @@ CREATE TABLE identity_sync.target (
     quarantine_reason text,
     probe_at          timestamptz,
     probe_interval    interval,
+    -- Planning that fails for the whole target (a mapping that times out, 30_plan/60_plan.sql):
+    -- attempts in a row, since when, the last error (which expression and why), next attempt.
+    plan_failures     int NOT NULL DEFAULT 0,
+    plan_failed_at    timestamptz,
+    plan_error        text,
+    plan_retry_at     timestamptz,
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now()
 );
@@ -418,6 +441,7 @@ SELECT pg_catalog.pg_extension_config_dump('identity_sync.account', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync._unique', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync.change', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync._dirty', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._deferred', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync.event', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync._audit', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync.product', '');

@@ -3,7 +3,8 @@
 -- Every function here is SECURITY DEFINER with a fixed search_path, executable by
 -- identity_sync_admin only (see the end of this file), and records what it did in the audit log.
 -- Identifiers from users are quoted with %I or taken as regclass; mapping and rule expressions
--- are the one place where user text becomes SQL, and only admins can write them.
+-- are the one place where user text becomes SQL: only admins can write them, and they are
+-- evaluated as identity_sync.run_as (never a superuser), read-only (src/evaluate.rs).
 
 ------------------------------------------------------------------------------------------------
 -- Sources
@@ -117,6 +118,7 @@ BEGIN
         RAISE EXCEPTION 'permission denied for relation %', rel USING ERRCODE = 'insufficient_privilege',
             HINT = 'The role registering a source must be able to read it.';
     END IF;
+    PERFORM identity_sync._check_run_as_reads(rel);
     IF EXISTS (SELECT FROM identity_sync.source s WHERE s.relation = rel) THEN
         RAISE EXCEPTION 'relation % is already a source', rel USING ERRCODE = 'duplicate_object',
             HINT = format('Drop it first with identity_sync.drop_source(%L).', rel::text);
@@ -141,6 +143,24 @@ BEGIN
                                 CASE WHEN role = 'contract' THEN ', or register a view that unions your contract tables' ELSE '' END);
     END IF;
     RETURN capture;
+END
+$$;
+
+-- The role user SQL runs as (identity_sync.run_as, src/evaluate.rs) must be able to read every
+-- source: the planner reads them as that role.
+CREATE FUNCTION identity_sync._check_run_as_reads(rel regclass) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    role text := identity_sync._run_as();
+    nsp regnamespace := (SELECT relnamespace FROM pg_class WHERE oid = rel);
+BEGIN
+    IF NOT has_schema_privilege(role, nsp, 'USAGE') OR NOT has_table_privilege(role, rel, 'SELECT') THEN
+        RAISE EXCEPTION 'role "%" cannot read relation %', role, rel USING ERRCODE = 'insufficient_privilege',
+            DETAIL = 'identity_sync reads sources and evaluates mappings, rules and other user SQL as this role (setting identity_sync.run_as), never as a superuser.',
+            HINT = CASE WHEN has_schema_privilege(role, nsp, 'USAGE') THEN ''
+                        ELSE format('GRANT USAGE ON SCHEMA %I TO %I; ', nsp, role) END
+                   || format('GRANT SELECT ON %s TO %I;', rel, role);
+    END IF;
 END
 $$;
 
@@ -251,7 +271,7 @@ BEGIN
     PERFORM identity_sync._use_user_search_path();
     ncols := identity_sync._check_query(
         format('WITH changed AS (SELECT * FROM %s LIMIT 0) ', relation) || affected || E'\n LIMIT 0',
-        length(format('WITH changed AS (SELECT * FROM %s LIMIT 0) ', relation)), affected);
+        length(format('WITH changed AS (SELECT * FROM %s LIMIT 0) ', relation)), affected, 'affected query');
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     IF ncols <> 1 THEN
         RAISE EXCEPTION 'the affected query returns % columns, not one', ncols USING ERRCODE = 'invalid_parameter_value',
@@ -310,11 +330,15 @@ RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_
 DECLARE
     q text;
 BEGIN
+    IF order_by IS NOT NULL THEN
+        PERFORM identity_sync._check_single_expression('primary contract order', order_by);
+    END IF;
     PERFORM identity_sync._set_setting('set_primary_contract', 'primary_contract_order', nullif(btrim(order_by), ''));
-    -- Validate against the person document query; an error rolls the change back.
+    -- Validate against the person document query (as identity_sync.run_as, read-only); an
+    -- error rolls the change back.
     q := 'SELECT count(*) ' || identity_sync._from_clause();
     PERFORM identity_sync._use_user_search_path();
-    EXECUTE q USING '{}'::text[], CURRENT_DATE, 0;
+    PERFORM identity_sync._evaluate(q, NULL::bigint, ARRAY['primary contract order'], '{}'::text[], CURRENT_DATE, 0);
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     PERFORM identity_sync._recompile_all();
 END
@@ -360,6 +384,7 @@ LANGUAGE sql IMMUTABLE AS $$
            ('out_of_scope',          '{scim,webhook,table}', 'out_of_scope', 'what happens to the account of a person no rule matches any more: disable (default), keep (left as it is) or delete'),
            ('quarantine_after',      '{scim,webhook,table}', 'interval',  'how long every request (5 at least) must have failed before the target is quarantined and probed, default 1 minute'),
            ('unique_max_iterations', '{scim,webhook,table}', 'integer',   'cap for is_unique iterations, default 99'),
+           ('statement_timeout',     '{scim,webhook,table}', 'interval',  'bound of each evaluation of the mappings and rules, default identity_sync.statement_timeout (30 s)'),
            ('orphans',               '{scim,table}',         'orphans',   'what repair does with accounts of nobody: report (default), disable or delete'),
            ('adopt',                 '{scim,table}',         'boolean',   'the next resync scans the target first and links existing accounts by correlate_on'),
            ('reconcile_every',       '{scim,table}',         'interval?', 'the worker reconciles the target this often; null = never'),
@@ -369,6 +394,22 @@ LANGUAGE sql IMMUTABLE AS $$
            ('active_column',         '{table}',              'text',      'its boolean column holding the active flag'),
            ('groups_relation',       '{table}',              'regclass',  'a membership table (or foreign table) with the key column and group_column: one row per granted group'),
            ('group_column',          '{table}',              'text',      'the column of groups_relation holding the group name, default group_name')
+$$;
+
+-- The bound of one evaluation of a target's mappings and rules, in milliseconds (option
+-- statement_timeout, else the setting identity_sync.statement_timeout), and what sets it.
+CREATE FUNCTION identity_sync._statement_timeout_ms(options jsonb) RETURNS int
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT least(ceil(extract(epoch FROM coalesce((options->>'statement_timeout')::interval,
+                                                   identity_sync._statement_timeout())) * 1000),
+                 2147483647)::int
+$$;
+
+CREATE FUNCTION identity_sync._statement_timeout_setting(t identity_sync.target) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN t.options ? 'statement_timeout'
+                THEN format('the option statement_timeout of target "%s"', t.name)
+                ELSE 'identity_sync.statement_timeout' END
 $$;
 
 CREATE FUNCTION identity_sync._validate_options(kind text, url text, options jsonb)
@@ -471,6 +512,10 @@ BEGIN
                 HINT = format('%s: %s.', o.key, spec.meaning);
         END;
     END LOOP;
+    IF (options->>'statement_timeout')::interval <= interval '0' THEN
+        RAISE EXCEPTION 'invalid value for option "statement_timeout": %', options->'statement_timeout'
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = 'Expected a positive interval such as ''30 s''.';
+    END IF;
     IF (options->>'reconcile_every')::interval <= interval '0' THEN
         RAISE EXCEPTION 'invalid value for option "reconcile_every": %', options->'reconcile_every'
             USING ERRCODE = 'invalid_parameter_value', DETAIL = 'Expected a positive interval such as ''1 day''.';
@@ -586,6 +631,7 @@ BEGIN
     DELETE FROM identity_sync._unique WHERE target_id = t.id;
     DELETE FROM identity_sync._plan_error WHERE target_id = t.id;
     DELETE FROM identity_sync._dirty WHERE target_id = t.id;
+    DELETE FROM identity_sync._deferred WHERE target_id = t.id;
     DELETE FROM identity_sync._remote x USING identity_sync.reconcile_run r WHERE x.run_id = r.id AND r.target_id = t.id;
     DELETE FROM identity_sync._finding WHERE target_id = t.id;
     DELETE FROM identity_sync.reconcile_run WHERE target_id = t.id;
@@ -615,9 +661,10 @@ $$;
 -- Mappings and rules (compiled into one query per target by 30_plan/10_compile.sql)
 ------------------------------------------------------------------------------------------------
 
--- Check one user expression in the context of a target; returns its type. Errors carry the
--- position inside the expression (see _check_expression in src/config/).
-CREATE FUNCTION identity_sync._check_user_expression(t identity_sync.target, expr text)
+-- Check one user expression (`what`: mapping expression, rule condition) in the context of a
+-- target, as identity_sync.run_as and read-only; returns its type. Errors carry the position
+-- inside the expression (see _check_expression in src/config/).
+CREATE FUNCTION identity_sync._check_user_expression(t identity_sync.target, expr text, what text DEFAULT 'expression')
 RETURNS regtype LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     q text;
@@ -628,7 +675,7 @@ BEGIN
     PERFORM identity_sync._check_single_expression('expression', expr);
     q := 'SELECT (' || expr || E'\n) AS v ' || identity_sync._from_clause(t.options) || ' LIMIT 0';
     PERFORM identity_sync._use_user_search_path();
-    RETURN identity_sync._check_expression(q, 8, expr);
+    RETURN identity_sync._check_expression(q, 8, expr, what);
 END
 $$;
 
@@ -653,7 +700,7 @@ BEGIN
             USING HINT = 'Without it a taken value cannot be varied, e.g. slug(...) || CASE WHEN iteration > 0 THEN (iteration + 1)::text ELSE '''' END.';
     END IF;
     -- A bare literal ('en-US') has no type yet; as an attribute value it is text.
-    IF identity_sync._check_user_expression(t, expression) = 'unknown'::regtype THEN
+    IF identity_sync._check_user_expression(t, expression, 'mapping expression') = 'unknown'::regtype THEN
         expression := format('(%s)::text', expression);
     END IF;
     SELECT * INTO old FROM identity_sync.mapping WHERE mapping.target_id = t.id AND mapping.attribute = map.attribute;
@@ -701,7 +748,7 @@ BEGIN
         RAISE EXCEPTION 'target "%" already has a rule "%"', target, name USING ERRCODE = 'duplicate_object',
             HINT = 'Drop it first with identity_sync.drop_rule().';
     END IF;
-    typ := identity_sync._check_user_expression(t, condition);
+    typ := identity_sync._check_user_expression(t, condition, 'rule condition');
     IF typ <> 'boolean'::regtype THEN
         RAISE EXCEPTION 'rule condition must be boolean, not %', typ USING ERRCODE = 'datatype_mismatch',
             DETAIL = condition;
@@ -749,9 +796,13 @@ GRANT EXECUTE ON FUNCTION identity_sync.add_person_source(regclass, text),
                           identity_sync.drop_rule(text, text)
    TO identity_sync_admin;
 -- The text helpers of mapping expressions (written in Rust, src/config/; lib.rs makes them come
--- before this file).
+-- before this file), for readers and for the role user SQL runs as (identity_sync.run_as, by
+-- default identity_sync_evaluator; another role named there needs these grants too), which
+-- also calls the compiled query's expression markers (_at, src/evaluate.rs).
 GRANT EXECUTE ON FUNCTION identity_sync.normalize_diacritics(text), identity_sync.slug(text)
-   TO identity_sync_reader;
+   TO identity_sync_reader, identity_sync_evaluator;
+GRANT EXECUTE ON FUNCTION identity_sync.name_variants(text, text), identity_sync._at(int)
+   TO identity_sync_evaluator;
 
 COMMENT ON FUNCTION identity_sync.add_person_source(regclass, text) IS 'Register the person source: one row per person, identified by key (primary key or unique column).';
 COMMENT ON FUNCTION identity_sync.add_contract_source(regclass, text, text, text) IS 'Register the contract source: time-ranged rows (starts, inclusive ends; NULL = open) of a person.';

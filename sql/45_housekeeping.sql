@@ -12,6 +12,9 @@ BEGIN
                                       WHERE e.target_id = t.id AND e.state IN ('pending', 'retry')) AS d
                  WHERE NOT t.paused),
                (SELECT min(snapshot_at + snapshot_interval) FROM identity_sync.source WHERE capture = 'snapshot'),
+               -- the next attempt of a target whose planning failed (30_plan/60_plan.sql)
+               (SELECT min(t.plan_retry_at) FROM identity_sync.target t
+                 WHERE EXISTS (SELECT FROM identity_sync._deferred d WHERE d.target_id = t.id)),
                date_trunc('day', now()) + interval '1 day') - now())) * 1000)::bigint);
 END
 $$;

@@ -20,7 +20,9 @@ SELECT t.name AS target, t.kind,
        CASE WHEN t.paused THEN 'paused'
             WHEN t.quarantined_at IS NOT NULL THEN 'quarantined'
             WHEN t.held IS NOT NULL THEN 'held'
-            WHEN EXISTS (SELECT FROM identity_sync.event e WHERE e.target_id = t.id AND e.state = 'failed')
+            WHEN t.plan_failed_at IS NOT NULL
+              OR EXISTS (SELECT FROM identity_sync._plan_error pe WHERE pe.target_id = t.id)
+              OR EXISTS (SELECT FROM identity_sync.event e WHERE e.target_id = t.id AND e.state = 'failed')
               OR EXISTS (SELECT FROM identity_sync.event e WHERE e.target_id = t.id AND e.state = 'retry' AND e.attempts > 1)
             THEN 'failing'
             ELSE 'active' END AS state,
@@ -33,16 +35,23 @@ SELECT t.name AS target, t.kind,
        coalesce(e.retrying, 0) AS events_retrying, coalesce(e.failed, 0) AS events_failed,
        coalesce(e.held, 0) AS events_held,
        now() - e.oldest_pending AS oldest_pending_age,
-       e.last_success, e.last_error,
+       e.last_success,
+       -- planning the target failed (which expression and why), else the last event's error,
+       -- else the last person who could not be planned
+       coalesce('planning: ' || t.plan_error, e.last_error,
+                (SELECT format('person %s: %s', pe.person_key, pe.message) FROM identity_sync._plan_error pe
+                  WHERE pe.target_id = t.id ORDER BY pe.at DESC LIMIT 1)) AS last_error,
        coalesce(e.delivered_last_hour, 0) AS delivered_last_hour,
        (SELECT count(*) FROM identity_sync._plan_error pe WHERE pe.target_id = t.id) AS plan_errors,
        CASE WHEN t.resync_total IS NOT NULL THEN
-            format('%s of %s persons planned', t.resync_total - (SELECT count(*) FROM identity_sync._dirty d WHERE d.target_id IN (0, t.id)), t.resync_total)
+            format('%s of %s persons planned', t.resync_total - (SELECT count(*) FROM identity_sync._dirty d WHERE d.target_id IN (0, t.id))
+                                                               - (SELECT count(*) FROM identity_sync._deferred d WHERE d.target_id = t.id), t.resync_total)
        END AS resync_progress,
        coalesce((t.options->>'dry_run')::boolean, false) AS dry_run,
        identity_sync._reconcile_progress(t.id) AS reconcile_progress,
        (SELECT max(r.finished_at) FROM identity_sync.reconcile_run r WHERE r.target_id = t.id AND r.state = 'done') AS last_reconcile,
-       t.quarantined_at AS quarantined_since, t.quarantine_reason, t.probe_at AS next_probe
+       t.quarantined_at AS quarantined_since, t.quarantine_reason, t.probe_at AS next_probe,
+       t.plan_failed_at AS plan_failing_since, t.plan_retry_at AS next_plan_attempt
   FROM identity_sync.target t
   LEFT JOIN LATERAL (
      SELECT count(*) FILTER (WHERE state = 'active') AS active,
@@ -193,6 +202,9 @@ BEGIN
         -- A quarantined target is probed now (one request; its answer ends the quarantine or not).
         UPDATE identity_sync.target SET probe_at = now()
          WHERE id = (identity_sync._target(target_or_event)).id AND quarantined_at IS NOT NULL;
+        -- A target whose planning failed is planned again now (30_plan/60_plan.sql).
+        UPDATE identity_sync.target SET plan_retry_at = now()
+         WHERE id = (identity_sync._target(target_or_event)).id AND plan_failed_at IS NOT NULL;
     END IF;
     PERFORM identity_sync._audit('retry', target_or_event, NULL, jsonb_build_object('events', n));
     PERFORM identity_sync._wake_at_commit();
@@ -309,7 +321,8 @@ BEGIN
 END
 $$;
 
--- True once nothing is dirty, pending or in flight (held and failed events do not count);
+-- True once nothing is dirty, pending or in flight (held and failed events, and the persons
+-- of a target whose planning fails, waiting in _deferred, do not count);
 -- false after the timeout. For scripts and tests.
 CREATE FUNCTION identity_sync.wait_idle(timeout interval DEFAULT '30 seconds') RETURNS boolean
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -390,6 +403,13 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
         SELECT d.first_at, 'dirty', t.name, jsonb_build_object('op', d.op, 'source', s.relation::text)
           FROM identity_sync._dirty d LEFT JOIN identity_sync.source s ON s.id = d.source_id
           LEFT JOIN identity_sync.target t ON t.id = d.target_id
+         WHERE d.person_key = trace.person_key
+        UNION ALL
+        -- waiting for a target whose planning fails (30_plan/60_plan.sql)
+        SELECT d.first_at, 'waiting', t.name, jsonb_build_object('op', d.op, 'source', s.relation::text,
+                                                                'reason', t.plan_error, 'next_attempt', t.plan_retry_at)
+          FROM identity_sync._deferred d LEFT JOIN identity_sync.source s ON s.id = d.source_id
+          JOIN identity_sync.target t ON t.id = d.target_id
          WHERE d.person_key = trace.person_key
         UNION ALL
         SELECT p.started_at, 'plan', NULL, jsonb_build_object('plan_id', p.id, 'persons', p.persons, 'events', p.events)

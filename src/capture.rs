@@ -4,9 +4,10 @@
 //! (installed by `sql/20_capture.sql`, `_install_capture`): per triggering statement it appends
 //! one row holding the affected person keys, read from the transition tables, to the outbox
 //! (person and contract sources: straight from the tuplestores, without SPI; related sources:
-//! the user's affected query, with a plan prepared once per backend and source). No per-row
-//! code, no exception block, no index lookup on the HR write path; deduplication is the
-//! planner's job.
+//! the user's affected query, with a plan prepared once per backend and source, evaluated as
+//! `identity_sync.run_as`, read-only and within `identity_sync.capture_timeout` by
+//! `evaluate::isolated`). No per-row code, no index lookup on the HR write path; deduplication
+//! is the planner's job.
 //!
 //! When capture cannot work (a trigger installed by hand, a key column renamed or dropped
 //! behind identity_sync's back, the outbox gone, a related source's query broken) the HR write
@@ -33,42 +34,31 @@ thread_local! {
     static PLANS: RefCell<HashMap<String, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
 }
 
-/// The outbox INSERT of a related source for one operation: the user's `affected` query reads
-/// the changed rows as "changed" (for an UPDATE, old and new rows both).
-fn related_capture_sql(source_id: i32, affected: &str, op: &str) -> String {
+/// The person keys a related source's statement affects, for one operation: the user's
+/// `affected` query reads the changed rows as "changed" (for an UPDATE, old and new rows both).
+/// It runs as identity_sync.run_as, read-only and bounded (`evaluate::isolated`), so it only
+/// reads; the outbox row is written afterwards, as the owner.
+fn related_keys_sql(affected: &str, op: &str) -> String {
     let rows = match op {
         "insert" => "new_rows",
         "delete" => "old_rows",
         _ => "(SELECT * FROM new_rows UNION ALL SELECT * FROM old_rows) AS both_rows",
     };
     format!(
-        "INSERT INTO identity_sync.change (source_id, op, keys) \
-         SELECT {source_id}, '{op}', k \
-           FROM (SELECT ARRAY(SELECT (a.k)::pg_catalog.text \
-                                FROM (WITH changed AS (SELECT * FROM {rows}) {affected}\n) AS a(k)) AS k) AS s \
-          WHERE pg_catalog.cardinality(k) OPERATOR(pg_catalog.>) 0 \
-         RETURNING 1"
+        "SELECT ARRAY(SELECT (a.k)::pg_catalog.text \
+                        FROM (WITH changed AS (SELECT * FROM {rows}) {affected}\n) AS a(k) \
+                       WHERE a.k IS NOT NULL)"
     )
 }
 
 /// Run `f` with `search_path` set for the duration only (as a function's SET clause would).
 fn with_search_path<R>(path: Option<&str>, f: impl FnOnce() -> R) -> R {
-    let Some(path) = path else { return f() };
-    let (Ok(name), Ok(value)) = (CString::new("search_path"), CString::new(path)) else {
+    let Some(value) = path.and_then(|p| CString::new(p).ok()) else {
         return f();
     };
     unsafe {
         let level = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            name.as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
+        crate::evaluate::set_local(c"search_path", &value);
         let r = f();
         pg_sys::AtEOXact_GUC(true, level);
         r
@@ -112,38 +102,119 @@ fn capture(trigger: &PgTrigger<'_>) -> Result<(), Error> {
         }
         return Ok(());
     }
-    let sql = related_capture_sql(args.source_id, &args.key_or_query, op);
+    let sql = related_keys_sql(&args.key_or_query, op);
     let data = trigger.trigger_data() as *const pg_sys::TriggerData as *mut pg_sys::TriggerData;
-    let inserted = with_search_path(args.search_path.as_deref(), || {
-        PgTryBuilder::new(|| {
-            Spi::connect_mut(|client| -> Result<u64, Error> {
-                // The transition tables become visible to SPI under their REFERENCING names.
-                unsafe { pg_sys::SPI_register_trigger_data(data) };
-                PLANS.with(|plans| {
-                    let mut plans = plans.borrow_mut();
-                    if !plans.contains_key(&sql) {
-                        let prepared = client.prepare(sql.as_str(), &[])?.keep();
-                        plans.insert(sql.clone(), prepared);
-                    }
-                    let Some(plan) = plans.get(&sql) else {
-                        return Ok(0);
-                    };
-                    Ok(client.update(plan, None, &[])?.len() as u64)
+    let table = names(trigger).1;
+    let labels = [format!("affected query of related source {table}")];
+    let bound = crate::evaluate::Bound {
+        timeout_ms: crate::guc::CAPTURE_TIMEOUT.get(),
+        setting: "identity_sync.capture_timeout",
+        names: &labels,
+        // (affected_query_failed names the source in the message itself)
+        prefix: false,
+    };
+    // In a subtransaction, so that a timeout can be survived: the HR write must not wait on a
+    // runaway query, nor fail because of one.
+    let evaluated = in_subtransaction(|| {
+        with_search_path(args.search_path.as_deref(), || {
+            crate::evaluate::isolated(&bound, || {
+                Spi::connect_mut(|client| -> Result<Vec<String>, Error> {
+                    // The transition tables become visible to SPI under their REFERENCING names.
+                    unsafe { pg_sys::SPI_register_trigger_data(data) };
+                    PLANS.with(|plans| {
+                        let mut plans = plans.borrow_mut();
+                        if !plans.contains_key(&sql) {
+                            let prepared = client.prepare(sql.as_str(), &[])?.keep();
+                            plans.insert(sql.clone(), prepared);
+                        }
+                        let Some(plan) = plans.get(&sql) else {
+                            return Ok(Vec::new());
+                        };
+                        let keys = client
+                            .update(plan, None, &[])?
+                            .first()
+                            .get_one::<Vec<String>>()?;
+                        Ok(keys.unwrap_or_default())
+                    })
                 })
             })
         })
-        .catch_others(|caught| match caught {
-            CaughtError::PostgresError(report) if query_is_broken(report.sql_error_code()) => {
-                Err(affected_query_failed(trigger, &report))
+    });
+    let (op, keys) = match evaluated {
+        Ok(keys) => (op, keys?),
+        Err(_) if crate::evaluate::last_timed_out() => {
+            // Which persons the statement affected is unknown: the planner plans everybody
+            // (_claim_changes), and the HR write goes on.
+            warning!(
+                "identity_sync: the affected query of related source {table} ran past identity_sync.capture_timeout ({}); every person will be planned again",
+                crate::error::duration(crate::guc::CAPTURE_TIMEOUT.get())
+            );
+            ("affected_timeout", Vec::new())
+        }
+        // (isolated raises PostgreSQL's errors again from Rust: ErrorReport)
+        Err(caught) => match *caught {
+            CaughtError::PostgresError(report) | CaughtError::ErrorReport(report)
+                if query_is_broken(report.sql_error_code()) =>
+            {
+                return Err(affected_query_failed(trigger, &report));
+            }
+            // It (or a function it calls) tried to write: evaluated read-only (src/evaluate.rs).
+            CaughtError::PostgresError(report) | CaughtError::ErrorReport(report)
+                if report.sql_error_code() == PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION =>
+            {
+                return Err(Error::InUserSql {
+                    code: report.sql_error_code(),
+                    message: format!("{}: {}", labels[0], report.message()),
+                    detail: report.detail().unwrap_or_default().to_string(),
+                    hint: Some(
+                        "identity_sync evaluates it read-only: the query, and every function it calls, must only read."
+                            .to_string(),
+                    ),
+                });
             }
             other => other.rethrow(),
-        })
-        .execute()
-    })?;
-    if inserted > 0 {
-        wake_at_commit();
+        },
+    };
+    if keys.is_empty() && op != "affected_timeout" {
+        return Ok(());
     }
+    let mut datums: Vec<pg_sys::Datum> = keys
+        .iter()
+        .filter_map(|k| k.as_str().into_datum())
+        .collect();
+    unsafe { append_outbox(trigger, args.source_id, op, &mut datums)? };
+    wake_at_commit();
     Ok(())
+}
+
+/// Run `f` in a subtransaction of its own: an error inside is rolled back and returned, and the
+/// transaction goes on (what a PL/pgSQL exception block does).
+fn in_subtransaction<R>(
+    f: impl FnOnce() -> R + std::panic::UnwindSafe,
+) -> Result<R, Box<CaughtError>> {
+    let (context, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
+    unsafe {
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(context);
+    }
+    PgTryBuilder::new(|| {
+        let r = f();
+        unsafe {
+            pg_sys::ReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(context);
+            pg_sys::CurrentResourceOwner = owner;
+        }
+        Ok(r)
+    })
+    .catch_others(|e| {
+        unsafe {
+            pg_sys::MemoryContextSwitchTo(context);
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            pg_sys::CurrentResourceOwner = owner;
+        }
+        Err(Box::new(e))
+    })
+    .execute()
 }
 
 /// The trigger's arguments and operation, or what is wrong with how it was installed (a DETAIL
@@ -355,7 +426,21 @@ unsafe fn capture_keys_directly(
     if keys.is_empty() {
         return Ok(false);
     }
+    unsafe { append_outbox(trigger, args.source_id, op, &mut keys)? };
+    Ok(true)
+}
 
+/// Append one outbox row (`identity_sync.change`) holding `keys` (text datums), with
+/// `simple_heap_insert`: no SPI, no executor (the outbox has no index).
+///
+/// # Safety
+/// Called from the capture trigger with its live trigger data; `keys` are text datums.
+unsafe fn append_outbox(
+    trigger: &PgTrigger<'_>,
+    source_id: i32,
+    op: &str,
+    keys: &mut [pg_sys::Datum],
+) -> Result<(), Error> {
     unsafe {
         // Syscache look-ups, as before; what is wrong is worked out only when one fails.
         let nsp = pg_sys::get_namespace_oid(c"identity_sync".as_ptr(), true);
@@ -391,7 +476,7 @@ unsafe fn capture_keys_directly(
         // Columns of identity_sync.change: id, source_id, op, keys, at.
         let mut values = [
             id.into_datum().unwrap_or(pg_sys::Datum::from(0)),
-            pg_sys::Datum::from(args.source_id),
+            pg_sys::Datum::from(source_id),
             pgrx::IntoDatum::into_datum(op).unwrap_or(pg_sys::Datum::from(0)),
             pg_sys::Datum::from(array),
             pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp()),
@@ -401,7 +486,7 @@ unsafe fn capture_keys_directly(
         pg_sys::simple_heap_insert(outbox, tuple);
         pg_sys::table_close(outbox, pg_sys::NoLock as pg_sys::LOCKMODE);
     }
-    Ok(true)
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

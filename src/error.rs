@@ -10,6 +10,7 @@
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
+use std::borrow::Cow;
 
 /// Everything the Rust side reports to the user.
 #[derive(Debug, thiserror::Error)]
@@ -27,8 +28,9 @@ pub enum Error {
     Busy(String),
 
     /// An error PostgreSQL raised inside SQL a user wrote (a mapping, rule, owners or login
-    /// expression being checked), raised again with its own SQLSTATE and hint, and a DETAIL that
-    /// points into the user's text.
+    /// expression being checked or evaluated, src/evaluate.rs), raised again with its own
+    /// SQLSTATE and hint, and a DETAIL that points into the user's text; when evaluated, the
+    /// message starts with the expression's name.
     #[error("{message}")]
     InUserSql {
         code: PgSqlErrorCode,
@@ -101,9 +103,45 @@ pub enum Error {
     )]
     OutboxChanged { detail: String, hint: String },
 
+    /// User SQL ran past its bound (src/evaluate.rs): cancelled, as `statement_timeout` cancels.
+    #[error("{what} timed out after {}", duration(*after_ms))]
+    TimedOut {
+        what: String,
+        after_ms: i32,
+        /// What sets the bound (`identity_sync.capture_timeout`, a target's option).
+        setting: String,
+    },
+
+    /// User SQL that would write, refused when configured, before it runs.
+    #[error("{what} must not modify data")]
+    WritesData { what: String, detail: String },
+
+    /// A user query of several statements, refused when configured.
+    #[error("{what} must be a single statement")]
+    NotOneStatement { what: String, statements: i32 },
+
+    /// The role of `identity_sync.run_as` cannot evaluate user SQL: it does not exist, or it is
+    /// a superuser.
+    #[error("role \"{role}\" of identity_sync.run_as {problem}")]
+    RunAs { role: String, problem: &'static str },
+
     /// SPI failed where no user input is involved.
     #[error("identity_sync: {0}")]
     Spi(#[from] pgrx::spi::Error),
+
+    /// Something no input can cause (identity_sync called its own function wrongly): a bug.
+    #[error("identity_sync: {0}")]
+    Internal(String),
+}
+
+/// `1500` → `1.5s`, `30000` → `30s`, `120000` → `2min`: a duration as PostgreSQL shows one.
+pub fn duration(ms: i32) -> String {
+    match ms {
+        m if m % 60_000 == 0 && m > 0 => format!("{}min", m / 60_000),
+        m if m % 1000 == 0 => format!("{}s", m / 1000),
+        m if m > 1000 => format!("{}s", f64::from(m) / 1000.0),
+        m => format!("{m}ms"),
+    }
 }
 
 impl Error {
@@ -121,12 +159,28 @@ impl Error {
             Error::KeyColumnMissing { .. } => ERRCODE_UNDEFINED_COLUMN,
             Error::OutboxMissing { .. } => ERRCODE_UNDEFINED_TABLE,
             Error::OutboxChanged { .. } => ERRCODE_INVALID_OBJECT_DEFINITION,
-            Error::Spi(_) => ERRCODE_INTERNAL_ERROR,
+            Error::TimedOut { .. } => ERRCODE_QUERY_CANCELED,
+            Error::WritesData { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
+            Error::NotOneStatement { .. } => ERRCODE_SYNTAX_ERROR,
+            Error::RunAs { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            Error::Spi(_) | Error::Internal(_) => ERRCODE_INTERNAL_ERROR,
         }
     }
 
     /// The DETAIL of this error, if it has one.
-    pub fn detail(&self) -> Option<&str> {
+    pub fn detail(&self) -> Option<Cow<'_, str>> {
+        let own = match self {
+            Error::TimedOut { setting, .. } => {
+                Some(format!("Each evaluation is bounded by {setting}."))
+            }
+            Error::NotOneStatement { statements, .. } => {
+                Some(format!("It holds {statements} statements."))
+            }
+            _ => None,
+        };
+        if let Some(d) = own {
+            return Some(Cow::Owned(d));
+        }
         match self {
             Error::NoWorker { detail, .. }
             | Error::InUserSql { detail, .. }
@@ -136,15 +190,21 @@ impl Error {
             | Error::SourceMismatch { detail, .. }
             | Error::KeyColumnMissing { detail, .. }
             | Error::OutboxMissing { detail, .. }
-            | Error::OutboxChanged { detail, .. } => Some(detail),
-            Error::InvalidPath { .. } | Error::Busy(_) | Error::Spi(_) => None,
+            | Error::OutboxChanged { detail, .. }
+            | Error::WritesData { detail, .. } => Some(detail),
+            _ => None,
         }
         .filter(|d| !d.is_empty())
-        .map(String::as_str)
+        .map(|d| Cow::Borrowed(d.as_str()))
     }
 
     /// The HINT of this error, if it has one.
-    pub fn hint(&self) -> Option<&str> {
+    pub fn hint(&self) -> Option<Cow<'_, str>> {
+        if let Error::TimedOut { setting, .. } = self {
+            return Some(Cow::Owned(format!(
+                "Make the expression faster (does its subquery have an index?), or raise {setting}."
+            )));
+        }
         match self {
             Error::NoWorker { hint, .. }
             | Error::AffectedQuery { hint, .. }
@@ -156,19 +216,30 @@ impl Error {
             | Error::OutboxChanged { hint, .. } => Some(hint.as_str()),
             Error::InUserSql { hint, .. } => hint.as_deref(),
             Error::Busy(_) => Some("Wait for the running reconciles, then try again."),
-            Error::InvalidPath { .. } | Error::Spi(_) => None,
+            Error::WritesData { .. } => Some(
+                "identity_sync evaluates user SQL read-only: write a query or expression that only reads.",
+            ),
+            Error::NotOneStatement { .. } => Some("Write one query; a semicolon ends it."),
+            Error::RunAs { .. } => Some(
+                "identity_sync evaluates user SQL as the role named by identity_sync.run_as (postgresql.conf), which must exist and must not be a superuser; CREATE EXTENSION creates identity_sync_evaluator for it.",
+            ),
+            Error::TimedOut { .. }
+            | Error::InvalidPath { .. }
+            | Error::Spi(_)
+            | Error::Internal(_) => None,
         }
         .filter(|h| !h.is_empty())
+        .map(Cow::Borrowed)
     }
 
     /// Raise this error as a PostgreSQL ERROR with its SQLSTATE, DETAIL and HINT.
     pub fn report(self) -> ! {
         let mut report = ErrorReport::new(self.code(), self.to_string(), "identity_sync");
         if let Some(detail) = self.detail() {
-            report = report.set_detail(detail.to_string());
+            report = report.set_detail(detail.into_owned());
         }
         if let Some(hint) = self.hint() {
-            report = report.set_hint(hint.to_string());
+            report = report.set_hint(hint.into_owned());
         }
         report.report(PgLogLevel::ERROR);
         unreachable!("ERROR does not return")
@@ -241,6 +312,23 @@ mod tests {
             Error::OutboxChanged {
                 detail: s("D."),
                 hint: s("H."),
+            },
+            Error::TimedOut {
+                what: s("mapping \"title\""),
+                after_ms: 1500,
+                setting: s("identity_sync.statement_timeout"),
+            },
+            Error::WritesData {
+                what: s("affected query"),
+                detail: s("It contains a DELETE."),
+            },
+            Error::NotOneStatement {
+                what: s("affected query"),
+                statements: 2,
+            },
+            Error::RunAs {
+                role: s("postgres"),
+                problem: "is a superuser",
             },
         ]
     }

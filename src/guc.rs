@@ -19,6 +19,16 @@ pub static HTTP_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
 /// How long delivered (`done`) events are kept, in minutes; 0 keeps them forever.
 pub static EVENT_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 60);
+/// The role user SQL (mappings, rules, affected queries, owners, the login expression, view
+/// sources) is evaluated as: never a superuser (src/evaluate.rs). Only the server's
+/// configuration sets it (SIGHUP), so no session can point it at a more powerful role.
+pub static RUN_AS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"identity_sync_evaluator"));
+/// Bound of one evaluation of user SQL, in milliseconds (a target's `statement_timeout`
+/// option overrides it for that target's mappings and rules).
+pub static STATEMENT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+/// Bound of a related source's affected query inside the HR write, in milliseconds.
+pub static CAPTURE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 
 pub fn init() {
     // A postmaster-level setting can only be defined while preloading; a backend that loads
@@ -96,6 +106,34 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MIN,
     );
+    GucRegistry::define_string_guc(
+        c"identity_sync.run_as",
+        c"Role that evaluates user SQL: mappings, rules, affected queries, owners, the login expression.",
+        c"Never a superuser; grant it SELECT on the HR tables the expressions read.",
+        &RUN_AS,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"identity_sync.statement_timeout",
+        c"Longest one evaluation of user SQL may take.",
+        c"A target's statement_timeout option overrides it for the target's mappings and rules.",
+        &STATEMENT_TIMEOUT,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"identity_sync.capture_timeout",
+        c"Longest a related source's affected query may take inside an HR write.",
+        c"Past it the HR write goes on and every person is planned again instead.",
+        &CAPTURE_TIMEOUT,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
 }
 
 /// The database the worker serves.
@@ -104,6 +142,20 @@ pub fn database() -> String {
         .get()
         .and_then(|s| s.into_string().ok())
         .unwrap_or_else(|| "postgres".to_string())
+}
+
+/// The role named by `identity_sync.run_as`.
+pub fn run_as() -> String {
+    RUN_AS
+        .get()
+        .and_then(|s| s.into_string().ok())
+        .unwrap_or_default()
+}
+
+/// `identity_sync.statement_timeout` for SQL: the default bound of a target's evaluations.
+#[pg_extern(stable, parallel_safe, name = "_statement_timeout")]
+fn statement_timeout() -> Interval {
+    Interval::from_micros(i64::from(STATEMENT_TIMEOUT.get()) * 1000)
 }
 
 /// `identity_sync.max_attempts` for SQL (calling it loads the library, so the setting is

@@ -10,6 +10,7 @@ mod capture;
 mod config;
 mod deliver;
 mod error;
+mod evaluate;
 mod guc;
 mod reconcile;
 mod selfservice;
@@ -19,9 +20,10 @@ mod status;
 ::pgrx::pg_module_magic!(name, version);
 
 /// The SQL files between the first and the last, in load order: each `requires` the one before
-/// it, and the Rust functions it grants, comments or alters (so those are created before it).
+/// it, and the Rust functions (or `extension_sql!` names) it grants, comments or alters (so those
+/// are created before it).
 macro_rules! sql_in_load_order {
-    ($previous:tt; $file:tt as $name:tt $(requires [$($function:ident),*])?; $($rest:tt)*) => {
+    ($previous:tt; $file:tt as $name:tt $(requires [$($function:tt),*])?; $($rest:tt)*) => {
         pgrx::extension_sql_file!($file, name = $name, requires = [$previous $($(, $function)*)?]);
         sql_in_load_order!($name; $($rest)*);
     };
@@ -32,7 +34,7 @@ macro_rules! sql_in_load_order {
 pgrx::extension_sql_file!("../sql/00_schema.sql", name = "schema", bootstrap);
 sql_in_load_order! {
     "schema";
-    "../sql/10_config.sql" as "config" requires [normalize_diacritics, slug, name_variants];
+    "../sql/10_config.sql" as "config" requires [normalize_diacritics, slug, name_variants, "expression_marker"];
     "../sql/20_capture.sql" as "capture" requires [_capture];
     "../sql/30_plan/00_person.sql" as "plan_person";
     "../sql/30_plan/10_compile.sql" as "plan_compile";

@@ -157,6 +157,7 @@ mod tests {
         Spi::run(
             "CREATE TABLE ss_person (id int PRIMARY KEY);
              INSERT INTO ss_person VALUES (1);
+             GRANT SELECT ON ss_person TO identity_sync_evaluator;
              SELECT identity_sync.add_person_source('ss_person', 'id');
              SELECT identity_sync.set_login($$'ss_role_' || person.id::text$$);",
         )

@@ -69,12 +69,12 @@ fn bulk_update_writes_one_outbox_row_and_each_person_once() {
     // sources are registered: the loader drops and creates the tables, which identity_sync
     // refuses for registered sources.)
     let mut c = sample_db(DB, "large");
-    c.batch_execute(
+    c.batch_execute(&format!(
         "SET client_min_messages = warning;
-         CREATE EXTENSION identity_sync;
+         CREATE EXTENSION identity_sync; {EVALUATOR_GRANTS}
          SELECT identity_sync.add_person_source('employee', 'emp_no');
-         SELECT identity_sync.add_contract_source('dept_emp', 'emp_no', 'from_date', 'to_date');",
-    )
+         SELECT identity_sync.add_contract_source('dept_emp', 'emp_no', 'from_date', 'to_date');"
+    ))
     .unwrap();
     c.batch_execute(
         "UPDATE dept_emp SET from_date = from_date
@@ -446,6 +446,8 @@ fn quoted_mixed_case_and_spaced_identifiers() {
         "CREATE SCHEMA \"HR Data\";
          CREATE TABLE \"HR Data\".\"People List\" (\"Person Key\" text PRIMARY KEY, \"Given Name\" text);
          CREATE TABLE \"HR Data\".\"Job\" (\"Person Key\" text, \"Start\" date, \"End\" date);
+         GRANT USAGE ON SCHEMA \"HR Data\" TO identity_sync_evaluator;
+         GRANT SELECT ON ALL TABLES IN SCHEMA \"HR Data\" TO identity_sync_evaluator;
          SELECT identity_sync.add_person_source('\"HR Data\".\"People List\"', 'Person Key');
          SELECT identity_sync.add_contract_source('\"HR Data\".\"Job\"', 'Person Key', 'Start', 'End');
          INSERT INTO \"HR Data\".\"People List\" VALUES ('a''b \"c\"', 'Ann');
@@ -553,13 +555,13 @@ fn commit_wakes_the_worker() {
     // identity_sync refuses while they are registered sources.)
     drop_extension(&mut c);
     load_employees(&mut c, "small");
-    c.batch_execute(
+    c.batch_execute(&format!(
         "SET client_min_messages = warning;
-         CREATE EXTENSION identity_sync;
+         CREATE EXTENSION identity_sync; {EVALUATOR_GRANTS}
          SELECT identity_sync.add_person_source('employee', 'emp_no');
-         SELECT identity_sync.add_target('quiet', 'webhook', 'http://127.0.0.1:9/never', '{\"dry_run\": true}');
-         SELECT identity_sync.add_rule('quiet', 'all', 'true');",
-    )
+         SELECT identity_sync.add_target('quiet', 'webhook', 'http://127.0.0.1:9/never', '{{\"dry_run\": true}}');
+         SELECT identity_sync.add_rule('quiet', 'all', 'true');"
+    ))
     .unwrap();
     let _guard = NaptimeGuard;
     c.batch_execute("ALTER SYSTEM SET identity_sync.naptime = '1h'")

@@ -14,15 +14,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Fresh state in the worker's database: the small employees sample and its sources; the
-/// extension is dropped again when the returned guard goes.
-fn fresh() -> (DropExtension, Client) {
-    let cleanup = DropExtension;
-    let mut c = db();
-    reset_with_sample(&mut c, "small", "");
-    (cleanup, c)
-}
-
 /// A folder the server's OS user can read, removed on drop.
 struct SecretDir(PathBuf);
 
@@ -110,7 +101,7 @@ fn all_a_reader_can_read(c: &mut Client) -> String {
 /// error in status.last_error, and the worker keeps running.
 #[test]
 fn secrets_in_files_never_appear_anywhere() {
-    let (_cleanup, mut c) = fresh();
+    let (_cleanup, mut c) = fresh_small_sample();
     let _log = LogAllStatements::on(&mut c);
     let scim = ScimServer::start();
     let hooks = WebhookReceiver::start();
@@ -235,7 +226,7 @@ fn secrets_in_files_never_appear_anywhere() {
 /// a clear error.
 #[test]
 fn http_hardening() {
-    let (_cleanup, mut c) = fresh();
+    let (_cleanup, mut c) = fresh_small_sample();
     let (code, message, _, hint) = error_parts(
         &mut c,
         "SELECT identity_sync.add_target('far', 'webhook', 'http://far.invalid/hook')",
@@ -286,7 +277,7 @@ fn http_hardening() {
 /// first success ends the quarantine and delivers everything.
 #[test]
 fn a_target_that_refuses_everything_is_quarantined_and_recovers() {
-    let (_cleanup, mut c) = fresh();
+    let (_cleanup, mut c) = fresh_small_sample();
     let hooks = WebhookReceiver::start_with(|_| Response::status(401));
     exec(
         &mut c,

@@ -73,7 +73,7 @@ fn setup(cluster: &Cluster, scim: &ScimServer) -> Client {
         &mut hr,
         &format!(
             "SET client_min_messages = warning;
-             CREATE EXTENSION identity_sync;
+             CREATE EXTENSION identity_sync; {EVALUATOR_GRANTS}
              SELECT identity_sync.add_person_source('employee', 'emp_no');
              SELECT identity_sync.add_contract_source('dept_emp', 'emp_no', 'from_date', 'to_date');
              SELECT identity_sync.add_target('scim', 'scim', '{url}',

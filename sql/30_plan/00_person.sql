@@ -90,7 +90,9 @@ BEGIN
                    CASE WHEN has_contracts THEN '_enabled' ELSE 'true' END,
                    identity_sync._from_clause());
     PERFORM identity_sync._use_user_search_path();
-    EXECUTE q INTO doc USING ARRAY[person_key], identity_sync._today(), 0;
+    -- As identity_sync.run_as, read-only (src/evaluate.rs): the sources may be views, and the
+    -- primary contract order is user SQL.
+    doc := identity_sync._evaluate(q, NULL::jsonb, ARRAY['person document'], ARRAY[person_key], identity_sync._today(), 0);
     RETURN doc;
 END
 $$;

@@ -12,6 +12,33 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT 'person_key, rules, groups, attributes, exists_now, enabled_now, creatable_now'
 $$;
 
+-- A row of a compiled query, as _evaluate_compiled returns them (the same columns, in order).
+CREATE TYPE identity_sync._desired_row AS (
+    person_key text, rules text[], groups text[], attributes jsonb,
+    exists_now boolean, enabled_now boolean, creatable_now boolean);
+
+-- The user expressions of a target's compiled query, numbered as its markers are
+-- (identity_sync._at(n) runs before expression n, src/evaluate.rs): rules by name, then
+-- mappings by position. _compile builds the query from them; an error or timeout names them.
+CREATE FUNCTION identity_sync._compiled_expressions(target_id int)
+RETURNS TABLE (n int, kind text, name text, expression text, groups text[])
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT (row_number() OVER (ORDER BY x.k, x.rule_name, x.position))::int, x.kind, x.name, x.expression, x.groups
+      FROM (SELECT 1 AS k, r.name AS rule_name, NULL::int AS position, 'rule' AS kind, r.name, r.condition AS expression, r.groups
+              FROM identity_sync.rule r WHERE r.target_id = _compiled_expressions.target_id
+            UNION ALL
+            SELECT 2, NULL, m.position, 'mapping', m.attribute, m.expression, NULL
+              FROM identity_sync.mapping m WHERE m.target_id = _compiled_expressions.target_id) AS x
+$$;
+
+-- Names of the compiled query's parts for _evaluate: [1] what runs between expressions (the
+-- person document: sources, primary contract order), [n + 1] expression n.
+CREATE FUNCTION identity_sync._compiled_names(target_id int) RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT ARRAY['person document'] || ARRAY(SELECT format('%s "%s"', e.kind, e.name)
+                                               FROM identity_sync._compiled_expressions(target_id) AS e ORDER BY e.n)
+$$;
+
 CREATE FUNCTION identity_sync._compile(target_id int)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -28,31 +55,77 @@ BEGIN
         UPDATE identity_sync.target SET compiled = NULL WHERE id = target_id;
         RETURN;
     END IF;
-    FOR r IN SELECT * FROM identity_sync.rule WHERE rule.target_id = t.id ORDER BY name LOOP
-        rules := rules || format(' || CASE WHEN (%s%s) THEN %L::text END', r.condition, E'\n', r.name);
-        groups := groups || format(' || CASE WHEN (%s%s) THEN %L::text[] END', r.condition, E'\n', r.groups);
-    END LOOP;
-    FOR r IN SELECT * FROM identity_sync.mapping WHERE mapping.target_id = t.id ORDER BY position LOOP
-        pairs := pairs || format('%L, to_jsonb((%s%s))', r.attribute, r.expression, E'\n');
-        IF cardinality(pairs) = 50 THEN
-            attrs := attrs || ' || jsonb_build_object(' || array_to_string(pairs, ', ') || ')';
-            pairs := '{}';
+    -- Each expression is preceded by its marker, so that an error or a timeout names it; a
+    -- rule's condition is evaluated for its name and for its groups.
+    FOR r IN SELECT * FROM identity_sync._compiled_expressions(t.id) ORDER BY n LOOP
+        IF r.kind = 'rule' THEN
+            rules := rules || format(' || CASE WHEN NOT identity_sync._at(%s) THEN NULL WHEN (%s%s) THEN %L::text END',
+                                     r.n, r.expression, E'\n', r.name);
+            groups := groups || format(' || CASE WHEN NOT identity_sync._at(%s) THEN NULL WHEN (%s%s) THEN %L::text[] END',
+                                       r.n, r.expression, E'\n', r.groups);
+        ELSE
+            pairs := pairs || format('%L, CASE WHEN identity_sync._at(%s) THEN to_jsonb((%s%s)) END',
+                                     r.name, r.n, r.expression, E'\n');
+            IF cardinality(pairs) = 50 THEN
+                attrs := attrs || ' || jsonb_build_object(' || array_to_string(pairs, ', ') || ')';
+                pairs := '{}';
+            END IF;
         END IF;
     END LOOP;
     IF cardinality(pairs) > 0 THEN
         attrs := attrs || ' || jsonb_build_object(' || array_to_string(pairs, ', ') || ')';
     END IF;
+    -- (The last column marks the row's expressions done: what runs until the next row's first
+    -- expression is the person document.)
     sql := format('SELECT %s AS person_key, array_remove(%s, NULL) AS rules, '
                   'ARRAY(SELECT DISTINCT g FROM unnest(%s) AS g WHERE g IS NOT NULL ORDER BY g) AS groups, '
-                  '%s AS attributes, _exists AS exists_now, _enabled AS enabled_now, _creatable AS creatable_now ',
+                  '%s AS attributes, _exists AS exists_now, _enabled AS enabled_now, '
+                  'CASE WHEN identity_sync._at(0) THEN _creatable END AS creatable_now ',
                   identity_sync._person_key_expr(), rules, groups, attrs)
            || identity_sync._from_clause(t.options);
-    -- Parse and plan it once now, so a broken configuration never reaches the worker; by the
-    -- column names _desired inserts.
+    -- Parse and plan it once now, as the worker will run it (_evaluate_compiled), so a broken
+    -- configuration never reaches the worker.
+    t.compiled := sql;
+    PERFORM identity_sync._evaluate_compiled(t, '{}', CURRENT_DATE, 0);
+    -- (unchanged text: no write, so recompiling after DDL on a source locks no target row; a
+    -- target whose planning failed is tried again at once with a new configuration)
+    UPDATE identity_sync.target
+       SET compiled = sql, plan_retry_at = CASE WHEN plan_retry_at IS NOT NULL THEN now() END
+     WHERE id = t.id AND compiled IS DISTINCT FROM sql;
+END
+$$;
+
+-- Evaluate target t's compiled query for `keys` on `today` at `iteration`: as the role of
+-- identity_sync.run_as, read-only, bounded by the target's statement_timeout (src/evaluate.rs).
+-- An error names the mapping or rule it came from.
+CREATE FUNCTION identity_sync._evaluate_compiled(t identity_sync.target, keys text[], today date, iteration int)
+RETURNS identity_sync._desired_row[] LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
     PERFORM identity_sync._use_user_search_path();
-    EXECUTE format('SELECT %s FROM (%s) AS q', identity_sync._compiled_columns(), sql) USING '{}'::text[], CURRENT_DATE, 0;
-    -- (unchanged text: no write, so recompiling after DDL on a source locks no target row)
-    UPDATE identity_sync.target SET compiled = sql WHERE id = t.id AND compiled IS DISTINCT FROM sql;
+    RETURN identity_sync._evaluate(
+        format('SELECT coalesce(array_agg(ROW(%1$s)::identity_sync._desired_row), ''{}'') FROM (%2$s) AS q',
+               identity_sync._compiled_columns(), t.compiled),
+        NULL::identity_sync._desired_row[], identity_sync._compiled_names(t.id), keys, today, iteration,
+        timeout_ms => identity_sync._statement_timeout_ms(t.options),
+        setting => identity_sync._statement_timeout_setting(t));
+END
+$$;
+
+-- Which expression of target t fails before any of them runs (a permission check as the
+-- executor starts, a function the planner folds): the first whose own check fails, or NULL.
+CREATE FUNCTION identity_sync._blame(t identity_sync.target) RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    e record;
+BEGIN
+    FOR e IN SELECT * FROM identity_sync._compiled_expressions(t.id) ORDER BY n LOOP
+        BEGIN
+            PERFORM identity_sync._check_user_expression(t, e.expression, e.kind);
+        EXCEPTION WHEN OTHERS THEN
+            RETURN format('%s "%s"', e.kind, e.name);
+        END;
+    END LOOP;
+    RETURN NULL;
 END
 $$;
 

@@ -1,6 +1,8 @@
 -- Desired state of `keys` in target `t` into pg_temp._is_desired, unique values resolved.
 -- With record_errors, per-person failures go to _plan_error; otherwise they are returned in
--- the error column only (preview).
+-- the error column only (preview). The compiled query runs isolated (_evaluate_compiled): a
+-- timeout, or an error before any expression ran, is the target's and raised (60_plan.sql
+-- defers the target); an error in an expression is tried person by person.
 CREATE FUNCTION identity_sync._desired(t identity_sync.target, keys text[], today date, record_errors boolean)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -10,9 +12,12 @@ DECLARE
     conflicted text[];
     it int;
     loops int;
+    culprit text;
+    detail text;
+    hint text;
     -- The compiled query's columns, by name (_compiled_columns, 30_plan/10_compile.sql).
-    ins text := format('INSERT INTO pg_temp._is_desired (%1$s) SELECT %1$s FROM (%2$s) AS q',
-                       identity_sync._compiled_columns(), t.compiled);
+    ins text := format('INSERT INTO pg_temp._is_desired (%1$s) SELECT %1$s FROM unnest($1) AS q',
+                       identity_sync._compiled_columns());
 BEGIN
     IF to_regclass('pg_temp._is_desired') IS NULL THEN
         CREATE TEMP TABLE _is_desired (
@@ -24,16 +29,27 @@ BEGIN
     IF t.compiled IS NULL THEN
         RETURN;
     END IF;
-    PERFORM identity_sync._use_user_search_path();
     BEGIN
-        EXECUTE ins USING keys, today, 0;
-    EXCEPTION WHEN OTHERS THEN
+        EXECUTE ins USING identity_sync._evaluate_compiled(t, keys, today, 0);
+    EXCEPTION WHEN query_canceled THEN
+        -- Timed out (or cancelled): persons one by one would each take as long.
+        RAISE;
+    WHEN OTHERS THEN
+        IF identity_sync._failed_at() < 0 THEN
+            -- Before any expression ran (a permission check as the executor started): the same
+            -- for every person; named by checking the expressions one by one.
+            GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
+            culprit := identity_sync._blame(t);
+            PERFORM identity_sync._raise(SQLSTATE, coalesce(culprit || ': ', '') || SQLERRM, detail, hint);
+        END IF;
         -- One person's data broke the batch (say a subquery returned two rows): evaluate
         -- persons one by one so that only that person fails.
         FOREACH k IN ARRAY keys LOOP
             BEGIN
-                EXECUTE ins USING ARRAY[k], today, 0;
-            EXCEPTION WHEN OTHERS THEN
+                EXECUTE ins USING identity_sync._evaluate_compiled(t, ARRAY[k], today, 0);
+            EXCEPTION WHEN query_canceled THEN
+                RAISE;
+            WHEN OTHERS THEN
                 INSERT INTO pg_temp._is_desired (person_key, error) VALUES (k, SQLERRM);
             END;
         END LOOP;
@@ -90,12 +106,13 @@ BEGIN
                      WHERE d.person_key = ANY (conflicted) AND d.iteration + 1 = it;
                     CONTINUE;
                 END IF;
-                EXECUTE format('UPDATE pg_temp._is_desired d SET attributes = d.attributes || jsonb_build_object(%L, q.attributes->%L), iteration = $4 '
-                               'FROM (%s) AS q WHERE q.person_key = d.person_key',
-                               m.attribute, m.attribute, t.compiled)
-                  USING ARRAY(SELECT d.person_key FROM pg_temp._is_desired d
-                               WHERE d.person_key = ANY (conflicted) AND d.iteration + 1 = it),
-                        today, it, it;
+                UPDATE pg_temp._is_desired d
+                   SET attributes = d.attributes || jsonb_build_object(m.attribute, q.attributes->m.attribute), iteration = it
+                  FROM unnest(identity_sync._evaluate_compiled(
+                           t, ARRAY(SELECT x.person_key FROM pg_temp._is_desired x
+                                     WHERE x.person_key = ANY (conflicted) AND x.iteration + 1 = it),
+                           today, it)) AS q
+                 WHERE q.person_key = d.person_key;
             END LOOP;
         END LOOP;
     END LOOP;

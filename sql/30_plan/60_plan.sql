@@ -19,8 +19,20 @@ RETURNS int LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
         INSERT INTO identity_sync._dirty (person_key, target_id, source_id, op, first_at)
         SELECT key, 0, source_id, op, at FROM k
         ON CONFLICT DO NOTHING
+        RETURNING 1),
+    -- A related source whose affected query ran past identity_sync.capture_timeout in the HR
+    -- write recorded no keys (src/capture.rs): everybody is planned instead.
+    everyone AS (
+        SELECT c.source_id, c.at FROM c WHERE c.op = 'affected_timeout' ORDER BY c.at LIMIT 1),
+    all_ins AS (
+        INSERT INTO identity_sync._dirty (person_key, target_id, source_id, op, first_at)
+        SELECT x.key, 0, e.source_id, 'affected_timeout', e.at
+          FROM everyone e
+         -- (lateral: the person source is read only when there is such a row)
+         CROSS JOIN LATERAL (SELECT unnest(identity_sync._all_person_keys()) AS key WHERE e.at IS NOT NULL) AS x
+        ON CONFLICT DO NOTHING
         RETURNING 1)
-    SELECT count(*)::int FROM k
+    SELECT (SELECT count(*) FROM k)::int + (SELECT count(*) FROM all_ins)::int
 $$;
 
 -- Person keys referenced by attribute values made with identity_sync.person_ref().
@@ -201,8 +213,70 @@ BEGIN
 END
 $$;
 
+-- A target whose planning failed (60_plan.sql, _plan): the error, attempts in a row and the
+-- next attempt (core's backoff, _retry_delay); its persons wait in _deferred meanwhile.
+CREATE FUNCTION identity_sync._plan_failed(t identity_sync.target, message text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    retry_at timestamptz := now() + identity_sync._retry_delay(t.plan_failures + 1);
+BEGIN
+    UPDATE identity_sync.target
+       SET plan_failures = plan_failures + 1, plan_failed_at = coalesce(plan_failed_at, now()),
+           plan_error = message, plan_retry_at = retry_at
+     WHERE id = t.id;
+    PERFORM identity_sync._defer(t.id);
+    IF t.plan_failed_at IS NULL THEN
+        RAISE WARNING 'identity_sync: planning target "%" failed: %', t.name, message
+            USING DETAIL = 'Other targets go on; this one is tried again with backoff (status shows it).';
+    ELSE
+        RAISE LOG 'identity_sync: planning target "%" failed again (attempt %): %', t.name, t.plan_failures + 1, message;
+    END IF;
+END
+$$;
+
+-- The persons of this batch (pg_temp._is_batch) for target `target_id` wait for its next plan
+-- attempt.
+CREATE FUNCTION identity_sync._defer(target_id int)
+RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO identity_sync._deferred (target_id, person_key, source_id, op, first_at)
+    SELECT DISTINCT ON (b.person_key) _defer.target_id, b.person_key, b.source_id, b.op, b.first_at
+      FROM pg_temp._is_batch b WHERE b.target_id IN (0, _defer.target_id)
+     ORDER BY b.person_key, b.first_at
+    ON CONFLICT (target_id, person_key) DO NOTHING
+$$;
+
+-- Deferred persons of targets whose next plan attempt is due go back to the dirty set: a
+-- batch's worth while the target still fails (one attempt per retry), all once it plans again.
+CREATE FUNCTION identity_sync._undefer(batch_size int)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target;
+BEGIN
+    FOR t IN SELECT x.* FROM identity_sync.target x
+              WHERE (x.plan_retry_at IS NULL OR x.plan_retry_at <= now())
+                AND EXISTS (SELECT FROM identity_sync._deferred d WHERE d.target_id = x.id) LOOP
+        WITH back AS (
+            DELETE FROM identity_sync._deferred d
+             WHERE d.target_id = t.id
+               AND (t.plan_failed_at IS NULL
+                    OR d.person_key IN (SELECT y.person_key FROM identity_sync._deferred y
+                                         WHERE y.target_id = t.id ORDER BY y.first_at LIMIT batch_size))
+            RETURNING d.*)
+        INSERT INTO identity_sync._dirty (person_key, target_id, source_id, op, first_at)
+        SELECT person_key, target_id, source_id, op, first_at FROM back
+        ON CONFLICT DO NOTHING;
+    END LOOP;
+END
+$$;
+
 -- One planner transaction: claim outbox rows and a batch of dirty persons, plan every target.
 -- Returns the number of persons planned (0: nothing was dirty).
+--
+-- Each target is planned in a subtransaction of its own: a target whose user SQL times out or
+-- fails as a whole (a mapping past statement_timeout, an error before any expression ran) is
+-- marked failing and its persons deferred (_plan_failed), and the others are planned as if it
+-- were not there. It is tried again with backoff, or at once after a configuration change
+-- (_compile) or retry(target).
 CREATE FUNCTION identity_sync._plan(batch_size int DEFAULT 1000)
 RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -219,18 +293,20 @@ BEGIN
     -- go from 0.2 s to 18 s). For this transaction only: delivery keeps its cached plans.
     PERFORM pg_catalog.set_config('plan_cache_mode', 'force_custom_plan', true);
     PERFORM identity_sync._claim_changes(greatest(batch_size / 10, 10));
+    PERFORM identity_sync._undefer(batch_size);
     IF to_regclass('pg_temp._is_batch') IS NULL THEN
-        CREATE TEMP TABLE _is_batch (person_key text, target_id int) ON COMMIT DELETE ROWS;
+        CREATE TEMP TABLE _is_batch (person_key text, target_id int, source_id int, op text, first_at timestamptz)
+            ON COMMIT DELETE ROWS;
     END IF;
     DELETE FROM pg_temp._is_batch;
     WITH b AS (
         SELECT person_key, target_id FROM identity_sync._dirty
-         WHERE held_by IS NULL   -- a reconcile run plans those itself (70_reconcile.sql)
+         WHERE held_by IS NULL   -- a reconcile run plans those itself (48_reconcile.sql)
          ORDER BY first_at LIMIT batch_size FOR UPDATE SKIP LOCKED),
     d AS (
         DELETE FROM identity_sync._dirty x USING b
          WHERE x.person_key = b.person_key AND x.target_id = b.target_id
-        RETURNING x.person_key, x.target_id)
+        RETURNING x.person_key, x.target_id, x.source_id, x.op, x.first_at)
     INSERT INTO pg_temp._is_batch SELECT * FROM d;
     GET DIAGNOSTICS claimed = ROW_COUNT;
     IF claimed = 0 THEN
@@ -242,7 +318,31 @@ BEGIN
     FOR t IN SELECT * FROM identity_sync.target WHERE compiled IS NOT NULL ORDER BY id LOOP
         SELECT array_agg(DISTINCT person_key) INTO keys FROM pg_temp._is_batch WHERE target_id IN (0, t.id);
         CONTINUE WHEN keys IS NULL;
-        n_events := n_events + identity_sync._plan_target(t, keys, plan_id);
+        IF t.plan_retry_at > now() THEN
+            -- failing, and its next attempt is not due: its persons wait for it
+            PERFORM identity_sync._defer(t.id);
+            CONTINUE;
+        END IF;
+        BEGIN
+            n_events := n_events + identity_sync._plan_target(t, keys, plan_id);
+        EXCEPTION WHEN query_canceled THEN
+            -- (OTHERS does not catch a cancel: a timeout of our own is the target's failure,
+            -- any other cancel stops the whole plan)
+            IF NOT identity_sync._timed_out() THEN
+                RAISE;
+            END IF;
+            PERFORM identity_sync._plan_failed(t, SQLERRM);
+            CONTINUE;
+        WHEN OTHERS THEN
+            PERFORM identity_sync._plan_failed(t, SQLERRM);
+            CONTINUE;
+        END;
+        IF t.plan_failed_at IS NOT NULL THEN
+            UPDATE identity_sync.target
+               SET plan_failures = 0, plan_failed_at = NULL, plan_error = NULL, plan_retry_at = NULL
+             WHERE id = t.id;
+            RAISE LOG 'identity_sync: target "%" is planned again', t.name;
+        END IF;
     END LOOP;
     UPDATE identity_sync.plan_run SET events = n_events WHERE id = plan_id;
     RETURN claimed;
@@ -252,6 +352,7 @@ $$;
 -- Privileges: nothing for PUBLIC but what is granted below (_revoke_public_execute, 00_schema.sql).
 SELECT identity_sync._revoke_public_execute();
 
-GRANT EXECUTE ON FUNCTION identity_sync.person_ref(anyelement) TO identity_sync_reader;
+-- (and to the role user SQL runs as, identity_sync.run_as: mappings call it)
+GRANT EXECUTE ON FUNCTION identity_sync.person_ref(anyelement) TO identity_sync_reader, identity_sync_evaluator;
 
 COMMENT ON FUNCTION identity_sync.person_ref(anyelement) IS 'An attribute value referring to another person (e.g. manager): sent as that person''s account id in the target.';

@@ -52,10 +52,12 @@ BEGIN
     IF keys IS NOT NULL THEN
         RETURN keys[1];
     END IF;
+    -- As identity_sync.run_as, read-only, bounded (src/evaluate.rs).
     PERFORM identity_sync._use_user_search_path();
-    EXECUTE format('SELECT array_agg(k) FROM (SELECT person.%I::text AS k FROM %s AS person WHERE (%s)::text = $1 LIMIT 2) AS q',
-                   p.key_column, p.relation, expr)
-       INTO keys USING role;
+    keys := identity_sync._evaluate(
+        format('SELECT array_agg(k) FROM (SELECT person.%I::text AS k FROM %s AS person WHERE (%s)::text = $4[1] LIMIT 2) AS q',
+               p.key_column, p.relation, expr),
+        NULL::text[], ARRAY['login expression'], a4 => ARRAY[role]);
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     IF cardinality(keys) > 1 THEN
         RAISE EXCEPTION 'role "%" is the login of more than one person', role
@@ -101,7 +103,8 @@ RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_
 DECLARE
     p identity_sync.source;
     typ regtype;
-    dup record;
+    dup jsonb;
+    counts bigint[];
     persons bigint;
     with_role bigint;
 BEGIN
@@ -113,26 +116,33 @@ BEGIN
     PERFORM identity_sync._check_single_expression('expression', expression);
     PERFORM identity_sync._use_user_search_path();
     typ := identity_sync._check_expression(
-        'SELECT (' || expression || E'\n) AS v FROM ' || p.relation::text || ' AS person LIMIT 0', 8, expression);
+        'SELECT (' || expression || E'\n) AS v FROM ' || p.relation::text || ' AS person LIMIT 0', 8, expression,
+        'login expression');
     IF typ NOT IN ('text'::regtype, 'character varying'::regtype, 'name'::regtype, 'character'::regtype) THEN
         RAISE EXCEPTION 'the login expression must give a role name (text), not %', typ
             USING ERRCODE = 'datatype_mismatch', DETAIL = expression,
                   HINT = 'Cast it, e.g. ''emp_'' || person.emp_no::text.';
     END IF;
     -- A role must be the login of one person at most.
-    EXECUTE format('SELECT v, count(*) AS n, array_to_string((array_agg(k ORDER BY k))[1:5], '', '') AS keys FROM ('
-                   'SELECT (%s)::text AS v, person.%I::text AS k FROM %s AS person) AS q '
-                   'WHERE v IS NOT NULL GROUP BY v HAVING count(*) > 1 ORDER BY v LIMIT 1',
-                   expression, p.key_column, p.relation) INTO dup;
-    IF dup.v IS NOT NULL THEN
-        RAISE EXCEPTION 'the login expression gives role "%" to % persons', dup.v, dup.n
+    -- (Over every person, as identity_sync.run_as, read-only, bounded: src/evaluate.rs.)
+    dup := identity_sync._evaluate(
+        format('SELECT to_jsonb(d) FROM (SELECT v, count(*) AS n, array_to_string((array_agg(k ORDER BY k))[1:5], '', '') AS keys FROM ('
+               'SELECT (%s)::text AS v, person.%I::text AS k FROM %s AS person) AS q '
+               'WHERE v IS NOT NULL GROUP BY v HAVING count(*) > 1 ORDER BY v LIMIT 1) AS d',
+               expression, p.key_column, p.relation),
+        NULL::jsonb, ARRAY['login expression']);
+    IF dup IS NOT NULL THEN
+        RAISE EXCEPTION 'the login expression gives role "%" to % persons', dup->>'v', dup->>'n'
             USING ERRCODE = 'unique_violation',
-                  DETAIL = format('Persons %s%s.', dup.keys, CASE WHEN dup.n > 5 THEN format(' and %s more', dup.n - 5) ELSE '' END),
+                  DETAIL = format('Persons %s%s.', dup->>'keys', CASE WHEN (dup->>'n')::bigint > 5 THEN format(' and %s more', (dup->>'n')::bigint - 5) ELSE '' END),
                   HINT = 'Every person needs a role of their own; include the person key in the expression.';
     END IF;
-    EXECUTE format('SELECT count(*), count(r.oid) FROM (SELECT (%s)::text AS v FROM %s AS person) AS q '
-                   'LEFT JOIN pg_catalog.pg_roles r ON r.rolname = q.v', expression, p.relation)
-       INTO persons, with_role;
+    counts := identity_sync._evaluate(
+        format('SELECT ARRAY[count(*), count(r.oid)] FROM (SELECT (%s)::text AS v FROM %s AS person) AS q '
+               'LEFT JOIN pg_catalog.pg_roles r ON r.rolname = q.v', expression, p.relation),
+        NULL::bigint[], ARRAY['login expression']);
+    persons := counts[1];
+    with_role := counts[2];
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     PERFORM identity_sync._set_setting('set_login', 'login_expression', expression);
     IF persons > 10000 THEN

@@ -39,7 +39,7 @@ BEGIN
         q text := 'SELECT (' || owners || E'\n) AS v ' || identity_sync._owners_from(true) || ' LIMIT 0';
     BEGIN
         PERFORM identity_sync._use_user_search_path();
-        typ := identity_sync._check_expression(q, 8, owners);
+        typ := identity_sync._check_expression(q, 8, owners, 'owners condition');
         PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     END;
     IF typ <> 'boolean'::regtype THEN
@@ -59,11 +59,12 @@ DECLARE
     ps identity_sync.source := identity_sync._person_source();
     c identity_sync.source := identity_sync._contract_source();
     sql text;
+    pairs text[];
 BEGIN
-    sql := format('SELECT DISTINCT requester.%1$I::text, owner.%1$I::text %2$s WHERE owner.%1$I::text <> requester.%1$I::text ',
+    sql := format('SELECT DISTINCT requester.%1$I::text AS r, owner.%1$I::text AS o %2$s WHERE owner.%1$I::text <> requester.%1$I::text ',
                   ps.key_column, identity_sync._owners_from(p.owners ~* '\mowner_contract\M'));
     IF candidates IS NOT NULL THEN
-        sql := sql || 'AND ' || identity_sync._person_key_in('owner', 3) || ' ';
+        sql := sql || 'AND ' || identity_sync._person_key_in('owner', 4) || ' ';
     END IF;
     IF c.id IS NOT NULL THEN
         sql := sql || format('AND EXISTS (SELECT FROM %1$s AS c WHERE c.%2$I = owner.%3$I AND c.%4$I::date <= today '
@@ -71,9 +72,15 @@ BEGIN
                              c.relation, c.key_column, ps.key_column, c.starts_column, c.ends_column);
     END IF;
     sql := sql || 'AND (' || p.owners || E'\n)';
+    -- As identity_sync.run_as, read-only, bounded (src/evaluate.rs); the pairs come back as a
+    -- two-dimensional array.
     PERFORM identity_sync._use_user_search_path();
-    RETURN QUERY EXECUTE sql USING requesters, identity_sync._today(), candidates;
+    pairs := identity_sync._evaluate(
+        format('SELECT coalesce(array_agg(ARRAY[x.r, x.o]), ''{}'') FROM (%s) AS x', sql),
+        NULL::text[], ARRAY[format('owners condition of product "%s"', p.name)],
+        requesters, identity_sync._today(), a4 => candidates);
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    RETURN QUERY SELECT pairs[i][1], pairs[i][2] FROM generate_subscripts(pairs, 1) AS i;
 END
 $$;
 

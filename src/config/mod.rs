@@ -71,7 +71,7 @@ fn caret(expression: &str, pos: i32) -> String {
 /// columns. The user's expression starts after `offset` characters of `query`. An error is
 /// raised again with PostgreSQL's message and, when it points into the expression, the position
 /// inside the expression (not inside our generated query).
-fn probe(query: &str, offset: i32, expression: &str) -> (pg_sys::Oid, i32) {
+fn probe(query: &str, offset: i32, expression: &str, what: &str) -> (pg_sys::Oid, i32) {
     let len = expression.chars().count() as i32;
     let ctx = PositionContext { offset };
     POSITION.with(|p| p.set(None));
@@ -83,13 +83,28 @@ fn probe(query: &str, offset: i32, expression: &str) -> (pg_sys::Oid, i32) {
         };
         let _guard = ContextGuard(callback.previous);
         unsafe { pg_sys::error_context_stack = &mut callback };
-        let keys: Vec<String> = Vec::new();
-        let day: Option<pgrx::datum::Date> = None;
-        Spi::connect(|client| {
-            let table = client.select(query, Some(0), &[keys.into(), day.into(), 0i32.into()])?;
-            let columns = table.columns()? as i32;
-            let first = table.column_type_oid(1).map(|o| o.value())?;
-            Ok::<_, pgrx::spi::Error>((first, columns))
+        crate::evaluate::refuse_writes(query, expression, what);
+        let names = [what.to_string()];
+        let bound = crate::evaluate::Bound {
+            timeout_ms: crate::guc::STATEMENT_TIMEOUT.get(),
+            setting: "identity_sync.statement_timeout",
+            names: &names,
+            prefix: false,
+        };
+        crate::evaluate::isolated(&bound, || {
+            let keys: Vec<String> = Vec::new();
+            let day: Option<pgrx::datum::Date> = None;
+            let extra: Option<Vec<String>> = None;
+            Spi::connect(|client| {
+                let table = client.select(
+                    query,
+                    Some(0),
+                    &[keys.into(), day.into(), 0i32.into(), extra.into()],
+                )?;
+                let columns = table.columns()? as i32;
+                let first = table.column_type_oid(1).map(|o| o.value())?;
+                Ok::<_, pgrx::spi::Error>((first, columns))
+            })
         })
     })
     .catch_others(|e| {
@@ -131,16 +146,24 @@ fn probe(query: &str, offset: i32, expression: &str) -> (pg_sys::Oid, i32) {
     result.unwrap_or_else(|e| Error::from(e).report())
 }
 
-/// Check a user expression inside a generated probe query; returns the expression's type.
+/// Check a user expression (`what`: "mapping expression", "owners condition", …) inside a
+/// generated probe query, as `identity_sync.run_as` and read-only (src/evaluate.rs); returns
+/// the expression's type.
 #[pg_extern(volatile, parallel_unsafe, name = "_check_expression")]
-fn check_expression(query: &str, offset: i32, expression: &str) -> pg_sys::Oid {
-    probe(query, offset, expression).0
+fn check_expression(
+    query: &str,
+    offset: i32,
+    expression: &str,
+    what: default!(&str, "'expression'"),
+) -> pg_sys::Oid {
+    probe(query, offset, expression, what).0
 }
 
-/// Check a user query inside a generated probe query; returns its number of columns.
+/// Check a user query inside a generated probe query, like [`check_expression`]; returns its
+/// number of columns.
 #[pg_extern(volatile, parallel_unsafe, name = "_check_query")]
-fn check_query(query: &str, offset: i32, user_query: &str) -> i32 {
-    probe(query, offset, user_query).1
+fn check_query(query: &str, offset: i32, user_query: &str, what: default!(&str, "'query'")) -> i32 {
+    probe(query, offset, user_query, what).1
 }
 
 /// Validate a SCIM attribute path (`name.givenName`, `emails[type eq "work"].value`,
@@ -203,6 +226,7 @@ mod tests {
              CREATE TABLE job (person_id int, dept text, starts date, ends date);
              INSERT INTO person VALUES (1, 'Zoë', 'Ångström');
              INSERT INTO job VALUES (1, 'S', '2020-01-01', NULL);
+             GRANT SELECT ON person, job TO identity_sync_evaluator;
              SELECT identity_sync.add_person_source('person', 'id');
              SELECT identity_sync.add_contract_source('job', 'person_id', 'starts', 'ends');
              SELECT identity_sync.add_target('t', 'webhook', 'http://127.0.0.1:9/', '{\"dry_run\": true}');",

@@ -297,11 +297,20 @@ pub const SAMPLE_SOURCES: &str = "
     SELECT identity_sync.add_related_source('department',
            'SELECT de.emp_no FROM dept_emp de JOIN changed c USING (dept_no)');";
 
-/// `CREATE EXTENSION identity_sync`, the session's notices quieted (`client_min_messages`).
+/// What an administrator grants the role user SQL is evaluated as (`identity_sync.run_as`,
+/// README "Security"): SELECT on the HR tables, here those of schema public, now and later.
+pub const EVALUATOR_GRANTS: &str =
+    "GRANT SELECT ON ALL TABLES IN SCHEMA public TO identity_sync_evaluator;
+     ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO identity_sync_evaluator;";
+
+/// `CREATE EXTENSION identity_sync`, the session's notices quieted (`client_min_messages`), and
+/// [`EVALUATOR_GRANTS`].
 pub fn create_extension(c: &mut Client) {
     exec(
         c,
-        "SET client_min_messages = warning; CREATE EXTENSION identity_sync;",
+        &format!(
+            "SET client_min_messages = warning; CREATE EXTENSION identity_sync; {EVALUATOR_GRANTS}"
+        ),
     );
 }
 
@@ -328,6 +337,15 @@ pub fn reset_with_sample(c: &mut Client, size: &str, leftovers: &str) {
     exec(c, leftovers);
     load_employees(&mut *c, size);
     create_extension_with_sources(c);
+}
+
+/// The worker's database ([`db`]) reset to the small sample with its sources
+/// ([`reset_with_sample`]), and a guard that drops the extension again when the test ends.
+pub fn fresh_small_sample() -> (DropExtension, Client) {
+    let cleanup = DropExtension;
+    let mut c = db();
+    reset_with_sample(&mut c, "small", "");
+    (cleanup, c)
 }
 
 /// `identity_sync.wait_idle()`: wait up to `timeout_s` seconds until nothing is dirty or

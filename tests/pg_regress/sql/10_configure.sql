@@ -12,6 +12,9 @@ CREATE SCHEMA hr;
 CREATE TABLE hr.person (id int PRIMARY KEY, given text NOT NULL, family text NOT NULL, hired date NOT NULL);
 CREATE TABLE hr.contract (person_id int NOT NULL, dept text NOT NULL, starts date NOT NULL, ends date);
 CREATE TABLE hr.dept (code text PRIMARY KEY, name text NOT NULL);
+-- identity_sync reads sources and evaluates expressions as identity_sync_evaluator (README, Security)
+GRANT USAGE ON SCHEMA hr TO identity_sync_evaluator;
+GRANT SELECT ON ALL TABLES IN SCHEMA hr TO identity_sync_evaluator;
 INSERT INTO hr.dept VALUES ('S', 'Sales'), ('E', 'Engineering');
 INSERT INTO hr.person VALUES
     (1, 'Zoë', 'Ångström-Çelik', '2019-03-01'),

@@ -17,6 +17,10 @@ CREATE TABLE hr.dept (code text PRIMARY KEY, name text NOT NULL);
 INSERT INTO hr.dept VALUES ('S', 'Sales'), ('E', 'Engineering');
 INSERT INTO hr.person VALUES (1, 'Ann', 'Lee', NULL), (2, 'Bob', 'Ng', NULL);
 INSERT INTO hr.contract VALUES (1, 'S', '2020-01-01', NULL), (2, 'E', '2021-01-01', NULL);
+-- identity_sync reads sources and evaluates expressions as identity_sync_evaluator (README, Security)
+GRANT USAGE ON SCHEMA hr TO identity_sync_evaluator;
+GRANT SELECT ON ALL TABLES IN SCHEMA hr TO identity_sync_evaluator;
+ALTER DEFAULT PRIVILEGES IN SCHEMA hr GRANT SELECT ON TABLES TO identity_sync_evaluator;
 SELECT identity_sync.set_search_path('hr, public');
 SELECT identity_sync.add_person_source('hr.person', 'id');
 SELECT identity_sync.add_contract_source('hr.contract', 'person_id', 'starts', 'ends');

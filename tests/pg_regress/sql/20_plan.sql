@@ -5,6 +5,7 @@ CREATE EXTENSION identity_sync;
 SET client_min_messages = warning;
 CREATE TABLE person (id int PRIMARY KEY, given text NOT NULL, family text NOT NULL);
 CREATE TABLE job (person_id int NOT NULL, dept text NOT NULL, starts date NOT NULL, ends date);
+GRANT SELECT ON person, job TO identity_sync_evaluator;
 INSERT INTO person VALUES (1, 'Ann', 'Lee'), (2, 'Bob', 'Lee'), (3, 'Ann', 'Lee'), (4, 'Cy', 'Future');
 INSERT INTO job VALUES (1, 'S', '2020-01-01', NULL), (2, 'E', '2020-01-01', '2024-06-18'),
                        (3, 'S', '2022-01-01', NULL), (4, 'S', '2024-07-04', NULL);

@@ -19,6 +19,7 @@ CREATE ROLE regress_outsider;
 CREATE TABLE staff (id int PRIMARY KEY, name text NOT NULL);
 CREATE TABLE post (staff_id int NOT NULL, dept text NOT NULL, starts date NOT NULL, ends date);
 CREATE TABLE head (staff_id int NOT NULL, dept text NOT NULL, starts date NOT NULL, ends date NOT NULL);
+GRANT SELECT ON staff, post, head TO identity_sync_evaluator;
 INSERT INTO staff VALUES (1, 'Ann'), (2, 'Bob'), (3, 'Cid'), (4, 'Dee'), (5, 'Eve');
 INSERT INTO post VALUES (1, 'S', '2020-01-01', NULL), (2, 'S', '2019-01-01', NULL), (3, 'S', '2021-01-01', NULL),
                         (4, 'S', '2018-01-01', '2022-12-31'), (4, 'E', '2023-01-01', NULL), (5, 'E', '2015-01-01', NULL);

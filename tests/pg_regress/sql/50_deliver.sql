@@ -6,6 +6,7 @@ CREATE EXTENSION identity_sync;
 SET client_min_messages = warning;
 CREATE TABLE staff (id int PRIMARY KEY, given text NOT NULL, dept text NOT NULL);
 INSERT INTO staff VALUES (1, 'Ann', 'S'), (2, 'Bob', 'E'), (3, 'Cy', 'S');
+GRANT SELECT ON staff TO identity_sync_evaluator;   -- user SQL runs as it (README, Security)
 -- The application's own table: it knows two departments, and while it is being migrated it
 -- refuses writes with a transient SQLSTATE (lock_not_available).
 CREATE TABLE app_user (person_key text PRIMARY KEY, login text NOT NULL, dept text CHECK (dept IN ('S', 'E')),

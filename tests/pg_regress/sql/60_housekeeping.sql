@@ -8,6 +8,7 @@ CREATE TABLE emp (id int PRIMARY KEY, name text NOT NULL);
 CREATE TABLE emp_job (emp_id int NOT NULL, starts date NOT NULL, ends date);
 -- A view cannot carry triggers: it is captured by comparing snapshots.
 CREATE VIEW emp_public AS SELECT id, name FROM emp;
+GRANT SELECT ON emp_public, emp_job TO identity_sync_evaluator;   -- user SQL runs as it (README, Security)
 INSERT INTO emp VALUES (1, 'Ann'), (2, 'Bob'), (3, 'Cy');
 INSERT INTO emp_job VALUES (1, '2020-01-01', NULL), (2, '2020-01-01', NULL), (3, '2020-01-01', '2024-06-25');
 SELECT identity_sync.set_clock('2024-06-20 12:00+00');

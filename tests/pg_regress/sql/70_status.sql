@@ -7,6 +7,7 @@ CREATE EXTENSION identity_sync;
 SET client_min_messages = warning;
 CREATE TABLE member (id int PRIMARY KEY, nick text NOT NULL);
 INSERT INTO member VALUES (1, 'ann'), (2, 'bob'), (3, 'cy');
+GRANT SELECT ON member TO identity_sync_evaluator;   -- user SQL runs as it (README, Security)
 SELECT identity_sync.add_person_source('member', 'id');
 SELECT identity_sync.add_target('crm', 'scim', 'http://127.0.0.1:9/scim/v2', '{"max_creates": 2}');
 SELECT identity_sync.map('crm', 'userName', $$person.nick$$);
