@@ -396,3 +396,44 @@ fn scim_5xx_and_missing_service_provider_config() {
         json!([{"op": "replace", "path": "title", "value": "x"}])
     );
 }
+
+#[test]
+fn scim_create_without_filter_support_is_a_plain_post() {
+    // A service that declares filters unsupported cannot be asked for an account by
+    // correlate_on; its existing accounts are adopted by a reconcile scan instead, so a create
+    // is sent as a POST rather than failed.
+    let server = FaultServer::start(|req| match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/scim/ServiceProviderConfig") => Action::status(
+            200,
+            r#"{"patch": {"supported": true}, "filter": {"supported": false, "maxResults": 0}}"#,
+        ),
+        ("POST", "/scim/Users") => Action::status(201, r#"{"id": "new-1"}"#),
+        _ => Action::status(500, r#"{"detail": "unexpected request"}"#),
+    });
+    let mut t = server.webhook_target(1, "/scim");
+    t.kind = TargetKind::Scim;
+    t.correlate_on = Some("externalId".into());
+    let h = Harness::start(vec![t]);
+    let mut create = job(1, 1, "p1", EventKind::Create);
+    create.attributes = map(json!({"userName": "zoe", "externalId": "p1"}));
+    create.attempt = 2;
+    match h.one(create) {
+        Outcome::Done {
+            account_id: Some(id),
+            correlated: false,
+            http_status: Some(201),
+            ..
+        } => assert_eq!(id, "new-1"),
+        other => panic!("{other:?}"),
+    }
+    let seen: Vec<String> = server
+        .seen()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert_eq!(
+        seen,
+        ["GET /scim/ServiceProviderConfig", "POST /scim/Users"],
+        "no filtered search"
+    );
+}

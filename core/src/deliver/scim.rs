@@ -210,18 +210,13 @@ async fn create(t: &ScimTarget, spc: ServiceProviderConfig, job: &Job) -> Step<O
                 .is_some_and(|v| !v.is_null()))
         .then(|| "externalId".to_string())
     });
-    if let Some(attr) = correlate_on {
+    // A service without filters cannot be asked; its existing accounts are linked by the
+    // adoption scan instead (reconcile, run by the first resync of a target with correlate_on),
+    // which plans an update for each of them, so a create is only planned for a person whose
+    // account the scan did not find.
+    if let Some(attr) = correlate_on.filter(|_| spc.filter) {
         if let Some(value) = job.attributes.get(&attr).filter(|v| !v.is_null()) {
             let path = parse_path(&attr).map_err(|e| mapping_error(job, e))?;
-            if !spc.filter {
-                return Err(Outcome::failed(
-                    job.event_id,
-                    format!(
-                        "target \"{}\" does not support filters, which correlate_on needs",
-                        t.config().name
-                    ),
-                ));
-            }
             let found = find(t, job, "Users", &path.filter_expr(value), None).await?;
             match found.as_slice() {
                 [] => {}
