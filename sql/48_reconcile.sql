@@ -260,14 +260,29 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
              WHERE a.target_id = _managed_groups.target_id AND a.planned_groups <> '{}') AS x(g)
 $$;
 
+-- The ids of the accounts the registry holds in the run's target: a SCIM scan looks up by id
+-- those its paging did not return (core/src/deliver/scan.rs), so that an account skipped
+-- because another was deleted while the scan paged is not reported missing.
+CREATE FUNCTION identity_sync._reconcile_expected(run_id bigint) RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(array_agg(a.remote_id), '{}')
+      FROM identity_sync.reconcile_run r
+      JOIN identity_sync.account a ON a.target_id = r.target_id
+     WHERE r.id = _reconcile_expected.run_id AND a.remote_id IS NOT NULL
+       AND a.state IN ('active', 'disabled') AND NOT a.orphan
+$$;
+
 -- One page of scanned accounts: [{"remote_id", "identifier", "active", "attributes"}, ...].
-CREATE FUNCTION identity_sync._reconcile_page(run_id bigint, accounts jsonb) RETURNS int
+-- NULL when the run is not scanning any more (cancelled, or its target dropped): the worker
+-- then stops the scan.
+CREATE FUNCTION identity_sync._reconcile_page(run_id bigint, accounts jsonb) RETURNS boolean
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     n int;
 BEGIN
-    IF NOT EXISTS (SELECT FROM identity_sync.reconcile_run r WHERE r.id = run_id AND r.state = 'scanning') THEN
-        RETURN 0;   -- cancelled meanwhile
+    PERFORM FROM identity_sync.reconcile_run r WHERE r.id = run_id AND r.state = 'scanning' FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
     END IF;
     INSERT INTO identity_sync._remote (run_id, remote_id, identifier, active, attributes)
     SELECT _reconcile_page.run_id, x.remote_id, x.identifier, x.active, coalesce(x.attributes, '{}')
@@ -276,13 +291,19 @@ BEGIN
     ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS n = ROW_COUNT;
     UPDATE identity_sync.reconcile_run r SET scanned = r.scanned + n WHERE r.id = run_id;
-    RETURN n;
+    RETURN true;
 END
 $$;
 
--- Members of managed groups, as scanned: [{"group": name, "members": [remote ids]}, ...].
-CREATE FUNCTION identity_sync._reconcile_groups(run_id bigint, members jsonb) RETURNS void
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+-- Members of managed groups, as scanned: [{"group": name, "members": [remote ids]}, ...]
+-- (every managed group the target has; the others have no members). NULL as for pages.
+CREATE FUNCTION identity_sync._reconcile_groups(run_id bigint, members jsonb) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM FROM identity_sync.reconcile_run r WHERE r.id = run_id AND r.state = 'scanning' FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
     UPDATE identity_sync._remote x
        SET groups = ARRAY(SELECT DISTINCT g FROM unnest(coalesce(x.groups, '{}') || m.groups) AS g ORDER BY g)
       FROM (SELECT v.remote_id, array_agg(DISTINCT e->>'group') AS groups
@@ -290,7 +311,9 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
                    jsonb_array_elements_text(e->'members') AS v(remote_id)
              GROUP BY v.remote_id) AS m
      WHERE x.run_id = _reconcile_groups.run_id AND x.remote_id = m.remote_id;
-    UPDATE identity_sync.reconcile_run SET groups_read = true WHERE id = _reconcile_groups.run_id;
+    UPDATE identity_sync.reconcile_run r SET groups_read = true WHERE r.id = _reconcile_groups.run_id;
+    RETURN true;
+END
 $$;
 
 -- A table target's rows, through its relation (local or postgres_fdw), in one statement.
@@ -392,14 +415,19 @@ BEGIN
     END IF;
 
     -- The accounts to compare: settled ones (nothing unfinished for the person: what is in
-    -- flight is delivery's business, not drift), with references resolved as delivery sends them.
+    -- flight is delivery's business, not drift; nor anything delivered since the scan began,
+    -- which the scan may have read before or after), with references resolved as delivery
+    -- sends them.
     CREATE TEMP TABLE _is_rc ON COMMIT DROP AS
     SELECT a.person_key, a.remote_id, a.state, identity_sync._resolve_refs(t.id, a.attributes) AS attributes,
            a.attributes AS raw_attributes, a.groups, false AS matched
       FROM identity_sync.account a
      WHERE a.target_id = t.id AND a.state IN ('active', 'disabled') AND a.remote_id IS NOT NULL AND NOT a.orphan
        AND NOT EXISTS (SELECT FROM identity_sync.event e
-                        WHERE e.target_id = t.id AND e.person_key = a.person_key AND e.state <> 'done');
+                        WHERE e.target_id = t.id AND e.person_key = a.person_key AND e.state <> 'done')
+       AND NOT EXISTS (SELECT FROM identity_sync.event e
+                        WHERE e.state = 'done' AND e.done_at >= r.started_at
+                          AND e.target_id = t.id AND e.person_key = a.person_key);
     CREATE UNIQUE INDEX ON pg_temp._is_rc (person_key);
     ANALYZE pg_temp._is_rc;
 
@@ -438,6 +466,8 @@ BEGIN
      WHERE NOT identity_sync._same(e.value, x.attributes->e.key)
        -- a table target's key and active columns are not attributes of the row
        AND NOT (t.kind = 'table' AND e.key IN (t.options->>'key_column', t.options->>'active_column'))
+       -- a SCIM password is write-only: a service never returns it (RFC 7643 §4.1.1)
+       AND NOT (t.kind = 'scim' AND e.key ~* '(^|[:.])password$')
     UNION ALL
     SELECT r.id, t.id, a.person_key, x.remote_id,
            CASE WHEN a.state = 'active' THEN 'disabled' ELSE 'enabled' END, 'active',
@@ -454,6 +484,22 @@ BEGIN
       FROM pg_temp._is_rc a JOIN identity_sync._remote x ON x.run_id = r.id AND x.person_key = a.person_key,
            unnest(x.groups) AS g
      WHERE r.groups_read AND g <> ALL (a.groups);
+
+    -- 4. Accounts left out of the comparison (events in flight, or delivered while the scan
+    --    ran) still belong to their persons: never orphans.
+    UPDATE identity_sync._remote x SET person_key = a.person_key
+      FROM identity_sync.account a
+     WHERE x.run_id = r.id AND x.person_key IS NULL AND a.target_id = t.id AND NOT a.orphan
+       AND a.state <> 'deleted' AND a.remote_id = x.remote_id
+       AND NOT EXISTS (SELECT FROM pg_temp._is_rc c WHERE c.person_key = a.person_key);
+    IF correlate IS NOT NULL THEN
+        -- (a create in flight: the target may have the account before we know its id)
+        UPDATE identity_sync._remote x SET person_key = a.person_key
+          FROM identity_sync.account a
+         WHERE x.run_id = r.id AND x.person_key IS NULL AND a.target_id = t.id AND NOT a.orphan
+           AND a.planned_state <> 'deleted' AND x.attributes->>correlate = a.planned_attributes->>correlate
+           AND NOT EXISTS (SELECT FROM pg_temp._is_rc c WHERE c.person_key = a.person_key);
+    END IF;
 
     UPDATE identity_sync.reconcile_run x
        SET matched = (SELECT count(*) FROM identity_sync._remote y WHERE y.run_id = r.id AND y.person_key IS NOT NULL),
