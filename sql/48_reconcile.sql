@@ -104,10 +104,11 @@ BEGIN
                   DETAIL = 'A webhook receives events; it has no interface that lists the accounts it holds.',
                   HINT = 'Reconcile the system behind the webhook through a scim or table target, or use resync() to send the desired state again.';
     END IF;
-    IF t.compiled IS NULL THEN
-        RAISE EXCEPTION 'target "%" has no mappings and rules yet, so nothing can be compared', t.name
+    -- Without a rule nobody is in scope: every account would be an orphan.
+    IF t.compiled IS NULL OR NOT EXISTS (SELECT FROM identity_sync.rule r WHERE r.target_id = t.id) THEN
+        RAISE EXCEPTION 'target "%" has no rules yet, so nobody is in scope and nothing can be compared', t.name
             USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = 'Add mappings with identity_sync.map() and rules with identity_sync.add_rule() first.';
+                  HINT = 'Register a person source (identity_sync.add_person_source()) and add rules with identity_sync.add_rule() first.';
     END IF;
     SELECT r.id INTO running FROM identity_sync.reconcile_run r
      WHERE r.target_id = t.id AND r.state IN ('queued', 'scanning', 'comparing', 'planning');
@@ -201,6 +202,7 @@ BEGIN
     FOR t IN SELECT x.id, x.options->>'reconcile_mode' AS mode
                FROM identity_sync.target x
               WHERE x.options->>'reconcile_every' IS NOT NULL AND x.kind <> 'webhook' AND x.compiled IS NOT NULL
+                AND EXISTS (SELECT FROM identity_sync.rule ru WHERE ru.target_id = x.id)
                 AND NOT x.paused
                 AND coalesce((SELECT max(r.clock_at) FROM identity_sync.reconcile_run r WHERE r.target_id = x.id),
                              x.created_at) + (x.options->>'reconcile_every')::interval <= identity_sync._now() LOOP
