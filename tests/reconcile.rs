@@ -120,24 +120,34 @@ fn create_user(scim: &ScimServer, user: Value) -> String {
     body["id"].as_str().expect("an id").to_string()
 }
 
+/// How many requests the server logged whose line contains one of `needles`, once its log has
+/// settled (it writes a request's line after answering it).
+fn logged(scim: &ScimServer, needles: &[&str]) -> usize {
+    let n = || {
+        scim.log()
+            .lines()
+            .filter(|l| needles.iter().any(|m| l.contains(m)))
+            .count()
+    };
+    let mut last = n();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = n();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
 /// Requests the server logged other than GET (what would change it).
 fn writes(scim: &ScimServer) -> usize {
-    scim.log()
-        .lines()
-        .filter(|l| {
-            ["\"POST ", "\"PUT ", "\"PATCH ", "\"DELETE "]
-                .iter()
-                .any(|m| l.contains(m))
-        })
-        .count()
+    logged(scim, &["\"POST ", "\"PUT ", "\"PATCH ", "\"DELETE "])
 }
 
 /// `POST /Users` requests the server logged.
 fn user_posts(scim: &ScimServer) -> usize {
-    scim.log()
-        .lines()
-        .filter(|l| l.contains("\"POST /v2/Users HTTP"))
-        .count()
+    logged(scim, &["\"POST /v2/Users HTTP"])
 }
 
 /// Every user the server holds, by id.
