@@ -621,7 +621,7 @@ fn member_ids(group: &Value) -> Option<Vec<String>> {
     Some(
         members
             .as_array()
-            .map(|a| a.iter().filter_map(|m| id_of_member(m)).collect())
+            .map(|a| a.iter().filter_map(id_of_member).collect())
             .unwrap_or_default(),
     )
 }
