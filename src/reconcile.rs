@@ -309,7 +309,7 @@ impl Reconciler {
             }
             if let ScanEvent::Accounts { accounts, .. } = event {
                 match &mut pending {
-                    Some((r, page)) if *r == run && page.len() < WRITE_BATCH => {
+                    Some((r, page)) if *r == run && page.len() + accounts.len() <= WRITE_BATCH => {
                         page.extend(accounts)
                     }
                     _ => {
