@@ -62,8 +62,7 @@ CREATE TABLE identity_sync._remote (
     person_key text,            -- the person it belongs to; NULL: an orphan
     seen_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (run_id, remote_id)
-);
-CREATE INDEX ON identity_sync._remote (run_id, person_key);
+) WITH (fillfactor = 50);   -- room for the compare's updates of person_key (HOT: not indexed)
 
 -- Findings of a run, one row per person and difference.
 CREATE TABLE identity_sync._finding (
@@ -104,10 +103,11 @@ BEGIN
                   DETAIL = 'A webhook receives events; it has no interface that lists the accounts it holds.',
                   HINT = 'Reconcile the system behind the webhook through a scim or table target, or use resync() to send the desired state again.';
     END IF;
-    IF t.compiled IS NULL THEN
-        RAISE EXCEPTION 'target "%" has no mappings and rules yet, so nothing can be compared', t.name
+    -- Without a rule nobody is in scope: every account would be an orphan.
+    IF t.compiled IS NULL OR NOT EXISTS (SELECT FROM identity_sync.rule r WHERE r.target_id = t.id) THEN
+        RAISE EXCEPTION 'target "%" has no rules yet, so nobody is in scope and nothing can be compared', t.name
             USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = 'Add mappings with identity_sync.map() and rules with identity_sync.add_rule() first.';
+                  HINT = 'Register a person source (identity_sync.add_person_source()) and add rules with identity_sync.add_rule() first.';
     END IF;
     SELECT r.id INTO running FROM identity_sync.reconcile_run r
      WHERE r.target_id = t.id AND r.state IN ('queued', 'scanning', 'comparing', 'planning');
@@ -201,6 +201,7 @@ BEGIN
     FOR t IN SELECT x.id, x.options->>'reconcile_mode' AS mode
                FROM identity_sync.target x
               WHERE x.options->>'reconcile_every' IS NOT NULL AND x.kind <> 'webhook' AND x.compiled IS NOT NULL
+                AND EXISTS (SELECT FROM identity_sync.rule ru WHERE ru.target_id = x.id)
                 AND NOT x.paused
                 AND coalesce((SELECT max(r.clock_at) FROM identity_sync.reconcile_run r WHERE r.target_id = x.id),
                              x.created_at) + (x.options->>'reconcile_every')::interval <= identity_sync._now() LOOP
@@ -260,14 +261,29 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
              WHERE a.target_id = _managed_groups.target_id AND a.planned_groups <> '{}') AS x(g)
 $$;
 
+-- The ids of the accounts the registry holds in the run's target: a SCIM scan looks up by id
+-- those its paging did not return (core/src/deliver/scan.rs), so that an account skipped
+-- because another was deleted while the scan paged is not reported missing.
+CREATE FUNCTION identity_sync._reconcile_expected(run_id bigint) RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(array_agg(a.remote_id), '{}')
+      FROM identity_sync.reconcile_run r
+      JOIN identity_sync.account a ON a.target_id = r.target_id
+     WHERE r.id = _reconcile_expected.run_id AND a.remote_id IS NOT NULL
+       AND a.state IN ('active', 'disabled') AND NOT a.orphan
+$$;
+
 -- One page of scanned accounts: [{"remote_id", "identifier", "active", "attributes"}, ...].
-CREATE FUNCTION identity_sync._reconcile_page(run_id bigint, accounts jsonb) RETURNS int
+-- NULL when the run is not scanning any more (cancelled, or its target dropped): the worker
+-- then stops the scan.
+CREATE FUNCTION identity_sync._reconcile_page(run_id bigint, accounts jsonb) RETURNS boolean
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     n int;
 BEGIN
-    IF NOT EXISTS (SELECT FROM identity_sync.reconcile_run r WHERE r.id = run_id AND r.state = 'scanning') THEN
-        RETURN 0;   -- cancelled meanwhile
+    PERFORM FROM identity_sync.reconcile_run r WHERE r.id = run_id AND r.state = 'scanning' FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
     END IF;
     INSERT INTO identity_sync._remote (run_id, remote_id, identifier, active, attributes)
     SELECT _reconcile_page.run_id, x.remote_id, x.identifier, x.active, coalesce(x.attributes, '{}')
@@ -276,13 +292,19 @@ BEGIN
     ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS n = ROW_COUNT;
     UPDATE identity_sync.reconcile_run r SET scanned = r.scanned + n WHERE r.id = run_id;
-    RETURN n;
+    RETURN true;
 END
 $$;
 
--- Members of managed groups, as scanned: [{"group": name, "members": [remote ids]}, ...].
-CREATE FUNCTION identity_sync._reconcile_groups(run_id bigint, members jsonb) RETURNS void
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+-- Members of managed groups, as scanned: [{"group": name, "members": [remote ids]}, ...]
+-- (every managed group the target has; the others have no members). NULL as for pages.
+CREATE FUNCTION identity_sync._reconcile_groups(run_id bigint, members jsonb) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM FROM identity_sync.reconcile_run r WHERE r.id = run_id AND r.state = 'scanning' FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
     UPDATE identity_sync._remote x
        SET groups = ARRAY(SELECT DISTINCT g FROM unnest(coalesce(x.groups, '{}') || m.groups) AS g ORDER BY g)
       FROM (SELECT v.remote_id, array_agg(DISTINCT e->>'group') AS groups
@@ -290,10 +312,17 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
                    jsonb_array_elements_text(e->'members') AS v(remote_id)
              GROUP BY v.remote_id) AS m
      WHERE x.run_id = _reconcile_groups.run_id AND x.remote_id = m.remote_id;
-    UPDATE identity_sync.reconcile_run SET groups_read = true WHERE id = _reconcile_groups.run_id;
+    UPDATE identity_sync.reconcile_run r SET groups_read = true WHERE r.id = _reconcile_groups.run_id;
+    RETURN true;
+END
 $$;
 
 -- A table target's rows, through its relation (local or postgres_fdw), in one statement.
+-- Only the key, the active column and the mapped columns are read: what we do not map is never
+-- looked at. The attributes are built from the columns by name (jsonb_build_object, 50 pairs
+-- a call at most), so a wide row is never turned into JSON whole. A key found twice (a view, a
+-- foreign table without a unique key) counts once. Each row is matched to its registry account
+-- by key in the same statement (what _reconcile_compare's first step does for SCIM pages).
 CREATE FUNCTION identity_sync._reconcile_scan_table(run_id bigint) RETURNS int
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -301,25 +330,34 @@ DECLARE
     rel regclass;
     keycol text;
     activecol text;
-    attrs text[];
+    attrs text;
     n int;
 BEGIN
     SELECT x.* INTO t FROM identity_sync.target x JOIN identity_sync.reconcile_run r ON r.target_id = x.id WHERE r.id = run_id;
     rel := (t.options->>'relation')::regclass;
     keycol := t.options->>'key_column';
     activecol := t.options->>'active_column';
-    -- Only the mapped columns are read: what we do not map is never looked at.
-    attrs := ARRAY(SELECT m.attribute FROM identity_sync.mapping m
-                    WHERE m.target_id = t.id AND m.attribute IS DISTINCT FROM keycol AND m.attribute IS DISTINCT FROM activecol);
+    SELECT string_agg(format('jsonb_build_object(%s)', q.pairs), ' || ') INTO attrs
+      FROM (SELECT string_agg(format('%L, r.%I', c.attname, c.attname), ', ' ORDER BY c.attnum) AS pairs
+              FROM (SELECT a.attname, a.attnum, (row_number() OVER (ORDER BY a.attnum) - 1) / 50 AS chunk
+                      FROM pg_catalog.pg_attribute a
+                      JOIN identity_sync.mapping m ON m.target_id = t.id AND m.attribute = a.attname::text
+                     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+                       AND a.attname::text IS DISTINCT FROM keycol AND a.attname::text IS DISTINCT FROM activecol) AS c
+             GROUP BY c.chunk) AS q;
     EXECUTE format(
-        'INSERT INTO identity_sync._remote (run_id, remote_id, identifier, active, attributes)
-         SELECT $1, q.k, q.k, %s, coalesce((SELECT jsonb_object_agg(a, q.j->a) FROM unnest($2::text[]) AS a WHERE q.j ? a), ''{}'')
-           FROM (SELECT r.%I::text AS k, to_jsonb(r) AS j FROM %s AS r) AS q
-          WHERE q.k IS NOT NULL
-         ON CONFLICT DO NOTHING',
-        CASE WHEN activecol IS NULL THEN 'NULL::boolean' ELSE format('(q.j->>%L)::boolean', activecol) END,
-        keycol, rel)
-      USING run_id, attrs;
+        'INSERT INTO identity_sync._remote (run_id, remote_id, identifier, active, attributes, person_key)
+         SELECT DISTINCT ON (r.%1$I::text) $1, r.%1$I::text, r.%1$I::text, %2$s, %3$s, a.person_key
+           FROM %4$s AS r
+           LEFT JOIN identity_sync.account a
+             ON a.target_id = $2 AND a.remote_id = r.%1$I::text AND NOT a.orphan AND a.state <> ''deleted''
+          WHERE r.%1$I IS NOT NULL
+          ORDER BY r.%1$I::text, a.person_key',
+        keycol,
+        CASE WHEN activecol IS NULL THEN 'NULL::boolean' ELSE format('r.%I::boolean', activecol) END,
+        coalesce(attrs, '''{}''::jsonb'),
+        rel)
+      USING run_id, t.id;
     GET DIAGNOSTICS n = ROW_COUNT;
     UPDATE identity_sync.reconcile_run r SET scanned = n WHERE r.id = run_id;
     RETURN n;
@@ -380,7 +418,8 @@ BEGIN
     correlate := t.options->>'correlate_on';
     orphan_policy := coalesce(t.options->>'orphans', 'report');
     create_only := ARRAY(SELECT m.attribute FROM identity_sync.mapping m WHERE m.target_id = t.id AND m.on_create_only);
-    ANALYZE identity_sync._remote;
+    -- (statistics of the columns the joins use; those of jsonb columns take long and serve nothing)
+    ANALYZE identity_sync._remote (run_id, remote_id, person_key);
 
     IF r.mode = 'adopt' THEN
         -- Linking happens while planning (_adopt): hold every person for this run.
@@ -392,22 +431,29 @@ BEGIN
     END IF;
 
     -- The accounts to compare: settled ones (nothing unfinished for the person: what is in
-    -- flight is delivery's business, not drift), with references resolved as delivery sends them.
+    -- flight is delivery's business, not drift; nor anything delivered since the scan began,
+    -- which the scan may have read before or after), with references resolved as delivery
+    -- sends them.
+    -- (The persons left out are collected first, each set by its own index, so that the plan
+    -- does not hang on how fresh the statistics of a just-synced target's events are.)
     CREATE TEMP TABLE _is_rc ON COMMIT DROP AS
-    SELECT a.person_key, a.remote_id, a.state, identity_sync._resolve_refs(t.id, a.attributes) AS attributes,
-           a.attributes AS raw_attributes, a.groups, false AS matched
+    WITH busy AS MATERIALIZED (
+        SELECT e.person_key FROM identity_sync.event e WHERE e.target_id = t.id AND e.state <> 'done'
+        UNION
+        SELECT e.person_key FROM identity_sync.event e
+         WHERE e.state = 'done' AND e.done_at >= r.started_at AND e.target_id = t.id)
+    SELECT a.person_key, a.remote_id, a.state,
+           CASE WHEN a.refs = '{}' THEN a.attributes ELSE identity_sync._resolve_refs(t.id, a.attributes) END AS attributes,
+           a.attributes AS raw_attributes, a.groups
       FROM identity_sync.account a
      WHERE a.target_id = t.id AND a.state IN ('active', 'disabled') AND a.remote_id IS NOT NULL AND NOT a.orphan
-       AND NOT EXISTS (SELECT FROM identity_sync.event e
-                        WHERE e.target_id = t.id AND e.person_key = a.person_key AND e.state <> 'done');
-    CREATE UNIQUE INDEX ON pg_temp._is_rc (person_key);
-    ANALYZE pg_temp._is_rc;
+       AND NOT EXISTS (SELECT FROM busy WHERE busy.person_key = a.person_key);
+    ANALYZE pg_temp._is_rc (person_key, remote_id);
 
-    -- 1. By the target's own id.
+    -- 1. By the target's own id. (_remote leaves room on its pages and has no index on
+    --    person_key, so these updates are HOT: no index entry is written for them.)
     UPDATE identity_sync._remote x SET person_key = a.person_key
-      FROM pg_temp._is_rc a WHERE x.run_id = r.id AND x.remote_id = a.remote_id;
-    UPDATE pg_temp._is_rc a SET matched = true
-      FROM identity_sync._remote x WHERE x.run_id = r.id AND x.person_key = a.person_key;
+      FROM pg_temp._is_rc a WHERE x.run_id = r.id AND x.remote_id = a.remote_id AND x.person_key IS NULL;
     -- 2. By correlate_on against the value we sent, for accounts whose id the target does not
     --    know any more (restored from a backup, recreated by hand): one account each way.
     IF correlate IS NOT NULL THEN
@@ -415,7 +461,7 @@ BEGIN
             SELECT DISTINCT ON (a.person_key) a.person_key, x.remote_id
               FROM pg_temp._is_rc a JOIN identity_sync._remote x
                 ON x.run_id = r.id AND x.person_key IS NULL AND x.attributes->>correlate = a.attributes->>correlate
-             WHERE NOT a.matched
+             WHERE NOT EXISTS (SELECT FROM identity_sync._remote y WHERE y.run_id = r.id AND y.person_key = a.person_key)
              ORDER BY a.person_key, x.remote_id),
         one AS (SELECT DISTINCT ON (remote_id) * FROM c ORDER BY remote_id, person_key),
         u AS (UPDATE identity_sync._remote x SET person_key = one.person_key FROM one
@@ -423,43 +469,70 @@ BEGIN
         INSERT INTO identity_sync._finding (run_id, target_id, person_key, remote_id, kind, attribute, desired, actual)
         SELECT r.id, t.id, u.person_key, u.remote_id, 'changed', 'id', to_jsonb(a.remote_id), to_jsonb(u.remote_id)
           FROM u JOIN pg_temp._is_rc a USING (person_key);
-        UPDATE pg_temp._is_rc a SET matched = true
-          FROM identity_sync._remote x WHERE x.run_id = r.id AND x.person_key = a.person_key AND NOT a.matched;
     END IF;
 
-    -- 3. Findings.
+    -- 3. Findings: the accounts not found, and what differs in those found (one join; an
+    --    account whose scanned values contain every value we sent, with its active flag and
+    --    groups as we left them, is passed over without an attribute-by-attribute look).
     INSERT INTO identity_sync._finding (run_id, target_id, person_key, remote_id, kind, attribute, desired, actual, repairable)
     SELECT r.id, t.id, a.person_key, a.remote_id, 'missing', NULL, NULL, NULL, true
-      FROM pg_temp._is_rc a WHERE NOT a.matched
+      FROM pg_temp._is_rc a
+     WHERE NOT EXISTS (SELECT FROM identity_sync._remote y WHERE y.run_id = r.id AND y.person_key = a.person_key)
     UNION ALL
-    SELECT r.id, t.id, a.person_key, x.remote_id, 'changed', e.key, e.value, x.attributes->e.key, e.key <> ALL (create_only)
+    SELECT r.id, t.id, a.person_key, x.remote_id, f.kind, f.attribute, f.desired, f.actual, f.repairable
       FROM pg_temp._is_rc a JOIN identity_sync._remote x ON x.run_id = r.id AND x.person_key = a.person_key,
-           jsonb_each(a.attributes) AS e
-     WHERE NOT identity_sync._same(e.value, x.attributes->e.key)
-       -- a table target's key and active columns are not attributes of the row
-       AND NOT (t.kind = 'table' AND e.key IN (t.options->>'key_column', t.options->>'active_column'))
-    UNION ALL
-    SELECT r.id, t.id, a.person_key, x.remote_id,
-           CASE WHEN a.state = 'active' THEN 'disabled' ELSE 'enabled' END, 'active',
-           to_jsonb(a.state = 'active'), to_jsonb(x.active), true
-      FROM pg_temp._is_rc a JOIN identity_sync._remote x ON x.run_id = r.id AND x.person_key = a.person_key
-     WHERE x.active IS NOT NULL AND x.active <> (a.state = 'active')
-    UNION ALL
-    SELECT r.id, t.id, a.person_key, x.remote_id, 'group_missing', g, to_jsonb(true), to_jsonb(false), true
-      FROM pg_temp._is_rc a JOIN identity_sync._remote x ON x.run_id = r.id AND x.person_key = a.person_key,
-           unnest(a.groups) AS g
-     WHERE r.groups_read AND g <> ALL (coalesce(x.groups, '{}'))
-    UNION ALL
-    SELECT r.id, t.id, a.person_key, x.remote_id, 'group_extra', g, to_jsonb(false), to_jsonb(true), true
-      FROM pg_temp._is_rc a JOIN identity_sync._remote x ON x.run_id = r.id AND x.person_key = a.person_key,
-           unnest(x.groups) AS g
-     WHERE r.groups_read AND g <> ALL (a.groups);
+           LATERAL (
+               SELECT 'changed', e.key, e.value, x.attributes->e.key, e.key <> ALL (create_only)
+                 FROM jsonb_each(CASE WHEN x.attributes @> a.attributes THEN '{}' ELSE a.attributes END) AS e
+                WHERE NOT identity_sync._same(e.value, x.attributes->e.key)
+                  -- a table target's key and active columns are not attributes of the row
+                  AND NOT (t.kind = 'table' AND e.key IN (t.options->>'key_column', t.options->>'active_column'))
+                  -- a SCIM password is write-only: a service never returns it (RFC 7643 §4.1.1)
+                  AND NOT (t.kind = 'scim' AND e.key ~* '(^|[:.])password$')
+               UNION ALL
+               SELECT CASE WHEN a.state = 'active' THEN 'disabled' ELSE 'enabled' END, 'active',
+                      to_jsonb(a.state = 'active'), to_jsonb(x.active), true
+                WHERE x.active IS NOT NULL AND x.active <> (a.state = 'active')
+               UNION ALL
+               SELECT 'group_missing', g, to_jsonb(true), to_jsonb(false), true
+                 FROM unnest(a.groups) AS g
+                WHERE r.groups_read AND g <> ALL (coalesce(x.groups, '{}'))
+               UNION ALL
+               SELECT 'group_extra', g, to_jsonb(false), to_jsonb(true), true
+                 FROM unnest(x.groups) AS g
+                WHERE r.groups_read AND g <> ALL (a.groups)
+           ) AS f(kind, attribute, desired, actual, repairable)
+     -- (the accounts where something may differ; the others are passed over at once)
+     WHERE NOT x.attributes @> a.attributes
+        OR (x.active IS NOT NULL AND x.active <> (a.state = 'active'))
+        OR (r.groups_read AND NOT (coalesce(x.groups, '{}') @> a.groups AND a.groups @> coalesce(x.groups, '{}')));
+
+    -- 4. Accounts left out of the comparison (events in flight, or delivered while the scan
+    --    ran) still belong to their persons: never orphans.
+    IF EXISTS (SELECT FROM identity_sync._remote x WHERE x.run_id = r.id AND x.person_key IS NULL) THEN
+        UPDATE identity_sync._remote x SET person_key = a.person_key
+          FROM identity_sync.account a
+         WHERE x.run_id = r.id AND x.person_key IS NULL AND a.target_id = t.id AND NOT a.orphan
+           AND a.state <> 'deleted' AND a.remote_id = x.remote_id
+           AND NOT EXISTS (SELECT FROM pg_temp._is_rc c WHERE c.person_key = a.person_key);
+        IF correlate IS NOT NULL THEN
+            -- (a create in flight: the target may have the account before we know its id)
+            UPDATE identity_sync._remote x SET person_key = a.person_key
+              FROM identity_sync.account a
+             WHERE x.run_id = r.id AND x.person_key IS NULL AND a.target_id = t.id AND NOT a.orphan
+               AND a.planned_state <> 'deleted' AND x.attributes->>correlate = a.planned_attributes->>correlate
+               AND NOT EXISTS (SELECT FROM pg_temp._is_rc c WHERE c.person_key = a.person_key);
+        END IF;
+    END IF;
 
     UPDATE identity_sync.reconcile_run x
-       SET matched = (SELECT count(*) FROM identity_sync._remote y WHERE y.run_id = r.id AND y.person_key IS NOT NULL),
-           drifted = (SELECT count(DISTINCT f.person_key) FROM identity_sync._finding f WHERE f.run_id = r.id AND f.kind <> 'missing'),
-           missing = (SELECT count(*) FROM identity_sync._finding f WHERE f.run_id = r.id AND f.kind = 'missing'),
-           orphans = (SELECT count(*) FROM identity_sync._remote y WHERE y.run_id = r.id AND y.person_key IS NULL)
+       SET matched = s.matched, orphans = s.orphans, drifted = f.drifted, missing = f.missing
+      FROM (SELECT count(*) FILTER (WHERE y.person_key IS NOT NULL) AS matched,
+                   count(*) FILTER (WHERE y.person_key IS NULL) AS orphans
+              FROM identity_sync._remote y WHERE y.run_id = r.id) AS s,
+           (SELECT count(DISTINCT g.person_key) FILTER (WHERE g.kind <> 'missing') AS drifted,
+                   count(*) FILTER (WHERE g.kind = 'missing') AS missing
+              FROM identity_sync._finding g WHERE g.run_id = r.id) AS f
      WHERE x.id = r.id;
 
     IF r.mode = 'repair' THEN

@@ -13,19 +13,23 @@
 use crate::deliver::targets;
 use crate::deliver::txn::in_transaction;
 use crate::error::Error;
-use crate::shmem;
-use identity_sync_core::deliver::Dispatcher;
+use crate::{guc, shmem};
+use identity_sync_core::deliver::{Dispatcher, ScanEvent, ScanRequest, ScannedAccount};
 use pgrx::lwlock::PgLwLock;
 use pgrx::pg_shmem_init;
 use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
+use pgrx::spi::SpiResult;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 /// Callers that may wait for a reconcile at once.
 const SLOTS: usize = 8;
-/// Accounts asked for per SCIM page.
+/// Accounts asked for per SCIM page (a service may send fewer; the scan adapts).
 const PAGE_SIZE: usize = 500;
+/// Scanned accounts written per transaction at most: pages that arrived together are written
+/// together, up to this many.
+const WRITE_BATCH: usize = 5000;
 
 /// The state of a request slot.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
@@ -147,8 +151,6 @@ pub struct Reconciler {
 }
 
 /// A queued run as `_reconcile_next()` hands it out.
-// paths/groups feed the SCIM scan (core scan module, not landed yet).
-#[allow(dead_code)]
 struct Next {
     run_id: i64,
     target_id: i32,
@@ -160,7 +162,7 @@ struct Next {
 impl Reconciler {
     /// One step of every run. True when anything happened (the worker then ticks again soon).
     pub fn tick(&mut self, dispatcher: Option<&Dispatcher>, batch: i32) -> bool {
-        let mut busy = self.serve_requests();
+        let mut busy = self.serve_requests(dispatcher);
         busy |= self.start_queued(dispatcher);
         if let Some(d) = dispatcher {
             busy |= self.record_scans(d);
@@ -171,7 +173,7 @@ impl Reconciler {
 
     /// Queue the runs callers asked for, finish the slots whose runs ended, cancel the runs
     /// whose callers went away.
-    fn serve_requests(&mut self) -> bool {
+    fn serve_requests(&mut self, dispatcher: Option<&Dispatcher>) -> bool {
         let slots: Vec<(usize, Slot)> = REQUESTS
             .share()
             .iter()
@@ -222,7 +224,11 @@ impl Reconciler {
                 }
                 SlotState::Abandoned => {
                     if s.run_id != 0 {
-                        self.scanning.remove(&s.run_id);
+                        if self.scanning.remove(&s.run_id) {
+                            if let Some(d) = dispatcher {
+                                d.cancel_scan(s.run_id);
+                            }
+                        }
                         in_transaction("cancelling a reconcile", || {
                             Spi::run_with_args(
                                 "SELECT identity_sync._reconcile_fail($1, 'cancelled by the caller', 'cancelled')",
@@ -255,20 +261,152 @@ impl Reconciler {
                 compare(run);
                 continue;
             }
-            let config =
-                in_transaction("loading a target", || targets::load_target(next.target_id))
-                    .and_then(Result::ok)
-                    .flatten();
-            let _ = (dispatcher, config, PAGE_SIZE);
-            fail(run, "TEMP: scim scan not wired yet");
+            let Some(d) = dispatcher else {
+                fail(
+                    run,
+                    "the delivery thread is not running, so the target cannot be read (see the server log)",
+                );
+                continue;
+            };
+            let loaded = in_transaction("loading a target to scan", || -> SpiResult<_> {
+                Ok((targets::load_target(next.target_id)?, expected(run)?))
+            });
+            let Some(Ok((Some(target), expected))) = loaded else {
+                fail(
+                    run,
+                    "loading the target's settings failed (see the server log)",
+                );
+                continue;
+            };
+            d.scan(ScanRequest {
+                run_id: run,
+                target,
+                paths: next.paths,
+                groups: next.groups,
+                expected,
+                page_size: PAGE_SIZE,
+                max_attempts: guc::MAX_ATTEMPTS.get().max(1) as u32,
+            });
+            self.scanning.insert(run);
         }
         any
     }
 
-    fn record_scans(&mut self, _d: &Dispatcher) -> bool {
-        let _ = &self.scanning;
-        false
+    /// Write what the scans read, in the order they read it: pages of accounts (those that
+    /// arrived together in one transaction), the groups' members, then the comparison of a
+    /// finished scan or the failure of a broken one. A page for a run that is no longer
+    /// scanning (cancelled, its target dropped) stops that scan.
+    fn record_scans(&mut self, d: &Dispatcher) -> bool {
+        let events = d.take_scan_events();
+        if events.is_empty() {
+            return false;
+        }
+        let mut pending: Option<(i64, Vec<ScannedAccount>)> = None;
+        for event in events {
+            let run = event.run_id();
+            if !self.scanning.contains(&run) {
+                continue; // cancelled: what it read meanwhile is dropped
+            }
+            if let ScanEvent::Accounts { accounts, .. } = event {
+                match &mut pending {
+                    Some((r, page)) if *r == run && page.len() + accounts.len() <= WRITE_BATCH => {
+                        page.extend(accounts)
+                    }
+                    _ => {
+                        if let Some((r, page)) = pending.take() {
+                            self.write(d, r, "_reconcile_page", &page);
+                        }
+                        pending = Some((run, accounts));
+                    }
+                }
+                continue;
+            }
+            if let Some((r, page)) = pending.take() {
+                self.write(d, r, "_reconcile_page", &page);
+            }
+            if !self.scanning.contains(&run) {
+                continue;
+            }
+            match event {
+                ScanEvent::Accounts { .. } => {}
+                ScanEvent::Groups { members, .. } => {
+                    self.write(d, run, "_reconcile_groups", &members);
+                }
+                ScanEvent::Done { summary, .. } => {
+                    self.scanning.remove(&run);
+                    if !summary.projected {
+                        log!("identity_sync: reconcile run {run}: the target refused attributes=, so whole users were read");
+                    }
+                    if summary.found_by_id > 0 {
+                        log!(
+                            "identity_sync: reconcile run {run}: {} accounts that paging did not return were found by id",
+                            summary.found_by_id
+                        );
+                    }
+                    compare(run);
+                }
+                ScanEvent::Failed { error, .. } => {
+                    self.scanning.remove(&run);
+                    fail(run, &error);
+                }
+            }
+        }
+        if let Some((r, page)) = pending.take() {
+            self.write(d, r, "_reconcile_page", &page);
+        }
+        true
     }
+
+    /// One write of a scan's results (`function(run, json)`) in a transaction of its own. The
+    /// function returns NULL when the run is no longer scanning: the scan is stopped. When the
+    /// write fails, so does the run.
+    fn write(&mut self, d: &Dispatcher, run: i64, function: &str, rows: &impl serde::Serialize) {
+        if !self.scanning.contains(&run) {
+            return;
+        }
+        let json = match serde_json::to_string(rows) {
+            Ok(j) => j,
+            Err(e) => {
+                self.stop(d, run);
+                fail(
+                    run,
+                    &format!("internal error: encoding a scanned page: {e}"),
+                );
+                return;
+            }
+        };
+        let sql = format!("SELECT identity_sync.{function}($1, $2::jsonb)");
+        let written = in_transaction("recording what a reconcile scan read", || {
+            Spi::get_one_with_args::<bool>(&sql, &[run.into(), json.into()])
+        });
+        match written {
+            Some(Ok(Some(true))) => {}
+            Some(Ok(_)) => self.stop(d, run),
+            _ => {
+                self.stop(d, run);
+                fail(
+                    run,
+                    "recording what the scan read failed (see the server log)",
+                );
+            }
+        }
+    }
+
+    fn stop(&mut self, d: &Dispatcher, run: i64) {
+        if self.scanning.remove(&run) {
+            d.cancel_scan(run);
+        }
+    }
+}
+
+/// The ids of the accounts the registry holds in the run's target: those a SCIM scan's paging
+/// misses are looked up one by one.
+fn expected(run: i64) -> SpiResult<Vec<String>> {
+    Ok(Spi::get_one_with_args::<Vec<String>>(
+        "SELECT identity_sync._reconcile_expected($1)",
+        &[run.into()],
+    )?
+    .unwrap_or_default())
 }
 
 fn next_run() -> Option<Next> {

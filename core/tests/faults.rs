@@ -349,3 +349,92 @@ fn scim_5xx_and_missing_service_provider_config() {
         json!([{"op": "replace", "path": "title", "value": "x"}])
     );
 }
+
+#[test]
+fn scim_without_filter_support() {
+    // A service that declares filters unsupported cannot be asked for an account by
+    // correlate_on; its existing accounts are adopted by a reconcile scan instead, so a create
+    // is sent as a POST rather than failed. Its groups are found in the list of all groups.
+    let server = FaultServer::start(|req| match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/scim/ServiceProviderConfig") => Action::status(
+            200,
+            r#"{"patch": {"supported": true}, "filter": {"supported": false, "maxResults": 0}}"#,
+        ),
+        ("POST", "/scim/Users") => Action::status(201, r#"{"id": "new-1"}"#),
+        ("GET", "/scim/Groups?startIndex=1&count=500&excludedAttributes=members") => {
+            Action::status(
+                200,
+                r#"{"totalResults": 3, "Resources": [{"id": "g1", "displayName": "Sales"},
+                                                     {"id": "g2", "displayName": "Staff"}]}"#,
+            )
+        }
+        ("GET", "/scim/Groups?startIndex=3&count=500&excludedAttributes=members") => {
+            Action::status(
+                200,
+                r#"{"totalResults": 3, "Resources": [{"id": "g3", "displayName": "Admins"}]}"#,
+            )
+        }
+        ("PATCH", "/scim/Groups/g2") => Action::status(204, ""),
+        _ => Action::status(500, r#"{"detail": "unexpected request"}"#),
+    });
+    let mut t = server.webhook_target(1, "/scim");
+    t.kind = TargetKind::Scim;
+    t.correlate_on = Some("externalId".into());
+    let h = Harness::start(vec![t]);
+    let mut create = job(1, 1, "p1", EventKind::Create);
+    create.attributes = map(json!({"userName": "zoe", "externalId": "p1"}));
+    create.attempt = 2;
+    match h.one(create) {
+        Outcome::Done {
+            account_id: Some(id),
+            correlated: false,
+            http_status: Some(201),
+            ..
+        } => assert_eq!(id, "new-1"),
+        other => panic!("{other:?}"),
+    }
+    let seen: Vec<String> = server
+        .seen()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert_eq!(
+        seen,
+        ["GET /scim/ServiceProviderConfig", "POST /scim/Users"],
+        "no filtered search"
+    );
+
+    let mut grant = job(2, 1, "p1", EventKind::Grant);
+    grant.account_id = Some("new-1".into());
+    grant.group = Some("Staff".into());
+    assert!(
+        matches!(
+            h.one(grant.clone()),
+            Outcome::Done {
+                http_status: Some(204),
+                ..
+            }
+        ),
+        "{:?}",
+        server.seen().last()
+    );
+    grant.event_id = 3;
+    grant.kind = EventKind::Revoke;
+    assert!(matches!(h.one(grant), Outcome::Done { .. }));
+    let seen: Vec<String> = server
+        .seen()
+        .iter()
+        .skip(2)
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "GET /scim/Groups?startIndex=1&count=500&excludedAttributes=members",
+            "GET /scim/Groups?startIndex=3&count=500&excludedAttributes=members",
+            "PATCH /scim/Groups/g2",
+            "PATCH /scim/Groups/g2",
+        ],
+        "the groups listed once, page by page; the id cached"
+    );
+}

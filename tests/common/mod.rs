@@ -708,7 +708,17 @@ pub struct ScimServer {
 impl ScimServer {
     /// Start it and wait (up to 20 s) until it answers `GET /v2/ServiceProviderConfig`.
     pub fn start() -> ScimServer {
-        let exe = venv_dir().join("bin/scim2-server");
+        Self::start_exe(&venv_dir().join("bin/scim2-server"), &[])
+    }
+
+    /// `scripts/scim-nofilter`: the same server, except that its filtered searches silently
+    /// find nothing, as some real services' do; `flags` such as `--filter-unsupported` (also
+    /// declare filters unsupported in its ServiceProviderConfig).
+    pub fn start_nofilter(flags: &[&str]) -> ScimServer {
+        Self::start_exe(&scripts_dir().join("scim-nofilter"), flags)
+    }
+
+    fn start_exe(exe: &std::path::Path, flags: &[&str]) -> ScimServer {
         assert!(
             exe.exists(),
             "{} is missing: run scripts/setup",
@@ -719,9 +729,11 @@ impl ScimServer {
             let port = free_port();
             let log = std::env::temp_dir().join(format!("identity_sync-scim-{port}.log"));
             let logf = std::fs::File::create(&log).expect("create scim2-server log");
-            let child = Command::new(&exe)
+            let child = Command::new(exe)
+                .env("IDSYNC_VENV", venv_dir())
                 .args(["--hostname", "127.0.0.1", "--port", &port.to_string()])
                 .args(["--bearer-token", &token])
+                .args(flags)
                 .stdin(Stdio::null())
                 .stdout(logf.try_clone().unwrap())
                 .stderr(logf)

@@ -14,15 +14,22 @@
 //! - at most `max_concurrency` requests per target are in flight;
 //! - every request carries `Idempotency-Key: <event_id>`;
 //! - secrets never appear in an outcome's error text or in `Debug` output.
+//!
+//! The same runtime reads SCIM targets for `reconcile()`: [`Dispatcher::scan`] starts a scan
+//! ([`scan`]), whose pages the main thread takes with [`Dispatcher::take_scan_events`] as they
+//! arrive; [`Dispatcher::cancel_scan`] stops one. A scan's requests count against the target's
+//! `max_concurrency` together with deliveries.
 
 mod client;
 mod config;
 mod job;
+mod scan;
 mod scim;
 mod webhook;
 
 pub use config::{is_loopback_url, Auth, Secret, TargetConfig, TargetKind};
 pub use job::{EventKind, Job, Outcome};
+pub use scan::{GroupMembers, ScanEvent, ScanRequest, ScanSummary, ScannedAccount};
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -41,6 +48,7 @@ use scim::ScimTarget;
 /// State shared between the caller's thread and the delivery thread.
 struct Shared {
     outcomes: Mutex<Vec<Outcome>>,
+    scan_events: Mutex<Vec<ScanEvent>>,
     in_flight: AtomicUsize,
     notify: Arc<dyn Fn() + Send + Sync>,
 }
@@ -49,6 +57,15 @@ impl Shared {
     fn outcomes(&self) -> MutexGuard<'_, Vec<Outcome>> {
         // A panic while holding this lock cannot leave the Vec half-updated; keep going.
         self.outcomes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn scan_events(&self) -> MutexGuard<'_, Vec<ScanEvent>> {
+        self.scan_events.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push_scan_event(&self, event: ScanEvent) {
+        self.scan_events().push(event);
+        (self.notify)();
     }
 
     fn push(&self, outcomes: Vec<Outcome>) {
@@ -65,6 +82,8 @@ impl Shared {
 enum Command {
     Targets(Vec<TargetConfig>),
     Submit(Vec<Job>),
+    Scan(Box<ScanRequest>),
+    CancelScan(i64),
     Shutdown(Instant),
 }
 
@@ -95,6 +114,7 @@ impl Dispatcher {
     pub fn start(notify: Arc<dyn Fn() + Send + Sync>) -> io::Result<Self> {
         let shared = Arc::new(Shared {
             outcomes: Mutex::new(Vec::new()),
+            scan_events: Mutex::new(Vec::new()),
             in_flight: AtomicUsize::new(0),
             notify,
         });
@@ -149,6 +169,31 @@ impl Dispatcher {
     /// Takes the outcomes ready so far; never blocks on the network.
     pub fn take_outcomes(&self) -> Vec<Outcome> {
         std::mem::take(&mut *self.shared.outcomes())
+    }
+
+    /// Starts a reconcile scan of a SCIM target; returns at once. Its events (pages, then
+    /// `Done` or `Failed`) come back through [`Dispatcher::take_scan_events`]. A scan of the
+    /// same run already under way is replaced.
+    pub fn scan(&self, request: ScanRequest) {
+        let run_id = request.run_id;
+        if self.tx.send(Command::Scan(Box::new(request))).is_err() {
+            self.shared.push_scan_event(ScanEvent::Failed {
+                run_id,
+                error: "the delivery thread is not running".to_string(),
+            });
+        }
+    }
+
+    /// Stops the scan of run `run_id`, if one runs: no request of it is sent after this
+    /// returns and its requests in flight are abandoned; events it produced before may still be
+    /// taken (the caller drops them).
+    pub fn cancel_scan(&self, run_id: i64) {
+        let _ = self.tx.send(Command::CancelScan(run_id));
+    }
+
+    /// Takes the scan events ready so far, in the order each scan produced them.
+    pub fn take_scan_events(&self) -> Vec<ScanEvent> {
+        std::mem::take(&mut *self.shared.scan_events())
     }
 
     /// Jobs submitted whose outcome has not been produced yet (queued or being sent).
@@ -257,6 +302,7 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Command>) {
     let mut queues: HashMap<PersonKey, VecDeque<Job>> = HashMap::new();
     let mut tasks: JoinSet<(PersonKey, Outcome)> = JoinSet::new();
     let mut running: HashMap<tokio::task::Id, (PersonKey, i64)> = HashMap::new();
+    let mut scans: HashMap<i64, tokio::task::AbortHandle> = HashMap::new();
 
     loop {
         tokio::select! {
@@ -284,13 +330,35 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Command>) {
                         }
                     }
                 }
+                Some(Command::Scan(request)) => {
+                    scans.retain(|_, h| !h.is_finished());
+                    if let Some(old) = scans.remove(&request.run_id) {
+                        old.abort();
+                    }
+                    let run_id = request.run_id;
+                    // The delivery's own target, so the scan shares its concurrency limit,
+                    // connections and token; a new one when the settings just changed.
+                    let target = targets
+                        .get(&request.target.id)
+                        .filter(|t| *t.config() == request.target)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(Target::new(request.target.clone())));
+                    scans.insert(run_id, spawn_scan(&shared, target, *request));
+                }
+                Some(Command::CancelScan(run_id)) => {
+                    if let Some(h) = scans.remove(&run_id) {
+                        h.abort();
+                    }
+                }
                 Some(Command::Shutdown(deadline)) => {
+                    scans.values().for_each(|h| h.abort());
                     drain_until(&shared, &mut tasks, &mut running, deadline).await;
                     tasks.abort_all();
                     break;
                 }
                 // The Dispatcher was dropped without shutdown: nobody will read outcomes.
                 None => {
+                    scans.values().for_each(|h| h.abort());
                     tasks.abort_all();
                     break;
                 }
@@ -325,6 +393,33 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Command>) {
             }
         }
     }
+}
+
+/// Runs a scan as a task of its own; a scan that panics ends with `Failed`, so the worker is
+/// never left waiting for it.
+fn spawn_scan(
+    shared: &Arc<Shared>,
+    target: Arc<Target>,
+    request: ScanRequest,
+) -> tokio::task::AbortHandle {
+    let run_id = request.run_id;
+    let emit_to = Arc::clone(shared);
+    let scan = tokio::spawn(async move {
+        scan::run(target, request, |e| emit_to.push_scan_event(e)).await;
+    });
+    let abort = scan.abort_handle();
+    let watch = Arc::clone(shared);
+    tokio::spawn(async move {
+        if let Err(e) = scan.await {
+            if e.is_panic() {
+                watch.push_scan_event(ScanEvent::Failed {
+                    run_id,
+                    error: "internal error: the scan panicked".to_string(),
+                });
+            }
+        }
+    });
+    abort
 }
 
 /// Waits for running tasks to finish until `deadline`, recording their outcomes.

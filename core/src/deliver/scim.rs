@@ -223,18 +223,13 @@ async fn create(t: &ScimTarget, spc: ServiceProviderConfig, job: &Job) -> Step<O
                 .is_some_and(|v| !v.is_null()))
         .then(|| "externalId".to_string())
     });
-    if let Some(attr) = correlate_on {
+    // A service without filters cannot be asked; its existing accounts are linked by the
+    // adoption scan instead (reconcile, run by the first resync of a target with correlate_on),
+    // which plans an update for each of them, so a create is only planned for a person whose
+    // account the scan did not find.
+    if let Some(attr) = correlate_on.filter(|_| spc.filter) {
         if let Some(value) = job.attributes.get(&attr).filter(|v| !v.is_null()) {
             let path = parse_path(&attr).map_err(|e| mapping_error(job, e))?;
-            if !spc.filter {
-                return Err(Outcome::failed(
-                    job.event_id,
-                    format!(
-                        "target \"{}\" does not support filters, which correlate_on needs",
-                        t.config().name
-                    ),
-                ));
-            }
             let found = find(t, job, "Users", &path.filter_expr(value), None).await?;
             match found.as_slice() {
                 [] => {}
@@ -637,7 +632,46 @@ async fn put_membership(
         .await
 }
 
-/// The id of the group with this displayName: cached, looked up, or created.
+/// Every group of a service that cannot filter, page by page, without their members.
+async fn list_groups(t: &ScimTarget, job: &Job) -> Step<Vec<Value>> {
+    const PAGE: usize = 500;
+    const MAX_PAGES: usize = 1000;
+    let mut out = Vec::new();
+    let mut start = 1usize;
+    for _ in 0..MAX_PAGES {
+        let url = format!(
+            "{}/Groups?startIndex={start}&count={PAGE}&excludedAttributes=members",
+            t.base()
+        );
+        let reply = t.send(job.event_id, Method::GET, &url, None, &[]).await?;
+        if !reply.ok() {
+            return Err(reply.failure("GET /Groups").outcome(job.event_id));
+        }
+        let json = reply.json().ok_or_else(|| {
+            Outcome::failed(job.event_id, "GET /Groups: the response is not JSON")
+        })?;
+        let page = json
+            .get("Resources")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let total = json.get("totalResults").and_then(Value::as_u64);
+        let n = page.len();
+        out.extend(page);
+        start += n;
+        let more = match total {
+            Some(total) => (start as u64) <= total,
+            None => n >= PAGE,
+        };
+        if n == 0 || !more {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// The id of the group with this displayName: cached, looked up (by a filter, or in the list
+/// of all groups when the service cannot filter), or created.
 async fn resolve_group(
     t: &ScimTarget,
     spc: ServiceProviderConfig,
@@ -649,18 +683,21 @@ async fn resolve_group(
     if let Some(id) = cache.get(name) {
         return Ok(Some(id.clone()));
     }
-    if !spc.filter {
-        return Err(Outcome::failed(
-            job.event_id,
-            format!(
-                "target \"{}\" does not support filters, which group lookups need",
-                t.config().name
-            ),
-        ));
-    }
     let filter = format!("displayName eq {}", Value::String(name.to_string()));
     for round in 0..2 {
-        let found = find(t, job, "Groups", &filter, Some("members")).await?;
+        let found = if spc.filter {
+            find(t, job, "Groups", &filter, Some("members")).await?
+        } else {
+            list_groups(t, job)
+                .await?
+                .into_iter()
+                .filter(|g| {
+                    g.get("displayName")
+                        .and_then(Value::as_str)
+                        .is_some_and(|n| n.eq_ignore_ascii_case(name))
+                })
+                .collect()
+        };
         // displayName is not unique in SCIM; prefer an exact (case-sensitive) match.
         let pick = found
             .iter()

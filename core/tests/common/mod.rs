@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use identity_sync_core::deliver::{
-    Auth, Dispatcher, EventKind, Job, Outcome, TargetConfig, TargetKind,
+    Auth, Dispatcher, EventKind, Job, Outcome, ScanEvent, ScanRequest, TargetConfig, TargetKind,
 };
 use serde_json::{Map, Value};
 
@@ -281,6 +281,32 @@ impl Harness {
                 "timed out with {} of {n} outcomes: {got:?}",
                 got.len()
             );
+            let guard = m.lock().unwrap();
+            let _ = c
+                .wait_timeout(guard, left.min(Duration::from_millis(50)))
+                .unwrap();
+        }
+    }
+}
+
+impl Harness {
+    /// Runs a reconcile scan and returns its events once it has ended (`Done` or `Failed`
+    /// last); panics after `timeout`.
+    pub fn scan(&self, request: ScanRequest, timeout: Duration) -> Vec<ScanEvent> {
+        let run = request.run_id;
+        self.d().scan(request);
+        let deadline = Instant::now() + timeout;
+        let mut got: Vec<ScanEvent> = Vec::new();
+        let (m, c) = &*self.signal;
+        loop {
+            got.extend(self.d().take_scan_events());
+            if got.iter().any(|e| {
+                e.run_id() == run && matches!(e, ScanEvent::Done { .. } | ScanEvent::Failed { .. })
+            }) {
+                return got;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "scan {run} did not end: {got:?}");
             let guard = m.lock().unwrap();
             let _ = c
                 .wait_timeout(guard, left.min(Duration::from_millis(50)))
