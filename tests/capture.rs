@@ -278,7 +278,7 @@ fn boundary_check_marks_a_leaver_without_dml() {
         .unwrap()
         .iter()
         .map(|n| n.message.clone())
-        .filter(|m| m.contains("unnest($1::interval[])") && m.contains("dept_emp"))
+        .filter(|m| m.contains("::interval[])") && m.contains("dept_emp"))
         .collect();
     assert_eq!(plans.len(), 1, "one boundary query: {plans:#?}");
     let plan = &plans[0];

@@ -410,7 +410,6 @@ impl Client {
                         truncated = true;
                         break;
                     }
-                    body.extend_from_slice(&chunk);
                 }
                 Ok(None) => break,
                 Err(e) => {

@@ -7,114 +7,41 @@ CREATE EXTENSION identity_sync;
 RESET client_min_messages;
 \set SHOW_CONTEXT never
 \set VERBOSITY default
+
 CREATE TABLE person (id int PRIMARY KEY, name text NOT NULL);
 CREATE TABLE app_user (id int PRIMARY KEY, name text, active boolean NOT NULL DEFAULT true);
+GRANT SELECT ON person TO identity_sync_evaluator;
 SELECT identity_sync.add_person_source('person', 'id');
- add_person_source 
--------------------
- 
-(1 row)
-
 SET client_min_messages = warning;
 SELECT identity_sync.add_target('app', 'table', NULL,
        '{"relation": "public.app_user", "key_column": "id", "active_column": "active"}');
- add_target 
-------------
- 
-(1 row)
-
 SELECT identity_sync.map('app', 'name', 'person.name');
- map 
------
- 
-(1 row)
-
 SELECT identity_sync.add_rule('app', 'everyone', 'true');
- add_rule 
-----------
- 
-(1 row)
-
 SELECT identity_sync.add_target('hook', 'webhook', 'http://127.0.0.1:9/hook');
- add_target 
-------------
- 
-(1 row)
-
 SELECT identity_sync.map('hook', 'name', 'person.name');
- map 
------
- 
-(1 row)
-
 SELECT identity_sync.add_rule('hook', 'everyone', 'true');
- add_rule 
-----------
- 
-(1 row)
-
 SELECT identity_sync.add_target('unscoped', 'table', NULL, '{"relation": "public.app_user", "key_column": "id"}');
- add_target 
-------------
- 
-(1 row)
-
 RESET client_min_messages;
+
 SELECT count(*) AS audit_rows FROM identity_sync.audit_log \gset
+
 SELECT * FROM identity_sync.reconcile('nope');
-ERROR:  target "nope" does not exist
-HINT:  Targets: app, hook, unscoped.
 SELECT * FROM identity_sync.reconcile('hook');
-ERROR:  target "hook" cannot be reconciled: a webhook target cannot be read
-DETAIL:  A webhook receives events; it has no interface that lists the accounts it holds.
-HINT:  Reconcile the system behind the webhook through a scim or table target, or use resync() to send the desired state again.
 SELECT * FROM identity_sync.reconcile('app', 'fix');
-ERROR:  invalid reconcile mode "fix"
-HINT:  The modes are report (find and record only) and repair (then plan the events that undo the drift).
 SELECT * FROM identity_sync.reconcile('unscoped');
-ERROR:  target "unscoped" has no rules yet, so nobody is in scope and nothing can be compared
-HINT:  Register a person source (identity_sync.add_person_source()) and add rules with identity_sync.add_rule() first.
 -- valid input, but the worker serves another database (regression is not the worker's)
 SELECT * FROM identity_sync.reconcile('app', 'repair');
-ERROR:  no identity_sync worker serves this database
-DETAIL:  The identity_sync worker serves database "postgres", not "regression".
-HINT:  Set identity_sync.database = 'regression' and restart PostgreSQL, or use the extension in "postgres".
+
 -- nothing recorded
 SELECT count(*) AS runs FROM identity_sync.reconcile_run;
- runs 
-------
-    0
-(1 row)
-
 SELECT count(*) - :audit_rows AS new_audit_rows FROM identity_sync.audit_log;
- new_audit_rows 
-----------------
-              0
-(1 row)
-
 SELECT count(*) AS findings FROM identity_sync.drift;
- findings 
-----------
-        0
-(1 row)
-
 SELECT count(*) AS orphans FROM identity_sync.orphans;
- orphans 
----------
-       0
-(1 row)
 
 -- the target options of reconciliation are checked like any other
 SELECT identity_sync.alter_target('app', options => '{"orphans": "archive"}');
-ERROR:  invalid value for option "orphans": "archive"
-DETAIL:  Expected one of report, disable, delete.
-HINT:  orphans: what repair does with accounts of nobody: report (default), disable or delete.
 SELECT identity_sync.alter_target('app', options => '{"reconcile_every": "-1 day"}');
-ERROR:  invalid value for option "reconcile_every": "-1 day"
-DETAIL:  Expected a positive interval such as '1 day'.
 SELECT identity_sync.alter_target('app', options => '{"reconcile_mode": "fix"}');
-ERROR:  invalid value for option "reconcile_mode": "fix"
-DETAIL:  Expected one of report, repair.
-HINT:  reconcile_mode: what a scheduled reconcile does: report (default) or repair.
+
 DROP TABLE person, app_user;
 DROP EXTENSION identity_sync;
