@@ -43,5 +43,5 @@ SELECT identity_sync.alter_target('app', options => '{"orphans": "archive"}');
 SELECT identity_sync.alter_target('app', options => '{"reconcile_every": "-1 day"}');
 SELECT identity_sync.alter_target('app', options => '{"reconcile_mode": "fix"}');
 
-DROP TABLE person, app_user;
 DROP EXTENSION identity_sync;
+DROP TABLE person, app_user;
