@@ -668,7 +668,10 @@ BEGIN
     SELECT t.id, m.person_key, x.remote_id, s.state, s.state, x.attributes, x.attributes,
            coalesce(x.groups, '{}'), coalesce(x.groups, '{}'), now()
       FROM pg_temp._is_adopt m JOIN identity_sync._remote x ON x.run_id = t.adopting AND x.remote_id = m.remote_id
-     CROSS JOIN LATERAL (SELECT CASE WHEN x.active IS FALSE THEN 'disabled' ELSE 'active' END AS state) AS s
+     -- A SCIM account that does not say it is active is taken as inactive, so that the plan
+     -- enables it (RFC 7643: active is optional; a pre-existing user may not carry it).
+     CROSS JOIN LATERAL (SELECT CASE WHEN x.active IS TRUE THEN 'active' WHEN x.active IS FALSE THEN 'disabled'
+                                     WHEN t.kind = 'scim' THEN 'disabled' ELSE 'active' END AS state) AS s
     ON CONFLICT (target_id, person_key) DO UPDATE
        SET remote_id = excluded.remote_id, state = excluded.state, planned_state = excluded.planned_state,
            attributes = excluded.attributes, planned_attributes = excluded.planned_attributes,
