@@ -371,3 +371,45 @@ fn failures_end_the_scan_with_the_services_text() {
     let e = failure(h.scan(request(3, webhook, &["userName"], &[]), WAIT));
     assert!(e.contains("is not a scim target"), "{e}");
 }
+
+#[test]
+fn pages_larger_than_max_response_bytes_are_asked_for_in_halves() {
+    // 12 users of about 300 bytes each; the target takes 1,000 bytes a response at most, so a
+    // page of 5 is too large: the scan halves its pages (to 2) until they fit.
+    let users: Vec<Value> = (1..=12)
+        .map(|i| json!({"id": format!("u{i}"), "userName": format!("n{i}"), "title": "x".repeat(250)}))
+        .collect();
+    let script = Arc::new(Scripted {
+        users,
+        groups: Vec::new(),
+        cap: 100,
+        hidden: Vec::new(),
+        throttled: Mutex::new(Some(Instant::now())), // no 429 in this test
+    });
+    let s2 = Arc::clone(&script);
+    let server = FaultServer::start(move |req| s2.answer(&req.path));
+    let mut target = scripted_target(&server);
+    target.max_response_bytes = 1000;
+    let h = Harness::start(vec![target.clone()]);
+    let mut req = request(1, target.clone(), &["userName"], &[]);
+    req.page_size = 5;
+    let got = finished(h.scan(req, WAIT));
+    assert_eq!(
+        got.accounts.keys().cloned().collect::<BTreeSet<_>>(),
+        (1..=12).map(|i| format!("u{i}")).collect::<BTreeSet<_>>()
+    );
+    let counts: BTreeSet<String> = server
+        .seen()
+        .iter()
+        .filter_map(|r| query(&r.path).get("count").cloned())
+        .collect();
+    assert!(counts.contains("5") && counts.contains("2"), "{counts:?}");
+
+    // One user larger than the limit: the scan fails and says what to do.
+    target.max_response_bytes = 200;
+    let e = failure(h.scan(request(2, target, &["userName"], &[]), WAIT));
+    assert!(
+        e.contains("max_response_bytes") && e.contains("raise the target option"),
+        "{e}"
+    );
+}
