@@ -535,6 +535,29 @@ fn assert_adopted(
     );
 }
 
+/// The first sync of target `dir` (correlating on externalId) over `scim` when the first
+/// `existing` of `people` already have accounts there: it must adopt those (no POST for them)
+/// and create only the others.
+fn first_sync_adopts(c: &mut Client, scim: &ScimServer, people: &[i32], existing: usize) {
+    let legacy = legacy_users(scim, &people[..existing]);
+    add_scim_target(c, "dir", scim, "\"correlate_on\": \"externalId\"", false);
+    exec(c, "SELECT identity_sync.resync('dir')");
+    wait_idle(c, 180);
+    assert_eq!(
+        user_posts(scim) - existing,
+        people.len() - existing,
+        "a POST only for the persons without an account"
+    );
+    assert_adopted(c, scim, "dir", people, &legacy);
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM identity_sync.events WHERE target = 'dir' AND kind = 'create'"
+        ),
+        (people.len() - existing) as i64
+    );
+}
+
 /// 300 of 320 persons already have accounts on scim2-server: the first sync links them (no
 /// POST for them), brings them up to date, and creates only the other 20.
 #[test]
@@ -542,30 +565,7 @@ fn adoption_links_existing_accounts_instead_of_creating_them() {
     let (_cleanup, mut c) = fresh();
     let scim = ScimServer::start();
     let people = scope(&mut c, 320);
-    let legacy = legacy_users(&scim, &people[..300]);
-    assert_eq!(user_posts(&scim), 300);
-    add_scim_target(
-        &mut c,
-        "dir",
-        &scim,
-        "\"correlate_on\": \"externalId\"",
-        false,
-    );
-    exec(&mut c, "SELECT identity_sync.resync('dir')");
-    wait_idle(&mut c, 180);
-    assert_eq!(
-        user_posts(&scim) - 300,
-        20,
-        "a POST only for the persons without an account"
-    );
-    assert_adopted(&mut c, &scim, "dir", &people, &legacy);
-    assert_eq!(
-        count(
-            &mut c,
-            "SELECT count(*) FROM identity_sync.events WHERE target = 'dir' AND kind = 'create'"
-        ),
-        20
-    );
+    first_sync_adopts(&mut c, &scim, &people, 300);
 }
 
 /// The same first sync against servers whose filtered searches find nothing (one says it
@@ -578,18 +578,7 @@ fn adoption_without_working_filters_makes_no_duplicates() {
         let filtered = scim.get_json("/Users?filter=userName%20eq%20%22x%22");
         assert_eq!(filtered["totalResults"], 0, "{flags:?}");
         let people = scope(&mut c, 60);
-        let legacy = legacy_users(&scim, &people[..40]);
-        add_scim_target(
-            &mut c,
-            "dir",
-            &scim,
-            "\"correlate_on\": \"externalId\"",
-            false,
-        );
-        exec(&mut c, "SELECT identity_sync.resync('dir')");
-        wait_idle(&mut c, 120);
-        assert_eq!(user_posts(&scim) - 40, 20, "{flags:?}");
-        assert_adopted(&mut c, &scim, "dir", &people, &legacy);
+        first_sync_adopts(&mut c, &scim, &people, 40);
         // A person who joins later is created (not failed for want of a filter).
         let joiner: i32 = one(
             &mut c,
