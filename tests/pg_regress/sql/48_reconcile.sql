@@ -43,5 +43,6 @@ SELECT identity_sync.alter_target('app', options => '{"orphans": "archive"}');
 SELECT identity_sync.alter_target('app', options => '{"reconcile_every": "-1 day"}');
 SELECT identity_sync.alter_target('app', options => '{"reconcile_mode": "fix"}');
 
-DROP EXTENSION identity_sync;
+SET client_min_messages = warning;
+DROP EXTENSION identity_sync CASCADE;
 DROP TABLE person, app_user;
