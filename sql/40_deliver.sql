@@ -2,6 +2,22 @@
 -- events to table targets. The worker (src/deliver/) calls these in short transactions of its
 -- own; HTTP requests happen between them, outside any transaction.
 
+-- The worker steps aside for DDL on the extension (src/deliver/txn.rs): each of its
+-- transactions takes a share lock on the extension object without waiting, and gives up when
+-- it is taken or asked for. DROP EXTENSION takes that lock itself before anything else;
+-- ALTER EXTENSION (an update script ALTERs the tables the worker writes) takes it here, before
+-- its script runs, and drop_target() calls _exclude_worker() first. The worker's transaction in
+-- progress ends, the next one sees the lock and stays away until the DDL commits: no deadlock.
+CREATE FUNCTION identity_sync._exclude_worker_on_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM identity_sync._exclude_worker();
+END
+$$;
+CREATE EVENT TRIGGER identity_sync_exclude_worker ON ddl_command_start
+    WHEN TAG IN ('ALTER EXTENSION')
+    EXECUTE FUNCTION identity_sync._exclude_worker_on_ddl();
+
 -- At worker start: events a crash left in flight are due again (at-least-once delivery).
 CREATE FUNCTION identity_sync._worker_start() RETURNS int
 LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$

@@ -41,7 +41,7 @@ sql_in_load_order! {
     "../sql/30_plan/40_thresholds.sql" as "plan_thresholds";
     "../sql/30_plan/50_apply.sql" as "plan_apply";
     "../sql/30_plan/60_plan.sql" as "plan";
-    "../sql/40_deliver.sql" as "deliver";
+    "../sql/40_deliver.sql" as "deliver" requires [exclude_worker];
     "../sql/45_housekeeping.sql" as "housekeeping";
     "../sql/48_reconcile.sql" as "reconcile";
     "../sql/50_status.sql" as "status" requires [worker_status];
