@@ -57,8 +57,9 @@ impl PgSharedMemoryInitialization for CommitTimes {
             let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
             pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
             let mut found = false;
-            let p = pg_sys::ShmemInitStruct(c"identity_sync_commit_times".as_ptr(), size, &mut found)
-                .cast::<CommitSlot>();
+            let p =
+                pg_sys::ShmemInitStruct(c"identity_sync_commit_times".as_ptr(), size, &mut found)
+                    .cast::<CommitSlot>();
             if !found {
                 std::ptr::write_bytes(p.cast::<u8>(), 0, size);
             }

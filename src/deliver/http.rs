@@ -135,7 +135,8 @@ impl Http {
     /// to rows that are gone, and the targets are loaded again.
     pub fn forget_extension(&mut self) {
         self.stale.extend(self.attempts.drain().map(|(id, _)| id));
-        self.stale.extend(self.unrecorded.drain(..).map(|o| o.event_id()));
+        self.stale
+            .extend(self.unrecorded.drain(..).map(|o| o.event_id()));
         self.loaded = None;
     }
 
