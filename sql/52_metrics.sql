@@ -23,8 +23,9 @@
 CREATE VIEW identity_sync.metrics AS
 SELECT m.name, m.labels, m.value FROM (
     SELECT 'identity_sync_worker_up'::text AS name, '{}'::jsonb AS labels,
-           (EXISTS (SELECT FROM pg_catalog.pg_stat_activity a
-                     WHERE a.backend_type = 'identity_sync worker' AND a.datname = current_database()))::int::float8 AS value
+           -- (worker_status() reads the worker's pid in shared memory: no pg_stat_activity
+           -- privilege needed)
+           (SELECT (w.state = 'running')::int::float8 FROM identity_sync.worker_status() AS w) AS value
     UNION ALL
     SELECT 'identity_sync_planner_dirty_persons', '{}',
            ((SELECT count(*) FROM identity_sync._dirty)
@@ -75,5 +76,7 @@ WHERE m.value IS NOT NULL;
 SELECT identity_sync._revoke_public_execute();
 
 GRANT SELECT ON identity_sync.metrics TO identity_sync_reader, pg_monitor;
+-- (functions in a view run with the reader's privileges)
+GRANT EXECUTE ON FUNCTION identity_sync.worker_status() TO pg_monitor;
 
 COMMENT ON VIEW identity_sync.metrics IS 'Monitoring samples in Prometheus'' terms (name, labels, value): worker up, planning backlog, unfinished events by target and state, held/quarantined/paused targets, plan errors, oldest pending age, last delivery and delivery counters per target, commit-to-delivery latency quantiles over the last 5 minutes; for pg_monitor and prometheus-postgres-exporter (monitoring/postgres_exporter.yaml).';
