@@ -138,24 +138,24 @@ pub fn in_transaction<R>(what: &str, f: impl FnOnce() -> R + std::panic::UnwindS
         }
         Some(f())
     })
-        .catch_others(|e| {
-            let (message, code) = match &e {
-                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
-                    (r.message().to_string(), r.sql_error_code())
-                }
-                CaughtError::RustPanic { ereport, .. } => {
-                    (ereport.message().to_string(), ereport.sql_error_code())
-                }
-            };
-            if is_lock_conflict(code) {
-                STEPPED_ASIDE.set(true);
-                log!("identity_sync: {what} stepped aside: {message}; tried again later");
-            } else {
-                log!("identity_sync: {what} failed: {message}");
+    .catch_others(|e| {
+        let (message, code) = match &e {
+            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
+                (r.message().to_string(), r.sql_error_code())
             }
-            None
-        })
-        .execute();
+            CaughtError::RustPanic { ereport, .. } => {
+                (ereport.message().to_string(), ereport.sql_error_code())
+            }
+        };
+        if is_lock_conflict(code) {
+            STEPPED_ASIDE.set(true);
+            log!("identity_sync: {what} stepped aside: {message}; tried again later");
+        } else {
+            log!("identity_sync: {what} failed: {message}");
+        }
+        None
+    })
+    .execute();
     unsafe {
         if result.is_some() {
             pg_sys::PopActiveSnapshot();
