@@ -8,8 +8,9 @@
 -- ALTER EXTENSION (an update script ALTERs the tables the worker writes) takes it here, before
 -- its script runs, and drop_target() calls _exclude_worker() first. The worker's transaction in
 -- progress ends, the next one sees the lock and stays away until the DDL commits: no deadlock.
+-- (SECURITY DEFINER: it fires for whoever alters any extension, and _exclude_worker is private)
 CREATE FUNCTION identity_sync._exclude_worker_on_ddl() RETURNS event_trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM identity_sync._exclude_worker();
 END
