@@ -53,6 +53,20 @@ fn undone(c: &mut Client, target: &str) -> i64 {
 // Item 2: DDL on the extension while the worker is busy
 // ------------------------------------------------------------------------------------------
 
+/// Commit `hr_change`, wait until the worker delivers what it planned for it to `hook`, and
+/// run `ddl` then, on its first try.
+fn after_hr_change_while_busy(
+    c: &mut Client,
+    hr_change: &str,
+    ddl: &str,
+    round: usize,
+) -> Duration {
+    let since = last_event(c);
+    exec(c, hr_change);
+    wait_busy(c, "hook", since);
+    first_try(c, ddl, round)
+}
+
 /// Update scripts between the installed version and a test version `<v>-ddltest`, written into
 /// PostgreSQL's extension directory for the test and removed when dropped. The update ALTERs
 /// the tables the worker writes in the order that used to deadlock with it (events, then
@@ -205,27 +219,16 @@ fn extension_ddl_succeeds_first_try_while_worker_is_busy() {
             round,
         ));
         // still busy: more HR changes while the worker works under the new version
-        let since = last_event(&mut c);
-        exec(
+        took.push(after_hr_change_while_busy(
             &mut c,
             "UPDATE employee SET last_name = last_name || '-' WHERE emp_no % 3 = 0",
-        );
-        wait_busy(&mut c, "hook", since);
-        took.push(first_try(
-            &mut c,
             &format!("ALTER EXTENSION identity_sync UPDATE TO '{}'", path.version),
             round,
         ));
         drop(path);
-
-        let since = last_event(&mut c);
-        exec(
+        took.push(after_hr_change_while_busy(
             &mut c,
             "UPDATE employee SET last_name = last_name || '+' WHERE emp_no % 3 = 1",
-        );
-        wait_busy(&mut c, "hook", since);
-        took.push(first_try(
-            &mut c,
             "DROP EXTENSION identity_sync CASCADE",
             round,
         ));
@@ -241,10 +244,7 @@ fn extension_ddl_succeeds_first_try_while_worker_is_busy() {
     exec(&mut c, "SELECT identity_sync.resync('hook')");
     wait_idle(&mut c, 120);
     assert_eq!(undone(&mut c, "hook"), 0);
-    let log = std::env::var("IDSYNC_CLUSTER_DIR")
-        .map(|dir| std::fs::read_to_string(format!("{dir}/log")).unwrap_or_default())
-        .unwrap_or_default();
-    let deadlocks = log.matches("deadlock detected").count();
+    let deadlocks = server_log().matches("deadlock detected").count();
     println!(
         "20 DDL statements while busy, each on its first try, longest wait {:?}; {deadlocks} deadlocks in the server log",
         took.iter().max()
@@ -787,14 +787,7 @@ fn immediate_shutdown_during_delivery_loses_nothing() {
         .filter(|(_, n)| **n > 1)
         .map(|(id, _)| *id)
         .collect();
-    let log = std::fs::read_to_string(format!("{}/log", harness_env("IDSYNC_CLUSTER_DIR")))
-        .unwrap_or_default();
-    let logged = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("were in flight when the worker stopped"))
-        .unwrap_or("(no in-flight line in the server log)")
-        .to_string();
+    let logged = last_log_line("were in flight when the worker stopped");
     println!(
         "immediate shutdown after {crashed_at} requests: {} requests for {} events, {} repeated, {} in flight at the crash\n  server log: {logged}",
         got.len(),

@@ -432,6 +432,26 @@ pub fn reconnect_to_new_worker(old: i32) -> Client {
     client.expect("set when a new worker was found")
 }
 
+/// The harness cluster's server log so far (empty when the harness does not say where it is).
+pub fn server_log() -> String {
+    std::env::var("IDSYNC_CLUSTER_DIR")
+        .map(|dir| std::fs::read_to_string(format!("{dir}/log")).unwrap_or_default())
+        .unwrap_or_default()
+}
+
+/// The last line of the harness cluster's server log that contains `text`, or a sentence
+/// saying there is none (for a test's printed summary).
+pub fn last_log_line(text: &str) -> String {
+    server_log()
+        .lines()
+        .rev()
+        .find(|l| l.contains(text))
+        .map_or_else(
+            || format!("(no line with \"{text}\" in the server log)"),
+            str::to_string,
+        )
+}
+
 /// Restart the harness cluster (`scripts/cluster restart $IDSYNC_CLUSTER`); the port stays.
 pub fn restart_harness_cluster() {
     let name = harness_env("IDSYNC_CLUSTER");
