@@ -8,6 +8,9 @@
 -- ALTER EXTENSION (an update script ALTERs the tables the worker writes) takes it here, before
 -- its script runs, and drop_target() calls _exclude_worker() first. The worker's transaction in
 -- progress ends, the next one sees the lock and stays away until the DDL commits: no deadlock.
+-- (The trigger fires for ALTER EXTENSION of any extension: a wait for one worker transaction.
+-- An update script from a version that had no such trigger takes the lock itself, as its first
+-- statement, once it has created _exclude_worker: SELECT identity_sync._exclude_worker();)
 -- (SECURITY DEFINER: it fires for whoever alters any extension, and _exclude_worker is private)
 CREATE FUNCTION identity_sync._exclude_worker_on_ddl() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
