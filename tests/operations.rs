@@ -448,6 +448,31 @@ fn trace_reads_hr_change_plan_events_and_every_attempt() {
             .any(|(s, t, d)| s == "cause" && d["kind"] == "resync" && t.as_deref() == Some("dir")),
         "the create's cause is the resync of dir:\n{story}"
     );
+    // A date boundary: a contract that starts tomorrow plans the person again when the day
+    // comes, without any DML then (the worker's boundary check; set_clock moves the day).
+    exec(
+        &mut c,
+        &format!("INSERT INTO dept_emp VALUES ({person}, 'd001', identity_sync._today() + 1, '9999-01-01')"),
+    );
+    wait_idle(&mut c, 60);
+    exec(
+        &mut c,
+        "SELECT identity_sync.set_clock(identity_sync._now() + interval '1 day')",
+    );
+    let boundary = wait_until(Duration::from_secs(30), || {
+        trace(&mut c, person).iter().any(|(s, _, d)| {
+            s == "cause"
+                && d["kind"] == "date boundary"
+                && d["op"] == "boundary"
+                && d["plan_id"].is_i64()
+        })
+    });
+    exec(&mut c, "SELECT identity_sync.set_clock(NULL)");
+    assert!(
+        boundary,
+        "no date boundary among the causes:\n{}",
+        show(&trace(&mut c, person))
+    );
     // The attempts history as readers see it.
     assert_eq!(
         count(
