@@ -375,7 +375,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
           FROM causes c LEFT JOIN identity_sync.change_log l ON l.id = c.change_id
           LEFT JOIN identity_sync.target t ON t.id = c.target_id
         UNION ALL
-        SELECT p.started_at, 'plan', NULL,
+        -- (its events carry the planner transaction's start: the plan shows no later than them)
+        SELECT least(p.started_at, (SELECT min(e.created_at) FROM ev e WHERE e.plan_id = p.id)), 'plan', NULL,
                jsonb_strip_nulls(jsonb_build_object('plan_id', p.id, 'persons', p.persons, 'events', p.events,
                                                     'caused_at', p.caused_at))
           FROM identity_sync.plan_run p WHERE p.id IN (SELECT c.plan_id FROM causes c)
@@ -408,7 +409,9 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
           JOIN identity_sync.reconcile_run r ON r.id = f.run_id
          WHERE f.person_key = trace.person_key
     ) AS q(at, step, target, detail)
-    ORDER BY 1, 2
+    -- at the same moment, in the order of the story
+    ORDER BY 1, array_position(ARRAY['change', 'dirty', 'cause', 'plan', 'event', 'attempt', 'result'],
+                               split_part(step, ' ', 1)), 2, 3
 $$;
 
 -- Privileges: nothing for PUBLIC but what is granted below (_revoke_public_execute, 00_schema.sql).
