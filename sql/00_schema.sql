@@ -91,10 +91,27 @@ CREATE TABLE identity_sync.change (
     source_id int,                 -- NULL for changes made by identity_sync itself (resync, config)
     op        text NOT NULL,       -- insert, update, delete, truncate, snapshot, boundary, resync, ...
     keys      text[] NOT NULL,
-    at        timestamptz NOT NULL DEFAULT now()
+    at        timestamptz NOT NULL DEFAULT now(),   -- when the writing transaction started
+    xid       xid8 NOT NULL DEFAULT pg_current_xact_id()  -- the writing transaction
 );
 -- Arrays of keys do not compress much; compressing them would cost the HR statement time.
 ALTER TABLE identity_sync.change ALTER COLUMN keys SET STORAGE EXTERNAL;
+
+-- Captured changes once the planner has claimed them from the outbox: what a plan consumed
+-- (plan_cause), kept as long as the plans that consumed them (event_retention). The keys stay
+-- in plan_cause, per plan; the commit time is resolved when claimed (_commit_time).
+CREATE TABLE identity_sync.change_log (
+    id           bigint PRIMARY KEY,   -- the outbox row's id
+    source_id    int,
+    source       text,                 -- the source relation's name when claimed
+    op           text NOT NULL,
+    persons      int NOT NULL,         -- how many person keys the change named
+    xid          xid8,                 -- the HR transaction
+    started_at   timestamptz NOT NULL, -- when that transaction started
+    committed_at timestamptz,          -- when it committed, NULL when unknown (see _commit_time)
+    claimed_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX ON identity_sync.change_log (claimed_at);
 
 -- Persons claimed from the outbox, deduplicated, waiting to be planned.
 -- target_id 0 means every target; resync(target) marks persons for one target only.
@@ -105,6 +122,7 @@ CREATE TABLE identity_sync._dirty (
     op         text NOT NULL,
     first_at   timestamptz NOT NULL,
     held_by    bigint,          -- a reconcile run (repair or adoption) that plans this person itself
+    change_ids bigint[] NOT NULL DEFAULT '{}',  -- the captured changes (change_log) behind it, up to 50
     PRIMARY KEY (person_key, target_id)
 );
 CREATE INDEX ON identity_sync._dirty (first_at) WHERE held_by IS NULL;
@@ -118,6 +136,7 @@ CREATE TABLE identity_sync._deferred (
     source_id  int,
     op         text NOT NULL,
     first_at   timestamptz NOT NULL,
+    change_ids bigint[] NOT NULL DEFAULT '{}',  -- as in _dirty: the captured changes behind it
     PRIMARY KEY (target_id, person_key)
 );
 
@@ -241,6 +260,34 @@ CREATE TABLE identity_sync.event (
 CREATE INDEX event_due ON identity_sync.event (target_id, due_at, seq) WHERE state IN ('pending', 'retry');
 CREATE INDEX event_open ON identity_sync.event (target_id, person_key, seq) WHERE state <> 'done';
 CREATE INDEX event_done ON identity_sync.event (done_at) WHERE state = 'done';
+-- A plan run (and its causes) is kept while an event of it is (retention, 45_housekeeping.sql).
+CREATE INDEX event_plan ON identity_sync.event (plan_id);
+
+-- Delivery attempts that did not deliver (a retry, a failure, a conflict, one cut short by a
+-- crash): with the event's own columns (its last attempt) the history of every attempt
+-- (view attempts). A successful attempt is the event's done row itself, so the path every
+-- event takes writes nothing here.
+CREATE TABLE identity_sync._attempt (
+    event_id    bigint NOT NULL,
+    attempt     int NOT NULL,          -- the event's attempt number (retry() starts again at 1)
+    sent_at     timestamptz,
+    recorded_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    outcome     text NOT NULL,         -- retry, failed, conflict, interrupted
+    http_status int,
+    error       text
+);
+CREATE INDEX ON identity_sync._attempt (event_id);
+CREATE INDEX ON identity_sync._attempt (recorded_at);
+
+-- Per target counters for monitoring (view metrics): events delivered and attempts that failed
+-- since the target was added, and the last of each.
+CREATE TABLE identity_sync._delivery_stats (
+    target_id       int PRIMARY KEY REFERENCES identity_sync.target ON DELETE CASCADE,
+    delivered       bigint NOT NULL DEFAULT 0,
+    failed_attempts bigint NOT NULL DEFAULT 0,
+    last_success    timestamptz,
+    last_failure    timestamptz
+);
 
 -- Planner runs, for trace and thresholds.
 CREATE TABLE identity_sync.plan_run (
@@ -248,8 +295,26 @@ CREATE TABLE identity_sync.plan_run (
     started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     persons    int NOT NULL,
     events     int NOT NULL DEFAULT 0,
-    keys       text[] NOT NULL
+    keys       text[] NOT NULL,
+    caused_at  timestamptz   -- the earliest cause: commit of the oldest HR change consumed, or
+                             -- when a resync, reconcile or configuration change asked
 );
+CREATE INDEX ON identity_sync.plan_run (started_at);
+
+-- Why a plan planned whom: per plan, per captured change consumed (change_id, with the persons
+-- it named that this plan planned), or per cause without a change row (change_id NULL: op
+-- resync, reconcile, lifecycle, conflict, ...). Deleted with the plan run.
+CREATE TABLE identity_sync.plan_cause (
+    plan_id   bigint NOT NULL REFERENCES identity_sync.plan_run ON DELETE CASCADE,
+    target_id int,             -- NULL: every target
+    change_id bigint,          -- identity_sync.change_log
+    op        text NOT NULL,
+    at        timestamptz NOT NULL,   -- when the persons were marked for planning
+    keys      text[] NOT NULL
+);
+CREATE INDEX ON identity_sync.plan_cause (plan_id);
+CREATE INDEX ON identity_sync.plan_cause USING gin (keys);   -- trace(person_key)
+CREATE INDEX ON identity_sync.plan_cause (change_id) WHERE change_id IS NOT NULL;
 
 -- Events of the kinds thresholds guard (create, disable, delete) planned per target: the window
 -- a threshold looks at is the last hour since the last release.
@@ -417,7 +482,8 @@ GRANT USAGE ON SCHEMA identity_sync TO PUBLIC;
 
 -- Readers: registry, events, configuration (never secrets).
 GRANT SELECT ON identity_sync.source, identity_sync.mapping, identity_sync.rule,
-                identity_sync.plan_run, identity_sync.change, identity_sync.account, identity_sync.event
+                identity_sync.plan_run, identity_sync.change, identity_sync.account, identity_sync.event,
+                identity_sync.change_log, identity_sync.plan_cause
    TO identity_sync_reader;
 GRANT SELECT (id, name, kind, url, options, paused, held, released_at, resync_total, resync_started_at, created_at, updated_at)
    ON identity_sync.target TO identity_sync_reader;
@@ -447,6 +513,11 @@ SELECT pg_catalog.pg_extension_config_dump('identity_sync._audit', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync.product', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync.request', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync.decision', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.change_log', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.plan_run', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.plan_cause', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._attempt', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._delivery_stats', '');
 -- (one statement each: every call rewrites the pg_extension row)
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.source', 'id')::regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.target', 'id')::regclass, '');
@@ -454,6 +525,7 @@ SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.change', 'id')::regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.event', 'id')::regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync._audit', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.plan_run', 'id')::regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.product', 'id')::regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.request', 'id')::regclass, '');
 
@@ -465,7 +537,11 @@ COMMENT ON TABLE identity_sync.mapping IS 'Per target: attribute <- SQL expressi
 COMMENT ON TABLE identity_sync.rule IS 'Per target: business rules (SQL conditions) and the groups they grant; a person is in scope when one matches.';
 COMMENT ON TABLE identity_sync.account IS 'The account registry: person x target, applied and planned state.';
 COMMENT ON TABLE identity_sync.event IS 'Provisioning events, delivered strictly in seq order per person and target.';
-COMMENT ON TABLE identity_sync.plan_run IS 'One row per planner transaction: which persons it planned and how many events it wrote.';
+COMMENT ON TABLE identity_sync.plan_run IS 'One row per planner transaction: which persons it planned and how many events it wrote; caused_at: its earliest cause.';
+COMMENT ON TABLE identity_sync.plan_cause IS 'Why a plan planned whom: the captured changes it consumed (change_id) or another cause (op resync, reconcile, lifecycle, conflict), with the persons concerned.';
+COMMENT ON TABLE identity_sync.change_log IS 'Captured changes the planner has claimed from the outbox: source, operation, HR transaction (xid) and when it started and committed; kept as long as the plans that consumed them.';
+COMMENT ON COLUMN identity_sync.change_log.committed_at IS 'Commit time of the HR transaction: recorded by the capturing backend at commit, or from track_commit_timestamp; NULL when neither knows it.';
+COMMENT ON COLUMN identity_sync.change.xid IS 'The transaction that wrote the change (pg_current_xact_id()).';
 COMMENT ON TABLE identity_sync.product IS 'Self-service products: groups in a target that persons can request, approved by owners computed from HR data.';
 COMMENT ON COLUMN identity_sync.product.owners IS 'SQL condition over owner (candidate person row), requester, requester_contract, owner_contract and today; owners are active persons other than the requester.';
 COMMENT ON COLUMN identity_sync.product.approval IS 'any: one current owner approves; all: every current owner approves.';

@@ -626,6 +626,9 @@ RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_
 DECLARE
     t identity_sync.target := identity_sync._target(name);
 BEGIN
+    -- The worker writes these rows (events, accounts, the target) in its own order: it steps
+    -- aside until this transaction ends (40_deliver.sql, src/deliver/txn.rs).
+    PERFORM identity_sync._exclude_worker();
     DELETE FROM identity_sync.event WHERE target_id = t.id;
     DELETE FROM identity_sync.account WHERE target_id = t.id;
     DELETE FROM identity_sync._unique WHERE target_id = t.id;

@@ -2,14 +2,61 @@
 -- events to table targets. The worker (src/deliver/) calls these in short transactions of its
 -- own; HTTP requests happen between them, outside any transaction.
 
+-- The worker steps aside for DDL on the extension (src/deliver/txn.rs): each of its
+-- transactions takes a share lock on the extension object without waiting, and gives up when
+-- it is taken or asked for. DROP EXTENSION takes that lock itself before anything else;
+-- ALTER EXTENSION (an update script ALTERs the tables the worker writes) takes it here, before
+-- its script runs, and drop_target() calls _exclude_worker() first. The worker's transaction in
+-- progress ends, the next one sees the lock and stays away until the DDL commits: no deadlock.
+-- (The trigger fires for ALTER EXTENSION of any extension: a wait for one worker transaction.
+-- An update script from a version that had no such trigger takes the lock itself, as its first
+-- statement, once it has created _exclude_worker: SELECT identity_sync._exclude_worker();)
+-- (SECURITY DEFINER: it fires for whoever alters any extension, and _exclude_worker is private)
+CREATE FUNCTION identity_sync._exclude_worker_on_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM identity_sync._exclude_worker();
+END
+$$;
+CREATE EVENT TRIGGER identity_sync_exclude_worker ON ddl_command_start
+    WHEN TAG IN ('ALTER EXTENSION')
+    EXECUTE FUNCTION identity_sync._exclude_worker_on_ddl();
+
 -- At worker start: events a crash left in flight are due again (at-least-once delivery).
+-- Each such attempt is in the attempts history as interrupted.
 CREATE FUNCTION identity_sync._worker_start() RETURNS int
 LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     WITH r AS (
         UPDATE identity_sync.event SET state = 'retry', due_at = now(),
                last_error = coalesce(last_error, 'in flight when the worker stopped')
-         WHERE state = 'sending' RETURNING 1)
+         WHERE state = 'sending' RETURNING id, attempts, sent_at),
+    h AS (
+        INSERT INTO identity_sync._attempt (event_id, attempt, sent_at, outcome, error)
+        SELECT r.id, r.attempts, r.sent_at, 'interrupted', 'in flight when the worker stopped' FROM r)
     SELECT count(*)::int FROM r
+$$;
+
+-- Count outcomes per target for monitoring (_delivery_stats, view metrics): `delivered` events
+-- done, `failed` attempts that did not deliver.
+CREATE FUNCTION identity_sync._count_outcomes(target_id int, delivered bigint, failed bigint)
+RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO identity_sync._delivery_stats AS s (target_id, delivered, failed_attempts, last_success, last_failure)
+    VALUES (target_id, delivered, failed, CASE WHEN delivered > 0 THEN clock_timestamp() END,
+            CASE WHEN failed > 0 THEN clock_timestamp() END)
+    ON CONFLICT ON CONSTRAINT _delivery_stats_pkey DO UPDATE
+       SET delivered = s.delivered + excluded.delivered,
+           failed_attempts = s.failed_attempts + excluded.failed_attempts,
+           last_success = coalesce(excluded.last_success, s.last_success),
+           last_failure = coalesce(excluded.last_failure, s.last_failure)
+$$;
+
+-- The events of the last _apply_done (pg_temp._is_done), counted per target.
+CREATE FUNCTION identity_sync._count_done() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM identity_sync._count_outcomes(d.target_id, count(*), 0)
+       FROM pg_temp._is_done d GROUP BY d.target_id;
+END
 $$;
 
 -- Replace {"$person": key} values by that person's account id in the same target.
@@ -189,6 +236,12 @@ BEGIN
         outcome := 'retry';
         retry_in := coalesce(retry_in, identity_sync._retry_delay(e.attempts));
     END IF;
+    -- An attempt that did not deliver joins the history (the event keeps only its last one).
+    IF outcome <> 'done' THEN
+        INSERT INTO identity_sync._attempt (event_id, attempt, sent_at, outcome, http_status, error)
+        VALUES (e.id, e.attempts, e.sent_at, outcome, _record.http_status, error);
+        PERFORM identity_sync._count_outcomes(e.target_id, 0, 1);
+    END IF;
     IF outcome = 'retry' AND identity_sync._breaker(e, error, target_level) THEN
         -- The target is quarantined: this event waits for the target, not for an operator.
         UPDATE identity_sync.event SET state = 'retry', last_error = error, http_status = _record.http_status,
@@ -196,6 +249,7 @@ BEGIN
          WHERE id = e.id;
     ELSIF outcome = 'done' THEN
         PERFORM identity_sync._apply_done(ARRAY[e.id], ARRAY[_record.remote_id], ARRAY[_record.http_status]);
+        PERFORM identity_sync._count_done();
     ELSIF outcome = 'retry' AND e.attempts < max_attempts THEN
         UPDATE identity_sync.event SET state = 'retry', last_error = error, http_status = _record.http_status,
                due_at = clock_timestamp() + coalesce(retry_in, interval '1 second') WHERE id = e.id;
@@ -226,6 +280,7 @@ BEGIN
         ARRAY(SELECT x.event_id FROM unnest(outcomes) AS x WHERE x.outcome = 'done' ORDER BY x.event_id),
         ARRAY(SELECT x.remote_id FROM unnest(outcomes) AS x WHERE x.outcome = 'done' ORDER BY x.event_id),
         ARRAY(SELECT x.http_status FROM unnest(outcomes) AS x WHERE x.outcome = 'done' ORDER BY x.event_id));
+    PERFORM identity_sync._count_done();
     FOR o IN SELECT * FROM unnest(outcomes) AS x WHERE x.outcome <> 'done' LOOP
         PERFORM identity_sync._record(o.event_id, o.outcome, o.remote_id, o.error, o.http_status,
                                       make_interval(secs => o.retry_in_ms / 1000.0));

@@ -32,7 +32,17 @@ BEGIN
     PERFORM identity_sync._reconcile_schedule();
     IF retention IS NOT NULL THEN
         DELETE FROM identity_sync.event WHERE state = 'done' AND done_at < now() - retention;
-        DELETE FROM identity_sync.plan_run WHERE started_at < now() - retention;
+        -- A plan run, its causes and the changes they name stay while an event of the plan
+        -- does (a failed event keeps its story); the attempts of an event stay with it.
+        DELETE FROM identity_sync.plan_run p
+         WHERE p.started_at < now() - retention
+           AND NOT EXISTS (SELECT FROM identity_sync.event e WHERE e.plan_id = p.id);
+        DELETE FROM identity_sync.change_log c
+         WHERE c.claimed_at < now() - retention
+           AND NOT EXISTS (SELECT FROM identity_sync.plan_cause pc WHERE pc.change_id = c.id);
+        DELETE FROM identity_sync._attempt a
+         WHERE a.recorded_at < now() - retention
+           AND NOT EXISTS (SELECT FROM identity_sync.event e WHERE e.id = a.event_id);
         DELETE FROM identity_sync._plan_count WHERE at < now() - interval '1 hour';
         -- Reconcile runs like events, but the latest finished one of each target stays: the
         -- drift and orphans views read it.

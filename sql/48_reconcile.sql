@@ -624,7 +624,8 @@ BEGIN
         RETURN 0;
     END IF;
     SELECT * INTO t FROM identity_sync.target x WHERE x.id = r.target_id;
-    INSERT INTO identity_sync.plan_run (persons, keys) VALUES (cardinality(keys), keys) RETURNING id INTO plan_id;
+    plan_id := identity_sync._plan_run(keys, t.id, CASE r.mode WHEN 'adopt' THEN 'resync' ELSE 'reconcile' END,
+                                       r.requested_at);
     n := identity_sync._plan_target(t, keys, plan_id);
     UPDATE identity_sync.plan_run SET events = n WHERE id = plan_id;
     UPDATE identity_sync.reconcile_run x SET planned_events = x.planned_events + n WHERE x.id = run_id;

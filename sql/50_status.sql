@@ -390,13 +390,53 @@ BEGIN
 END
 $$;
 
--- The story of one person: changes still pending, plans that covered it, events and results,
--- in time order.
+-- Every delivery attempt: the ones that did not deliver (_attempt, with the outcome retry,
+-- failed, conflict or interrupted), the one that did (the event's own done row) and the one in
+-- flight (the event's sending row).
+CREATE VIEW identity_sync.attempts AS
+SELECT a.event_id, t.name AS target, e.person_key, e.kind, a.attempt, a.sent_at,
+       a.recorded_at AS finished_at, a.recorded_at - a.sent_at AS latency, a.outcome, a.http_status, a.error
+  FROM identity_sync._attempt a
+  JOIN identity_sync.event e ON e.id = a.event_id
+  JOIN identity_sync.target t ON t.id = e.target_id
+UNION ALL
+SELECT e.id, t.name, e.person_key, e.kind, e.attempts, e.sent_at, e.done_at,
+       e.done_at - e.sent_at, CASE e.state WHEN 'done' THEN 'done' ELSE 'in flight' END, e.http_status, NULL
+  FROM identity_sync.event e JOIN identity_sync.target t ON t.id = e.target_id
+ WHERE e.attempts > 0 AND (e.state = 'sending' OR (e.state = 'done' AND e.last_error IS NULL));
+
+-- What caused a plan, in words: a captured HR change, or what else asked for it.
+CREATE FUNCTION identity_sync._cause_kind(op text, source_id int) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN op IN ('insert', 'update', 'delete', 'truncate') AND source_id IS NOT NULL THEN 'hr change'
+                WHEN op = 'boundary' THEN 'date boundary'
+                WHEN op = 'snapshot' THEN 'snapshot'
+                WHEN op = 'resync' THEN 'resync'
+                WHEN op = 'reconcile' THEN 'reconcile'
+                WHEN op IN ('approve', 'revoke', 'expire', 'alter_product', 'drop_product') THEN 'self-service'
+                WHEN op = 'lifecycle' THEN 'configuration'
+                WHEN op = 'conflict' THEN 'uniqueness conflict'
+                ELSE op END
+$$;
+
+-- The story of one person, in time order: changes still pending, then per plan its causes
+-- (the HR change with its source, operation, transaction and commit time, or a date boundary,
+-- snapshot, resync, reconcile, self-service decision, ...), the plan, its events, every
+-- delivery attempt (status, latency, error) and each event's result.
 CREATE FUNCTION identity_sync.trace(person_key text)
 RETURNS TABLE (at timestamptz, step text, target text, detail jsonb)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH ev AS (
+        -- per target: the (target_id, person_key, seq) index
+        SELECT e.*, t.name AS target
+          FROM identity_sync.target t
+         CROSS JOIN LATERAL (SELECT * FROM identity_sync.event x
+                              WHERE x.target_id = t.id AND x.person_key = trace.person_key) AS e),
+    causes AS (
+        SELECT pc.* FROM identity_sync.plan_cause pc WHERE pc.keys @> ARRAY[trace.person_key])
     SELECT * FROM (
-        SELECT c.at, 'change'::text, NULL::text, jsonb_build_object('op', c.op, 'source', s.relation::text)
+        SELECT c.at, 'change'::text, NULL::text,
+               jsonb_build_object('op', c.op, 'source', s.relation::text, 'xid', c.xid::text)
           FROM identity_sync.change c LEFT JOIN identity_sync.source s ON s.id = c.source_id
          WHERE person_key = ANY (c.keys)
         UNION ALL
@@ -412,20 +452,36 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
           JOIN identity_sync.target t ON t.id = d.target_id
          WHERE d.person_key = trace.person_key
         UNION ALL
-        SELECT p.started_at, 'plan', NULL, jsonb_build_object('plan_id', p.id, 'persons', p.persons, 'events', p.events)
-          FROM identity_sync.plan_run p WHERE person_key = ANY (p.keys)
+        SELECT coalesce(l.committed_at, l.started_at, c.at), 'cause', t.name,
+               jsonb_strip_nulls(jsonb_build_object(
+                   'kind', identity_sync._cause_kind(c.op, l.source_id), 'op', c.op, 'plan_id', c.plan_id,
+                   'change_id', c.change_id, 'source', l.source, 'xid', l.xid::text,
+                   'transaction_started_at', l.started_at, 'committed_at', l.committed_at,
+                   'persons', l.persons))
+          FROM causes c LEFT JOIN identity_sync.change_log l ON l.id = c.change_id
+          LEFT JOIN identity_sync.target t ON t.id = c.target_id
         UNION ALL
-        SELECT e.created_at, 'event ' || e.kind, t.name,
+        -- (its events carry the planner transaction's start: the plan shows no later than them)
+        SELECT least(p.started_at, (SELECT min(e.created_at) FROM ev e WHERE e.plan_id = p.id)), 'plan', NULL,
+               jsonb_strip_nulls(jsonb_build_object('plan_id', p.id, 'persons', p.persons, 'events', p.events,
+                                                    'caused_at', p.caused_at))
+          FROM identity_sync.plan_run p WHERE p.id IN (SELECT c.plan_id FROM causes c)
+        UNION ALL
+        SELECT e.created_at, 'event ' || e.kind, e.target,
                jsonb_build_object('id', e.id, 'seq', e.seq, 'state', e.state, 'attempts', e.attempts,
                                   'payload', e.payload, 'plan_id', e.plan_id)
-          FROM identity_sync.event e JOIN identity_sync.target t ON t.id = e.target_id
-         WHERE e.person_key = trace.person_key
+          FROM ev e
         UNION ALL
-        SELECT coalesce(e.done_at, e.sent_at), 'result ' || e.kind, t.name,
+        SELECT a.sent_at, 'attempt ' || a.kind, a.target,
+               jsonb_strip_nulls(jsonb_build_object('id', a.event_id, 'attempt', a.attempt, 'outcome', a.outcome,
+                                  'http_status', a.http_status, 'latency', a.latency::text, 'error', a.error))
+          FROM identity_sync.attempts a WHERE a.event_id IN (SELECT e.id FROM ev e)
+        UNION ALL
+        SELECT coalesce(e.done_at, e.sent_at), 'result ' || e.kind, e.target,
                jsonb_strip_nulls(jsonb_build_object('id', e.id, 'state', e.state, 'http_status', e.http_status,
                                   'error', e.last_error, 'latency', (e.done_at - e.created_at)::text))
-          FROM identity_sync.event e JOIN identity_sync.target t ON t.id = e.target_id
-         WHERE e.person_key = trace.person_key AND e.sent_at IS NOT NULL
+          FROM ev e
+         WHERE e.sent_at IS NOT NULL
         UNION ALL
         SELECT pe.at, 'plan error', t.name, jsonb_build_object('message', pe.message)
           FROM identity_sync._plan_error pe JOIN identity_sync.target t ON t.id = pe.target_id
@@ -439,14 +495,17 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
           JOIN identity_sync.reconcile_run r ON r.id = f.run_id
          WHERE f.person_key = trace.person_key
     ) AS q(at, step, target, detail)
-    ORDER BY 1, 2
+    -- at the same moment, in the order of the story
+    ORDER BY 1, array_position(ARRAY['change', 'dirty', 'waiting', 'cause', 'plan', 'event', 'attempt', 'result'],
+                               split_part(step, ' ', 1)), 2, 3
 $$;
 
 -- Privileges: nothing for PUBLIC but what is granted below (_revoke_public_execute, 00_schema.sql).
 SELECT identity_sync._revoke_public_execute();
 
 -- Readers: status, registry, events, audit.
-GRANT SELECT ON identity_sync.status, identity_sync.accounts, identity_sync.events, identity_sync.audit_log
+GRANT SELECT ON identity_sync.status, identity_sync.accounts, identity_sync.events, identity_sync.audit_log,
+                identity_sync.attempts
    TO identity_sync_reader;
 GRANT SELECT ON identity_sync.status TO pg_monitor;
 -- (worker_status is written in Rust, src/status.rs; lib.rs makes it come before this file.)
@@ -463,6 +522,7 @@ GRANT EXECUTE ON FUNCTION identity_sync.pause(text), identity_sync.resume(text),
 COMMENT ON VIEW identity_sync.status IS 'One row per target: state (active, paused, held, failing), accounts and events by state, oldest pending age, last success and error, deliveries in the last hour, resync progress.';
 COMMENT ON VIEW identity_sync.accounts IS 'The account registry by target name.';
 COMMENT ON VIEW identity_sync.events IS 'Provisioning events by target name, with their delivery latency.';
+COMMENT ON VIEW identity_sync.attempts IS 'Every delivery attempt of every event kept: outcome (done, in flight, retry, failed, conflict, interrupted), HTTP status, latency, error.';
 COMMENT ON VIEW identity_sync.audit_log IS 'Every configuration and operator call: who, when, what, old and new (secrets never).';
 COMMENT ON FUNCTION identity_sync.pause(text) IS 'Stop delivering to a target (planning goes on).';
 COMMENT ON FUNCTION identity_sync.resume(text) IS 'Resume delivering to a paused target.';
@@ -474,7 +534,7 @@ COMMENT ON FUNCTION identity_sync.resync(text) IS 'Full reconcile of every perso
 COMMENT ON FUNCTION identity_sync.sync_person(text, text) IS 'Provision one person now: plan it in one target (or every target) at once and return the events written; the worker sends them at commit.';
 COMMENT ON FUNCTION identity_sync.wait_idle(interval) IS 'Wait until nothing is dirty, pending or in flight; false on timeout.';
 COMMENT ON FUNCTION identity_sync.preview(text, text) IS 'What a plan would do for a person now, per target; changes nothing.';
-COMMENT ON FUNCTION identity_sync.trace(text) IS 'The story of one person: changes, plans, events and results in time order.';
+COMMENT ON FUNCTION identity_sync.trace(text) IS 'The story of one person in time order: each plan''s causes (HR change with source, operation, transaction and commit time; date boundary, snapshot, resync, reconcile, self-service), the plan, its events, every delivery attempt and each result.';
 COMMENT ON FUNCTION identity_sync.worker_status() IS 'Whether a worker serves this database: state running (detail: its pid) or no worker (detail: why, hint: what to change).';
 
 -- Say so when provisioning cannot happen here (pg_cron refuses to half-work in silence). A

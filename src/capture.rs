@@ -473,15 +473,18 @@ unsafe fn append_outbox(
         );
         let id =
             pgrx::fcinfo::direct_function_call::<i64>(pg_sys::nextval_oid, &[seqid.into_datum()]);
-        // Columns of identity_sync.change: id, source_id, op, keys, at.
+        // Columns of identity_sync.change: id, source_id, op, keys, at, xid (the HR
+        // transaction, which has its id already: it wrote the rows; its commit time is noted
+        // at commit by shmem::wake_at_commit's callback and resolved by the planner).
         let mut values = [
             id.into_datum().unwrap_or(pg_sys::Datum::from(0)),
             pg_sys::Datum::from(source_id),
             pgrx::IntoDatum::into_datum(op).unwrap_or(pg_sys::Datum::from(0)),
             pg_sys::Datum::from(array),
             pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp()),
+            pg_sys::Datum::from(pg_sys::GetTopFullTransactionId().value),
         ];
-        let mut nulls = [id.is_none(), false, false, false, false];
+        let mut nulls = [id.is_none(), false, false, false, false, false];
         let tuple = pg_sys::heap_form_tuple(outbox_desc, values.as_mut_ptr(), nulls.as_mut_ptr());
         pg_sys::simple_heap_insert(outbox, tuple);
         pg_sys::table_close(outbox, pg_sys::NoLock as pg_sys::LOCKMODE);
@@ -495,16 +498,17 @@ unsafe fn append_outbox(
 // ---------------------------------------------------------------------------------------------
 
 /// The column types of `identity_sync.change` that capture writes, in order.
-const OUTBOX_COLUMNS: [pg_sys::Oid; 5] = [
+const OUTBOX_COLUMNS: [pg_sys::Oid; 6] = [
     pg_sys::INT8OID,
     pg_sys::INT4OID,
     pg_sys::TEXTOID,
     pg_sys::TEXTARRAYOID,
     pg_sys::TIMESTAMPTZOID,
+    pg_sys::XID8OID,
 ];
 
 /// Whether a tuple descriptor is the outbox's: id bigint, source_id int, op text, keys text[],
-/// at timestamptz, nothing dropped or added.
+/// at timestamptz, xid xid8, nothing dropped or added.
 ///
 /// # Safety
 /// `desc` is a valid tuple descriptor.
@@ -777,7 +781,7 @@ fn outbox_changed(trigger: &PgTrigger<'_>, found: &str) -> Error {
     let (name, table) = names(trigger);
     Error::OutboxChanged {
         detail: format!(
-            "It has the columns ({found}); the capture trigger \"{name}\" on {table} writes (id bigint, source_id integer, op text, keys text[], at timestamp with time zone), so every INSERT, UPDATE and DELETE on {table} fails."
+            "It has the columns ({found}); the capture trigger \"{name}\" on {table} writes (id bigint, source_id integer, op text, keys text[], at timestamp with time zone, xid xid8), so every INSERT, UPDATE and DELETE on {table} fails."
         ),
         hint: "Undo the change to identity_sync.change, or reinstall identity_sync.".to_string(),
     }

@@ -42,11 +42,12 @@ sql_in_load_order! {
     "../sql/30_plan/30_diff.sql" as "plan_diff";
     "../sql/30_plan/40_thresholds.sql" as "plan_thresholds";
     "../sql/30_plan/50_apply.sql" as "plan_apply";
-    "../sql/30_plan/60_plan.sql" as "plan";
-    "../sql/40_deliver.sql" as "deliver";
+    "../sql/30_plan/60_plan.sql" as "plan" requires [commit_time];
+    "../sql/40_deliver.sql" as "deliver" requires [exclude_worker];
     "../sql/45_housekeeping.sql" as "housekeeping";
     "../sql/48_reconcile.sql" as "reconcile";
     "../sql/50_status.sql" as "status" requires [worker_status];
+    "../sql/52_metrics.sql" as "metrics";
     "../sql/60_selfservice/10_login.sql" as "selfservice_login";
     "../sql/60_selfservice/20_products.sql" as "selfservice_products";
     "../sql/60_selfservice/30_requests.sql" as "selfservice_requests";

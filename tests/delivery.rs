@@ -895,15 +895,7 @@ fn kill_9_during_delivery() {
     .iter()
     .map(|s| s.parse().unwrap())
     .collect();
-    let log = std::env::var("IDSYNC_CLUSTER_DIR")
-        .map(|dir| std::fs::read_to_string(format!("{dir}/log")).unwrap_or_default())
-        .unwrap_or_default();
-    let logged = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("were in flight when the worker stopped"))
-        .unwrap_or("(no in-flight line in the server log)")
-        .to_string();
+    let logged = last_log_line("were in flight when the worker stopped");
     println!(
         "kill -9 after {killed_at} requests: {} requests for {} events, {dup} duplicates, {in_flight} events in flight at the kill\n  server log: {logged}",
         got.len(),

@@ -11,7 +11,7 @@ mod common;
 
 use common::*;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// A folder the server's OS user can read, removed on drop.
@@ -66,10 +66,6 @@ impl Drop for LogAllStatements {
         let _ = c.batch_execute("ALTER SYSTEM RESET log_statement");
         let _ = c.batch_execute("SELECT pg_reload_conf()");
     }
-}
-
-fn harness_log() -> String {
-    std::fs::read_to_string(Path::new("/var/tmp/identity_sync-test/log")).unwrap_or_default()
 }
 
 /// Everything a reader can select in schema identity_sync, as text.
@@ -185,7 +181,7 @@ fn secrets_in_files_never_appear_anywhere() {
     assert_eq!(worker_pid(&mut c), Some(worker), "the worker restarted");
 
     // Now look everywhere for the secrets.
-    let log = harness_log();
+    let log = server_log();
     assert!(
         log.contains("secret_file"),
         "log_statement = 'all' did not log our statements"

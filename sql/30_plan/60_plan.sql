@@ -2,37 +2,92 @@
 -- diff against the account registry → provisioning events, in one set-based pass per target
 -- and batch.
 
+-- When HR transaction `xid` committed: noted by the capturing backend at commit
+-- (src/shmem.rs, _commit_time), else from track_commit_timestamp when it is on, else unknown.
+CREATE FUNCTION identity_sync._committed_at(xid xid8) RETURNS timestamptz
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(identity_sync._commit_time(xid::text::bigint),
+                    CASE WHEN current_setting('track_commit_timestamp')::boolean
+                         THEN pg_xact_commit_timestamp(xid::xid) END)
+$$;
+
 -- Move outbox rows into the deduplicated dirty set. The outbox is append-only on the HR write
--- path; this is where duplicates collapse.
+-- path; this is where duplicates collapse. Each outbox row goes to change_log (what it was,
+-- which transaction, when it committed) and each person remembers which changes made it dirty
+-- (up to 50), for plan_cause and trace().
 CREATE FUNCTION identity_sync._claim_changes(max_rows int)
 RETURNS int LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     WITH c AS (
         DELETE FROM identity_sync.change
          WHERE ctid = ANY (ARRAY(SELECT ctid FROM identity_sync.change LIMIT max_rows FOR UPDATE SKIP LOCKED))
-        RETURNING source_id, op, keys, at),
+        RETURNING id, source_id, op, keys, at, xid),
+    logged AS (
+        INSERT INTO identity_sync.change_log (id, source_id, source, op, persons, xid, started_at, committed_at)
+        SELECT c.id, c.source_id, (SELECT s.relation::text FROM identity_sync.source s WHERE s.id = c.source_id),
+               c.op, cardinality(c.keys), c.xid, c.at, identity_sync._committed_at(c.xid)
+          FROM c),
     k AS (
-        SELECT DISTINCT ON (key) key, source_id, op, at
+        SELECT DISTINCT ON (key) key, source_id, op, at, array_agg(id) OVER (PARTITION BY key) AS ids
           FROM c, unnest(c.keys) AS key
          WHERE key IS NOT NULL
-         ORDER BY key, at),
+         ORDER BY key, at, id),
     ins AS (
-        INSERT INTO identity_sync._dirty (person_key, target_id, source_id, op, first_at)
-        SELECT key, 0, source_id, op, at FROM k
-        ON CONFLICT DO NOTHING
+        INSERT INTO identity_sync._dirty AS d (person_key, target_id, source_id, op, first_at, change_ids)
+        SELECT key, 0, source_id, op, at, ids FROM k
+        ON CONFLICT (person_key, target_id) DO UPDATE
+           SET change_ids = CASE WHEN cardinality(d.change_ids) >= 50 THEN d.change_ids
+                                 ELSE d.change_ids || excluded.change_ids END
         RETURNING 1),
     -- A related source whose affected query ran past identity_sync.capture_timeout in the HR
     -- write recorded no keys (src/capture.rs): everybody is planned instead.
     everyone AS (
-        SELECT c.source_id, c.at FROM c WHERE c.op = 'affected_timeout' ORDER BY c.at LIMIT 1),
+        SELECT c.id, c.source_id, c.at FROM c WHERE c.op = 'affected_timeout' ORDER BY c.at LIMIT 1),
     all_ins AS (
-        INSERT INTO identity_sync._dirty (person_key, target_id, source_id, op, first_at)
-        SELECT x.key, 0, e.source_id, 'affected_timeout', e.at
+        INSERT INTO identity_sync._dirty (person_key, target_id, source_id, op, first_at, change_ids)
+        SELECT x.key, 0, e.source_id, 'affected_timeout', e.at, ARRAY[e.id]
           FROM everyone e
          -- (lateral: the person source is read only when there is such a row)
          CROSS JOIN LATERAL (SELECT unnest(identity_sync._all_person_keys()) AS key WHERE e.at IS NOT NULL) AS x
         ON CONFLICT DO NOTHING
         RETURNING 1)
     SELECT (SELECT count(*) FROM k)::int + (SELECT count(*) FROM all_ins)::int
+$$;
+
+-- The causes of the batch a plan claimed (pg_temp._is_batch, _plan): per captured change, the
+-- persons it named; per other cause (resync, lifecycle, conflict, ...), the persons it marked.
+-- The plan run's caused_at is the earliest of them (a commit, else when it was asked for).
+CREATE FUNCTION identity_sync._record_causes(plan_id bigint) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    WITH c AS (
+        SELECT nullif(b.target_id, 0) AS target_id, x.change_id, coalesce(l.op, b.op) AS op,
+               min(b.first_at) AS at, min(coalesce(l.committed_at, l.started_at, b.first_at)) AS caused_at,
+               array_agg(b.person_key ORDER BY b.person_key) AS keys
+          FROM pg_temp._is_batch b
+         CROSS JOIN LATERAL unnest(CASE WHEN b.change_ids = '{}' THEN ARRAY[NULL::bigint] ELSE b.change_ids END) AS x(change_id)
+          LEFT JOIN identity_sync.change_log l ON l.id = x.change_id
+         GROUP BY 1, 2, 3),
+    ins AS (
+        INSERT INTO identity_sync.plan_cause (plan_id, target_id, change_id, op, at, keys)
+        SELECT _record_causes.plan_id, c.target_id, c.change_id, c.op, c.at, c.keys FROM c)
+    UPDATE identity_sync.plan_run p SET caused_at = (SELECT min(c.caused_at) FROM c)
+     WHERE p.id = _record_causes.plan_id;
+END
+$$;
+
+-- A plan run whose persons have one cause without a change row (a reconcile's repair or
+-- adoption, 48_reconcile.sql): the run and its cause; returns the plan id.
+CREATE FUNCTION identity_sync._plan_run(keys text[], target_id int, op text, at timestamptz)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    plan_id bigint;
+BEGIN
+    INSERT INTO identity_sync.plan_run (persons, keys, caused_at) VALUES (cardinality(keys), keys, at)
+    RETURNING id INTO plan_id;
+    INSERT INTO identity_sync.plan_cause (plan_id, target_id, change_id, op, at, keys)
+    VALUES (plan_id, _plan_run.target_id, NULL, op, at, keys);
+    RETURN plan_id;
+END
 $$;
 
 -- Person keys referenced by attribute values made with identity_sync.person_ref().
@@ -238,8 +293,8 @@ $$;
 -- attempt.
 CREATE FUNCTION identity_sync._defer(target_id int)
 RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
-    INSERT INTO identity_sync._deferred (target_id, person_key, source_id, op, first_at)
-    SELECT DISTINCT ON (b.person_key) _defer.target_id, b.person_key, b.source_id, b.op, b.first_at
+    INSERT INTO identity_sync._deferred (target_id, person_key, source_id, op, first_at, change_ids)
+    SELECT DISTINCT ON (b.person_key) _defer.target_id, b.person_key, b.source_id, b.op, b.first_at, b.change_ids
       FROM pg_temp._is_batch b WHERE b.target_id IN (0, _defer.target_id)
      ORDER BY b.person_key, b.first_at
     ON CONFLICT (target_id, person_key) DO NOTHING
@@ -262,8 +317,8 @@ BEGIN
                     OR d.person_key IN (SELECT y.person_key FROM identity_sync._deferred y
                                          WHERE y.target_id = t.id ORDER BY y.first_at LIMIT batch_size))
             RETURNING d.*)
-        INSERT INTO identity_sync._dirty (person_key, target_id, source_id, op, first_at)
-        SELECT person_key, target_id, source_id, op, first_at FROM back
+        INSERT INTO identity_sync._dirty (person_key, target_id, source_id, op, first_at, change_ids)
+        SELECT person_key, target_id, source_id, op, first_at, change_ids FROM back
         ON CONFLICT DO NOTHING;
     END LOOP;
 END
@@ -295,8 +350,8 @@ BEGIN
     PERFORM identity_sync._claim_changes(greatest(batch_size / 10, 10));
     PERFORM identity_sync._undefer(batch_size);
     IF to_regclass('pg_temp._is_batch') IS NULL THEN
-        CREATE TEMP TABLE _is_batch (person_key text, target_id int, source_id int, op text, first_at timestamptz)
-            ON COMMIT DELETE ROWS;
+        CREATE TEMP TABLE _is_batch (person_key text, target_id int, source_id int, op text, first_at timestamptz,
+                                     change_ids bigint[]) ON COMMIT DELETE ROWS;
     END IF;
     DELETE FROM pg_temp._is_batch;
     WITH b AS (
@@ -306,7 +361,7 @@ BEGIN
     d AS (
         DELETE FROM identity_sync._dirty x USING b
          WHERE x.person_key = b.person_key AND x.target_id = b.target_id
-        RETURNING x.person_key, x.target_id, x.source_id, x.op, x.first_at)
+        RETURNING x.person_key, x.target_id, x.source_id, x.op, x.first_at, x.change_ids)
     INSERT INTO pg_temp._is_batch SELECT * FROM d;
     GET DIAGNOSTICS claimed = ROW_COUNT;
     IF claimed = 0 THEN
@@ -315,6 +370,7 @@ BEGIN
     SELECT array_agg(DISTINCT person_key) INTO all_keys FROM pg_temp._is_batch;
     INSERT INTO identity_sync.plan_run (persons, keys) VALUES (cardinality(all_keys), all_keys)
     RETURNING id INTO plan_id;
+    PERFORM identity_sync._record_causes(plan_id);
     FOR t IN SELECT * FROM identity_sync.target WHERE compiled IS NOT NULL ORDER BY id LOOP
         SELECT array_agg(DISTINCT person_key) INTO keys FROM pg_temp._is_batch WHERE target_id IN (0, t.id);
         CONTINUE WHEN keys IS NULL;

@@ -6,11 +6,11 @@
 //! (`ledger.rs` holds the SQL of each). No transaction is open while requests are on the
 //! network.
 
-use super::txn::in_transaction;
+use super::txn::{self, in_transaction};
 use super::{ledger, targets};
 use identity_sync_core::deliver::{Dispatcher, Outcome};
 use pgrx::prelude::*;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,12 @@ pub struct Http {
     loaded: Option<Loaded>,
     /// The attempt number of each event in flight (for the backoff of a retry).
     attempts: HashMap<i64, u32>,
+    /// Outcomes not recorded yet because the worker stepped aside for DDL (`txn.rs`): recorded
+    /// at the next pump, so that no event is left `sending`.
+    unrecorded: Vec<Outcome>,
+    /// Events that were in flight when the extension was dropped or installed anew: their
+    /// outcomes belong to rows that are gone (a new event may have the same id).
+    stale: HashSet<i64>,
 }
 
 impl Http {
@@ -47,6 +53,8 @@ impl Http {
             dispatcher,
             loaded: None,
             attempts: HashMap::new(),
+            unrecorded: Vec::new(),
+            stale: HashSet::new(),
         }
     }
 
@@ -64,12 +72,24 @@ impl Http {
         let Some(dispatcher) = self.dispatcher.as_ref() else {
             return false;
         };
-        let outcomes = dispatcher.take_outcomes();
+        let mut outcomes = std::mem::take(&mut self.unrecorded);
+        outcomes.extend(dispatcher.take_outcomes());
+        if !self.stale.is_empty() {
+            outcomes.retain(|o| !self.stale.remove(&o.event_id()));
+        }
         let recorded = !outcomes.is_empty();
         if recorded {
-            record_all(&outcomes, &self.attempts);
-            for o in &outcomes {
-                self.attempts.remove(&o.event_id());
+            let ids: Vec<i64> = outcomes.iter().map(Outcome::event_id).collect();
+            let left = record_all(outcomes, &self.attempts);
+            for id in ids {
+                if !left.iter().any(|o| o.event_id() == id) {
+                    self.attempts.remove(&id);
+                }
+            }
+            if !left.is_empty() {
+                // the worker stepped aside for DDL: kept for the next pump
+                self.unrecorded = left;
+                return true;
             }
         }
 
@@ -100,7 +120,8 @@ impl Http {
             return recorded;
         };
         if !claimed.undecodable.is_empty() {
-            record_all(&claimed.undecodable, &self.attempts);
+            let left = record_all(claimed.undecodable, &self.attempts);
+            self.unrecorded.extend(left);
         }
         let submitted = !claimed.jobs.is_empty();
         for job in &claimed.jobs {
@@ -110,26 +131,43 @@ impl Http {
         recorded || submitted
     }
 
+    /// The extension was dropped or installed anew: what is in flight or unrecorded belongs
+    /// to rows that are gone, and the targets are loaded again.
+    pub fn forget_extension(&mut self) {
+        self.stale.extend(self.attempts.drain().map(|(id, _)| id));
+        self.stale
+            .extend(self.unrecorded.drain(..).map(|o| o.event_id()));
+        self.loaded = None;
+    }
+
     /// Stop within a second even with requests in flight; their events stay `sending` and are
     /// due again when the worker starts (at-least-once, with the event id as idempotency key).
     pub fn shutdown(&mut self) {
         if let Some(d) = self.dispatcher.take() {
-            let left = d.shutdown(Duration::from_millis(600));
+            let mut left = std::mem::take(&mut self.unrecorded);
+            left.extend(d.shutdown(Duration::from_millis(600)));
+            left.retain(|o| !self.stale.contains(&o.event_id()));
             if !left.is_empty() {
-                record_all(&left, &self.attempts);
+                record_all(left, &self.attempts);
             }
         }
     }
 }
 
 /// Record a round of outcomes in one transaction; should that fail (one bad row), record them
-/// one by one, so that the others are not left `sending` until the next restart.
-fn record_all(outcomes: &[Outcome], attempts: &HashMap<i64, u32>) {
+/// one by one, so that the others are not left `sending` until the next restart. Returns what
+/// is left to record because the worker stepped aside for DDL midway (`txn.rs`): the caller
+/// records it later. An outcome whose recording failed otherwise is logged and given up (its
+/// event is due again after a restart).
+fn record_all(outcomes: Vec<Outcome>, attempts: &HashMap<i64, u32>) -> Vec<Outcome> {
     let round = in_transaction("recording delivery outcomes", || {
-        ledger::record(outcomes, attempts)
+        ledger::record(&outcomes, attempts)
     });
     if matches!(round, Some(Ok(()))) {
-        return;
+        return Vec::new();
+    }
+    if txn::stepped_aside() {
+        return outcomes;
     }
     if let Some(Err(e)) = round {
         log!(
@@ -137,10 +175,14 @@ fn record_all(outcomes: &[Outcome], attempts: &HashMap<i64, u32>) {
             outcomes.len()
         );
     }
-    for o in outcomes {
+    let mut rest = outcomes.into_iter();
+    while let Some(o) = rest.next() {
         let one = in_transaction("recording a delivery outcome", || {
-            ledger::record(std::slice::from_ref(o), attempts)
+            ledger::record(std::slice::from_ref(&o), attempts)
         });
+        if txn::stepped_aside() {
+            return std::iter::once(o).chain(rest).collect();
+        }
         if let Some(Err(e)) = one {
             log!(
                 "identity_sync: recording the outcome of event {} failed: {e}",
@@ -148,4 +190,5 @@ fn record_all(outcomes: &[Outcome], attempts: &HashMap<i64, u32>) {
             );
         }
     }
+    Vec::new()
 }

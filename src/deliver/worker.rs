@@ -3,7 +3,7 @@
 //! One worker per cluster serves the database named by `identity_sync.database`. Every step is
 //! a short transaction of its own; no snapshot is held while requests are on the network.
 
-use super::txn::in_transaction;
+use super::txn::{self, in_transaction};
 use crate::{guc, shmem};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -27,6 +27,15 @@ thread_local! {
     static LAST_HOUSEKEEPING: std::cell::Cell<Option<std::time::Instant>> =
         const { std::cell::Cell::new(None) };
 }
+
+/// How long the worker waits before trying again after stepping aside for DDL on the
+/// extension (`txn.rs`): the DDL holds the extension's lock until it commits.
+const STEP_ASIDE_PAUSE: Duration = Duration::from_millis(50);
+
+/// The worker's `lock_timeout`: a lock it waits for longer than this is given up (the step is
+/// tried again later). Below `deadlock_timeout` (1 s by default), so that in a lock cycle with
+/// a session the worker gives way before the deadlock detector cancels the session.
+const LOCK_TIMEOUT: &str = "200ms";
 
 /// The worker's nice value (0 is normal priority, 19 the lowest).
 const WORKER_NICE: libc::c_int = 10;
@@ -79,6 +88,9 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
     in_transaction("setting up the session", || {
         Spi::run("SET synchronous_commit = on")
     });
+    in_transaction("setting up the session", || {
+        Spi::run(&format!("SET lock_timeout = '{LOCK_TIMEOUT}'"))
+    });
 
     let mut http = super::http::Http::start();
     let mut reconciler = crate::reconcile::Reconciler::default();
@@ -115,7 +127,13 @@ fn tick(
     extension: &mut Option<pg_sys::Oid>,
 ) -> Duration {
     let naptime = Duration::from_millis(guc::NAPTIME.get().max(10) as u64);
+    // (Looked up outside the gate: the gate is the extension's own lock.)
+    txn::set_gate(None);
+    txn::take_stepped_aside();
     let Some(oid) = in_transaction("checking for the extension", extension_oid).flatten() else {
+        if extension.take().is_some() {
+            http.forget_extension();
+        }
         return naptime;
     };
     if *extension != Some(oid) {
@@ -125,8 +143,14 @@ fn tick(
         if !matches!(discarded, Some(Ok(()))) {
             return naptime;
         }
+        if extension.is_some() {
+            http.forget_extension();
+        }
         *extension = Some(oid);
     }
+    // From here on every transaction steps aside when DDL on the extension runs or waits
+    // (txn.rs); the tick then ends and is tried again shortly.
+    txn::set_gate(Some(oid));
     let batch = guc::BATCH_SIZE.get().max(1);
 
     // Once per worker start: what a crash left in flight is due again (pg_cron's
@@ -142,6 +166,9 @@ fn tick(
             *recovered = true;
         }
     }
+    if txn::stepped_aside() {
+        return STEP_ASIDE_PAUSE;
+    }
 
     // Housekeeping: snapshot sources due, date boundaries, expired grants, retention.
     let housekeeping_due = LAST_HOUSEKEEPING
@@ -152,6 +179,11 @@ fn tick(
         in_transaction("housekeeping", || {
             Spi::run("SELECT identity_sync._housekeeping()")
         });
+        if txn::stepped_aside() {
+            // not done: due again at the next tick
+            LAST_HOUSEKEEPING.set(None);
+            return STEP_ASIDE_PAUSE;
+        }
     }
 
     // Plan until nothing is dirty, for a quarter of a second at most: under a steady stream of
@@ -164,6 +196,9 @@ fn tick(
         })
         .and_then(|r| r.ok().flatten())
         .unwrap_or(0);
+        if txn::stepped_aside() {
+            return STEP_ASIDE_PAUSE;
+        }
         if n == 0 {
             break;
         }
@@ -180,11 +215,21 @@ fn tick(
     .and_then(|r| r.ok().flatten())
     .unwrap_or(0);
 
+    if txn::stepped_aside() {
+        return STEP_ASIDE_PAUSE;
+    }
+
     // HTTP targets: record what came back, hand out what is due.
     let busy = http.pump(batch);
+    if txn::stepped_aside() {
+        return STEP_ASIDE_PAUSE;
+    }
 
     // Reconcile runs: requests, scans, comparisons, repairs (src/reconcile.rs).
     let reconciling = reconciler.tick(http.dispatcher(), batch);
+    if txn::stepped_aside() {
+        return STEP_ASIDE_PAUSE;
+    }
 
     if planned_any || local > 0 || busy || reconciling {
         return Duration::ZERO;

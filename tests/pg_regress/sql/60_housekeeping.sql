@@ -59,8 +59,9 @@ SELECT op, keys FROM identity_sync.change ORDER BY id;
 SELECT action, object, new->>'state' AS state FROM identity_sync.audit_log WHERE action = 'expire';
 SELECT identity_sync._plan(100);
 
--- Retention (identity_sync.event_retention): delivered events and plan runs older than it are
--- removed; threshold counts older than their hour too. Undelivered events stay.
+-- Retention (identity_sync.event_retention): delivered events older than it are removed, and
+-- plan runs older than it once none of their events is left (the undelivered events here keep
+-- the oldest plan run, their cause); threshold counts older than their hour too.
 UPDATE identity_sync.event SET done_at = now() - identity_sync._event_retention() - interval '1 minute'
  WHERE person_key = '1';
 UPDATE identity_sync.plan_run SET started_at = now() - identity_sync._event_retention() - interval '1 minute'
