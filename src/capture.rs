@@ -823,6 +823,7 @@ mod tests {
         Spi::run(
             "CREATE TABLE cap_person (id int PRIMARY KEY, name text);
              INSERT INTO cap_person VALUES (1, 'a'), (2, 'b');
+             GRANT SELECT ON cap_person TO identity_sync_evaluator;
              SELECT identity_sync.add_person_source('cap_person', 'id');
              DELETE FROM identity_sync.change;",
         )

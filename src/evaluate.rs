@@ -584,7 +584,7 @@ mod tests {
         let caught = PgTryBuilder::new(|| {
             text(
                 "SELECT identity_sync._evaluate(
-                    'SELECT CASE WHEN identity_sync._at(1) THEN 1 END::text || CASE WHEN identity_sync._at(2) THEN (1 / 0) END::text',
+                    'SELECT CASE WHEN identity_sync._at(1) THEN 1 END::text || CASE WHEN identity_sync._at(2) THEN (1 / (SELECT 0)) END::text',
                     NULL::text, ARRAY['the query', 'mapping \"a\"', 'mapping \"b\"'])",
             )
         })

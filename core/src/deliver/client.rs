@@ -15,6 +15,9 @@ use crate::retry::{is_transient_status, parse_retry_after};
 
 /// Error texts quoted from a response are cut to this many characters.
 const MAX_ERROR_TEXT: usize = 300;
+/// How the error of a response larger than the target's `max_response_bytes` begins (a
+/// reconcile scan then asks for smaller pages: [`SendError::is_too_large`]).
+const TOO_LARGE: &str = "the response body exceeds max_response_bytes";
 
 struct CachedToken {
     value: String,
@@ -61,6 +64,11 @@ impl SendError {
         }
     }
 
+    /// Whether the response was larger than the target's `max_response_bytes`.
+    pub fn is_too_large(&self) -> bool {
+        matches!(self, SendError::Permanent { error, .. } if error.contains(TOO_LARGE))
+    }
+
     /// The same error with `what` put in front of its text.
     pub fn context(self, what: &str) -> Self {
         match self {
@@ -96,8 +104,6 @@ pub(crate) struct Reply {
     pub status: u16,
     pub body: Vec<u8>,
     pub retry_after: Option<Duration>,
-    /// The body was longer than the request's limit and was cut there.
-    pub truncated: bool,
 }
 
 impl Reply {
@@ -321,8 +327,8 @@ impl Client {
     }
 
     /// Sends one request with authentication (and `Idempotency-Key` when it delivers an
-    /// event), and reads the reply (at most `max_response_bytes`; a larger one is an error). With OAuth2, a 401 fetches a
-    /// fresh token and the request is sent once more.
+    /// event), and reads the reply. With OAuth2, a 401 fetches a fresh token and the request is
+    /// sent once more.
     pub async fn send(
         &self,
         idempotency_key: Option<i64>,
@@ -330,32 +336,6 @@ impl Client {
         url: &str,
         body: Option<(&'static str, Vec<u8>)>,
         headers: &[(&'static str, String)],
-    ) -> Result<Reply, SendError> {
-        let reply = self
-            .send_limited(idempotency_key, method, url, body, headers, self.max_body())
-            .await?;
-        if reply.truncated {
-            return Err(SendError::Permanent {
-                error: format!(
-                    "the response body exceeds max_response_bytes ({} bytes)",
-                    self.max_body()
-                ),
-                http_status: Some(reply.status),
-            });
-        }
-        Ok(reply)
-    }
-
-    /// [`Client::send`] reading up to `max_body` bytes of the reply (a reconcile scan's pages
-    /// are larger than any reply to an event).
-    pub async fn send_limited(
-        &self,
-        idempotency_key: Option<i64>,
-        method: Method,
-        url: &str,
-        body: Option<(&'static str, Vec<u8>)>,
-        headers: &[(&'static str, String)],
-        max_body: usize,
     ) -> Result<Reply, SendError> {
         let client = self
             .client
@@ -379,7 +359,7 @@ impl Client {
             }
             let (rb, token) = self.authorize(rb, used_token.as_deref()).await?;
             used_token = token;
-            let reply = self.execute(rb, max_body).await?;
+            let reply = self.execute(rb).await?;
             if reply.status == 401 && attempt == 0 && used_token.is_some() {
                 continue; // the token may have been revoked or expired early: fetch a new one
             }
@@ -388,7 +368,7 @@ impl Client {
         Err(SendError::permanent("unreachable: retry loop ended"))
     }
 
-    async fn execute(&self, rb: RequestBuilder, max_body: usize) -> Result<Reply, SendError> {
+    async fn execute(&self, rb: RequestBuilder) -> Result<Reply, SendError> {
         let mut resp = rb
             .send()
             .await
@@ -400,16 +380,16 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
         let mut body = Vec::new();
-        let mut truncated = false;
         loop {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
-                    let room = max_body.saturating_sub(body.len());
-                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                    if chunk.len() > room {
-                        truncated = true;
-                        break;
+                    if body.len() + chunk.len() > self.max_body() {
+                        return Err(SendError::Permanent {
+                            error: format!("{TOO_LARGE} ({} bytes)", self.max_body()),
+                            http_status: Some(status),
+                        });
                     }
+                    body.extend_from_slice(&chunk);
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -425,7 +405,6 @@ impl Client {
             status,
             body,
             retry_after,
-            truncated,
         })
     }
 
@@ -490,7 +469,7 @@ impl Client {
             .header(ACCEPT, "application/json")
             .form(&form);
         let reply = self
-            .execute(rb, self.max_body())
+            .execute(rb)
             .await
             .map_err(|e| e.context("oauth2 token request"))?;
         if !reply.ok() {
@@ -525,7 +504,6 @@ mod tests {
             status,
             body: body.as_bytes().to_vec(),
             retry_after: None,
-            truncated: false,
         }
     }
 

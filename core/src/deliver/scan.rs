@@ -18,9 +18,10 @@
 //!
 //! Every request goes through the target's [`Client`]: its concurrency limit (shared with
 //! delivery, so a scan never puts more than `max_concurrency` requests in flight beside it),
-//! timeout and authentication. A transient failure (connection, timeout, 408, 429, 5xx) is tried
-//! again after the delay of the one retry policy ([`crate::retry`]), honouring `Retry-After`, up
-//! to the scan's `max_attempts`; anything else ends the scan with the target's error text.
+//! timeout, authentication and `max_response_bytes` (a page larger than that is asked for again
+//! in halves). A transient failure (connection, timeout, 408, 429, 5xx) is tried again after the
+//! delay of the one retry policy ([`crate::retry`]), honouring `Retry-After`, up to the scan's
+//! `max_attempts`; anything else ends the scan with the target's error text.
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
@@ -37,10 +38,6 @@ use super::config::TargetConfig;
 use super::Target;
 use crate::path::parse_path;
 use crate::retry::{retry_delay, RETRY_BASE, RETRY_CAP};
-
-/// A scan's replies may be far larger than any reply to an event: a page of a thousand users,
-/// a group with every employee in it.
-const MAX_SCAN_BODY: usize = 64 << 20;
 
 /// What the worker asks a scan to read.
 #[derive(Clone)]
@@ -262,7 +259,8 @@ impl Scan {
 
     /// Pages through `GET /{endpoint}`, handing each page's resources to `on_page`. With
     /// `attributes`, the first page asks for them; when the service refuses, `attributes`
-    /// becomes `None` and every page asks for whole resources.
+    /// becomes `None` and every page asks for whole resources. A page larger than the target's
+    /// `max_response_bytes` is asked for again in halves.
     async fn page_all(
         &mut self,
         base: &str,
@@ -270,21 +268,23 @@ impl Scan {
         attributes: &mut Option<String>,
         on_page: &mut (dyn FnMut(Vec<Value>) + Send),
     ) -> Result<(), SendError> {
-        let size = self.req.page_size.max(1);
-        let first = match self
-            .page(base, endpoint, 1, size, attributes.as_deref())
-            .await
-        {
-            Ok(p) => p,
-            Err(SendError::Permanent {
-                http_status: Some(_),
-                ..
-            }) if attributes.is_some() => {
-                // Refused (400 invalidValue, 403, 501 …): the whole resources, then.
-                *attributes = None;
-                self.page(base, endpoint, 1, size, None).await?
+        let mut step = self.req.page_size.max(1);
+        let first = loop {
+            match self
+                .page(base, endpoint, 1, step, attributes.as_deref())
+                .await
+            {
+                Ok(p) => break p,
+                Err(e) if e.is_too_large() => step = smaller(step, e)?,
+                Err(SendError::Permanent {
+                    http_status: Some(_),
+                    ..
+                }) if attributes.is_some() => {
+                    // Refused (400 invalidValue, 403, 501 …): the whole resources, then.
+                    *attributes = None;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         };
         let got = first.resources.len();
         let mut total = first.total;
@@ -293,19 +293,11 @@ impl Scan {
             return Ok(());
         }
         // A service may cap the page size below what we ask: plan with what it sends.
-        let step = got.min(size);
+        step = step.min(got);
         let mut queue: VecDeque<(usize, usize)> = VecDeque::new();
         let mut planned_end = got; // the last index asked for
-        let plan_up_to = |queue: &mut VecDeque<(usize, usize)>, end: usize, from: usize| {
-            let mut s = from;
-            while s <= end {
-                queue.push_back((s, step));
-                s += step;
-            }
-            (s - 1).max(end)
-        };
         match total {
-            Some(t) => planned_end = plan_up_to(&mut queue, t, got + 1),
+            Some(t) => planned_end = plan(&mut queue, got + 1, t, step),
             // Without a total, page on until a page comes back short.
             None if got >= step => {
                 queue.push_back((got + 1, step));
@@ -314,28 +306,41 @@ impl Scan {
             None => {}
         }
         let window = self.req.target.max_concurrency.max(1);
-        let mut running: JoinSet<Result<Page, SendError>> = JoinSet::new();
+        let mut running: JoinSet<(usize, usize, Result<Page, SendError>)> = JoinSet::new();
         loop {
             while running.len() < window {
                 let Some((start, count)) = queue.pop_front() else {
                     break;
                 };
                 let fetch = self.page_task(base, endpoint, start, count, attributes.as_deref());
-                running.spawn(fetch);
+                running.spawn(async move { (start, count, fetch.await) });
             }
             let Some(joined) = running.join_next().await else {
                 // Accounts added while we paged: read on up to the latest total, once more.
                 match total {
                     Some(t) if t > planned_end => {
-                        planned_end = plan_up_to(&mut queue, t, planned_end + 1);
+                        planned_end = plan(&mut queue, planned_end + 1, t, step);
                         continue;
                     }
                     _ => return Ok(()),
                 }
             };
-            let page = joined.map_err(|e| {
+            let (start, count, result) = joined.map_err(|e| {
                 SendError::permanent(format!("internal error: a page request failed: {e}"))
-            })??;
+            })?;
+            let page = match result {
+                Ok(page) => page,
+                Err(e) if e.is_too_large() => {
+                    // Smaller pages from here on, this one's range included.
+                    step = smaller(step.min(count), e)?;
+                    let pending: Vec<(usize, usize)> = queue.drain(..).collect();
+                    for (s, c) in std::iter::once((start, count)).chain(pending) {
+                        plan(&mut queue, s, s + c - 1, step);
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let n = page.resources.len();
             if let Some(t) = page.total {
                 total = Some(t);
@@ -544,17 +549,9 @@ async fn fetch(
         let result = {
             let _permit = client.permit().await?;
             requests.fetch_add(1, Ordering::Relaxed);
-            client
-                .send_limited(None, Method::GET, url, None, &[], MAX_SCAN_BODY)
-                .await
+            client.send(None, Method::GET, url, None, &[]).await
         };
         let error = match result {
-            Ok(reply) if reply.truncated => {
-                return Err(SendError::permanent(format!(
-                    "{what}: the response is larger than {} MB",
-                    MAX_SCAN_BODY >> 20
-                )))
-            }
             Ok(reply) if reply.status == 501 => {
                 return Err(SendError::Permanent {
                     error: format!("{what}: HTTP 501: {}", reply.error_text()),
@@ -594,6 +591,28 @@ fn page_url(
         url.push_str(&format!("&attributes={}", pct(a)));
     }
     url
+}
+
+/// Queues the ranges `from..=to` in pieces of `step`; returns the last index queued.
+fn plan(queue: &mut VecDeque<(usize, usize)>, from: usize, to: usize, step: usize) -> usize {
+    let mut s = from;
+    while s <= to {
+        let count = step.min(to - s + 1);
+        queue.push_back((s, count));
+        s += count;
+    }
+    to.max(from.saturating_sub(1))
+}
+
+/// Half the page size after a page larger than the target's `max_response_bytes`; when a single
+/// resource is too large already, the error, saying what to do.
+fn smaller(step: usize, e: SendError) -> Result<usize, SendError> {
+    if step > 1 {
+        return Ok(step / 2);
+    }
+    Err(e.context(
+        "even one resource a page is too large (raise the target option max_response_bytes)",
+    ))
 }
 
 fn json_of(reply: &Reply, what: &str) -> Result<Value, SendError> {
