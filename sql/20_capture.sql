@@ -133,6 +133,10 @@ $$;
 CREATE FUNCTION identity_sync.set_snapshot_interval(relation regclass, every interval)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF every IS NULL OR every <= interval '0' THEN
+        RAISE EXCEPTION 'invalid snapshot interval: %', coalesce(every::text, 'null') USING ERRCODE = 'invalid_parameter_value',
+            DETAIL = 'Expected a positive interval such as ''1 minute''.';
+    END IF;
     UPDATE identity_sync.source s SET snapshot_interval = every
      WHERE s.relation = set_snapshot_interval.relation AND s.capture = 'snapshot';
     IF NOT FOUND THEN
@@ -402,8 +406,8 @@ BEGIN
         BEGIN
             PERFORM identity_sync._use_user_search_path();
             PERFORM identity_sync._check_query(
-                format('WITH changed AS (SELECT * FROM %s LIMIT 0) ', src.relation) || src.affected || E'\n LIMIT 0',
-                length(format('WITH changed AS (SELECT * FROM %s LIMIT 0) ', src.relation)), src.affected);
+                identity_sync._affected_probe(src.relation) || src.affected || E'\n) AS a LIMIT 0',
+                length(identity_sync._affected_probe(src.relation)), src.affected);
             PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
         EXCEPTION WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;

@@ -156,7 +156,10 @@ impl Error {
             | Error::OutboxChanged { hint, .. } => Some(hint.as_str()),
             Error::InUserSql { hint, .. } => hint.as_deref(),
             Error::Busy(_) => Some("Wait for the running reconciles, then try again."),
-            Error::InvalidPath { .. } | Error::Spi(_) => None,
+            Error::InvalidPath { .. } => Some(
+                "A SCIM attribute path is a name, a name with one sub-attribute, or a multi-valued element selected with eq: userName, name.givenName, emails[type eq \"work\"].value, urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:department.",
+            ),
+            Error::Spi(_) => None,
         }
         .filter(|h| !h.is_empty())
     }
