@@ -924,7 +924,8 @@ GRANT EXECUTE ON FUNCTION identity_sync.add_person_source(regclass, text),
    TO identity_sync_admin;
 -- The text helpers of mapping expressions (written in Rust, src/config/; lib.rs makes them come
 -- before this file).
-GRANT EXECUTE ON FUNCTION identity_sync.normalize_diacritics(text), identity_sync.slug(text)
+GRANT EXECUTE ON FUNCTION identity_sync.normalize_diacritics(text), identity_sync.slug(text),
+                          identity_sync.name_variants(text, text)
    TO identity_sync_reader;
 
 COMMENT ON FUNCTION identity_sync.add_person_source(regclass, text) IS 'Register the person source: one row per person, identified by key (primary key or unique column).';

@@ -431,9 +431,10 @@ CREATE EVENT TRIGGER identity_sync_follow_source_ddl ON ddl_command_end
                  'DROP FUNCTION', 'DROP TYPE', 'DROP DOMAIN')
     EXECUTE FUNCTION identity_sync._follow_source_ddl();
 
--- HR writers need no privilege on the outbox: the capture trigger runs as the extension owner.
+-- HR writers need no privilege on the outbox: the capture trigger runs as the extension owner,
+-- with a search_path of its own (a related source's affected query gets the configured one).
 -- (_capture is written in Rust, src/capture.rs; lib.rs makes it come before this file.)
-ALTER FUNCTION identity_sync._capture() SECURITY DEFINER;
+ALTER FUNCTION identity_sync._capture() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 
 -- Privileges: nothing for PUBLIC but what is granted below (_revoke_public_execute, 00_schema.sql).
 SELECT identity_sync._revoke_public_execute();
