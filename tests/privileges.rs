@@ -75,7 +75,11 @@ fn documented(readme: &str) -> Documented {
     let mut rows = Vec::new();
     for line in lines.take_while(|l| l.starts_with('|')) {
         let c = cells(line);
-        assert_eq!(c.len(), header.len(), "README row with too few cells: {line}");
+        assert_eq!(
+            c.len(),
+            header.len(),
+            "README row with too few cells: {line}"
+        );
         let uses: Vec<Use> = c[1..]
             .iter()
             .map(|x| Use::parse(x).unwrap_or_else(|e| panic!("{e} in README row: {line}")))
@@ -222,9 +226,7 @@ fn privileges_match_the_readme() {
           ORDER BY 1",
     );
     for f in unfixed {
-        problems.push(format!(
-            "{f} is SECURITY DEFINER without SET search_path"
-        ));
+        problems.push(format!("{f} is SECURITY DEFINER without SET search_path"));
     }
 
     assert!(
@@ -233,7 +235,11 @@ fn privileges_match_the_readme() {
         problems.join("\n  ")
     );
     // The test saw the whole API: every public function and view of design.md is there.
-    assert!(seen.len() > 100, "only {} objects in the catalog", seen.len());
+    assert!(
+        seen.len() > 100,
+        "only {} objects in the catalog",
+        seen.len()
+    );
 }
 
 /// "reader, operator, admin" or "nobody but the owner"; `columns` marks a partial grant.
