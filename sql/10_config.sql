@@ -637,11 +637,11 @@ BEGIN
             RAISE EXCEPTION 'a table target needs the options relation and key_column' USING ERRCODE = 'invalid_parameter_value',
                 HINT = 'For example {"relation": "app.users", "key_column": "person_key", "active_column": "active"}.';
         END IF;
-        PERFORM identity_sync._column_type((options->>'relation')::regclass, options->>'key_column', 'key_column');
-        IF options ? 'active_column' AND identity_sync._column_type((options->>'relation')::regclass, options->>'active_column', 'active_column') <> 'boolean'::regtype THEN
+        PERFORM identity_sync._column_type((options->>'relation')::regclass, options->>'key_column', 'key');
+        IF options ? 'active_column' AND identity_sync._column_type((options->>'relation')::regclass, options->>'active_column', 'active') <> 'boolean'::regtype THEN
             RAISE EXCEPTION 'active_column "%" must be boolean', options->>'active_column' USING ERRCODE = 'datatype_mismatch',
                 DETAIL = format('Column %I of %s is %s.', options->>'active_column', options->>'relation',
-                                identity_sync._column_type((options->>'relation')::regclass, options->>'active_column', 'active_column'));
+                                identity_sync._column_type((options->>'relation')::regclass, options->>'active_column', 'active'));
         END IF;
     END IF;
     RETURN options;

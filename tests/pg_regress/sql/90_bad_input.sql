@@ -176,6 +176,9 @@ ROLLBACK TO s2;
 SELECT identity_sync.add_contract_source('hr.contract', 'person_id', NULL, 'ends');
 \echo SQLSTATE :SQLSTATE
 ROLLBACK TO s2;
+SELECT identity_sync.add_contract_source('hr.contract', 'person_id', 'starts', 'ends) ; DROP TABLE hr.person; --');
+\echo SQLSTATE :SQLSTATE
+ROLLBACK TO s2;
 SELECT identity_sync.add_contract_source('hr.contract', 'person_id', 'starts', 'ends');
 SAVEPOINT s3;
 SELECT identity_sync.set_primary_contract('contract.nope DESC');
@@ -293,6 +296,10 @@ SELECT identity_sync.add_target('x', 'table', NULL, '{"relation": "hr.nope", "ke
 SELECT identity_sync.add_target('x', 'table', NULL, '{"relation": "hr.app_users; DROP TABLE hr.person", "key_column": "person_key"}');
 \echo SQLSTATE :SQLSTATE
 SELECT identity_sync.add_target('x', 'table', NULL, '{"relation": "hr.app_users", "key_column": "nope"}');
+\echo SQLSTATE :SQLSTATE
+SELECT identity_sync.add_target('x', 'table', NULL, '{"relation": "hr.app_users", "key_column": "person_key\"; DROP TABLE hr.person; --"}');
+\echo SQLSTATE :SQLSTATE
+SELECT identity_sync.add_target('x', 'table', NULL, '{"relation": "hr.app_users", "key_column": "person_key", "active_column": "active = true OR true"}');
 \echo SQLSTATE :SQLSTATE
 SELECT identity_sync.add_target('x', 'table', NULL, '{"relation": "hr.app_users", "key_column": "person_key", "active_column": "title"}');
 \echo SQLSTATE :SQLSTATE
