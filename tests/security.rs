@@ -78,7 +78,9 @@ impl Drop for LogAllStatements {
 }
 
 fn harness_log() -> String {
-    std::fs::read_to_string(Path::new("/var/tmp/identity_sync-test/log")).unwrap_or_default()
+    let dir = std::env::var("IDSYNC_CLUSTER_DIR")
+        .unwrap_or_else(|_| "/var/tmp/identity_sync-test".into());
+    std::fs::read_to_string(Path::new(&dir).join("log")).unwrap_or_default()
 }
 
 /// Everything a reader can select in schema identity_sync, as text.
