@@ -1,10 +1,10 @@
 //! Delivery against hostile or broken targets (issue 13 item 8), end to end with the harness
 //! cluster's worker: 2xx answers that are not acknowledgements (an HTML page, JSON cut short,
 //! a body cut off by the connection), a SCIM service that creates without saying the id, a
-//! body that never ends, a server that accepts the connection and never answers, a server that
-//! answers with something that is not HTTP. Each gives its events a clear error in
-//! `events.last_error`; none stops the worker (the same process throughout) or holds up a
-//! healthy target beside it.
+//! body that never ends (fast, or a byte at a time), a server that accepts the connection and
+//! never answers, a server that answers with something that is not HTTP. Each gives its events
+//! a clear error in `events.last_error`; none stops the worker (the same process throughout) or
+//! holds up a healthy target beside it.
 #![cfg(not(feature = "pg_test"))] // see tests/common/mod.rs
 
 mod common;
@@ -247,6 +247,16 @@ fn endless_silent_and_garbled_targets_cost_only_their_own_events() {
         let chunk = format!("1000\r\n{}\r\n", " ".repeat(0x1000));
         while s.write_all(chunk.as_bytes()).is_ok() {}
     });
+    // 200, then a body that drips a byte at a time and never ends.
+    let drip = RawServer::start(|mut s, stop| {
+        read_request(&mut s);
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n",
+        );
+        while !stop.load(Ordering::SeqCst) && s.write_all(b" ").is_ok() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
     // Accepts the connection, reads the request, never answers.
     let silent = RawServer::start(|mut s, stop| {
         read_request(&mut s);
@@ -284,6 +294,13 @@ fn endless_silent_and_garbled_targets_cost_only_their_own_events() {
         r#"{"timeout": "1 s"}"#,
     );
     add_target(&mut c, "garbled", "webhook", &garbled.url(), "{}");
+    add_target(
+        &mut c,
+        "drip",
+        "webhook",
+        &drip.url(),
+        r#"{"timeout": "1 s"}"#,
+    );
 
     wait_for_errors(
         &mut c,
@@ -302,6 +319,12 @@ fn endless_silent_and_garbled_targets_cost_only_their_own_events() {
         "garbled",
         false,
         "POST webhook: request failed: invalid HTTP version parsed",
+    );
+    wait_for_errors(
+        &mut c,
+        "drip",
+        false,
+        "POST webhook: request timed out after 1 s",
     );
     // The healthy target delivered everything while those were failing, and a change made now
     // reaches it while they still fail.
