@@ -44,7 +44,8 @@ struct Documented {
 }
 
 /// The table after the heading "### Who may use what": columns `object`, then one per role
-/// (`PUBLIC`, `reader`/`operator`/`admin` for the extension's roles, or a role's own name).
+/// (`PUBLIC`; `reader`, `operator`, `admin`, … for the extension's roles `identity_sync_…`;
+/// PostgreSQL's `pg_…` roles by their names).
 /// Each backquoted name in the object cell gets the row's cells.
 fn documented(readme: &str) -> Documented {
     let mut lines = readme
@@ -67,8 +68,11 @@ fn documented(readme: &str) -> Documented {
         .iter()
         .map(|h| match h.as_str() {
             "PUBLIC" => "public".to_string(),
-            "reader" | "operator" | "admin" => format!("identity_sync_{h}"),
-            other => other.to_string(),
+            // PostgreSQL's own roles by their names, the extension's without its prefix
+            other if other.starts_with("pg_") || other.starts_with("identity_sync_") => {
+                other.to_string()
+            }
+            other => format!("identity_sync_{other}"),
         })
         .collect();
     lines.next(); // |---|---|
