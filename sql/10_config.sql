@@ -12,8 +12,10 @@
 
 -- Is the user text one SQL expression? It is placed inside a statement of ours ("SELECT (" text
 -- ...), so a semicolon outside string literals, quoted identifiers, dollar quotes and comments
--- would end that statement and start another ("1); DROP TABLE x; SELECT (1"). The one check of
--- this, for mappings, rules, owners and the login expression.
+-- would end that statement and start another ("1); DROP TABLE x; SELECT (1"), a parenthesis it
+-- did not open would close ours ("x) OR (true"), and an unterminated literal or comment would
+-- swallow the SQL after it. The one check of this, for mappings, rules, owners, the login
+-- expression and the primary contract order.
 CREATE FUNCTION identity_sync._check_single_expression(what text, expr text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -23,8 +25,12 @@ DECLARE
     depth int;
     ch text;
     tag text;
+    unterminated text;
+    start int;
+    opened int[] := '{}';
 BEGIN
     WHILE i <= n LOOP
+        start := i;
         ch := substr(expr, i, 1);
         IF ch = '''' THEN
             -- a string literal: '' is a quote inside it, and so is \' in an E'' string
@@ -40,6 +46,10 @@ BEGIN
                     j := j + 1;
                 END IF;
             END LOOP;
+            IF j > n THEN
+                unterminated := 'string literal';
+                EXIT;
+            END IF;
             i := j + 1;
         ELSIF ch = '"' THEN
             -- a quoted identifier: "" is a quote inside it
@@ -47,6 +57,10 @@ BEGIN
             WHILE j <= n AND (substr(expr, j, 1) <> '"' OR substr(expr, j, 2) = '""') LOOP
                 j := j + CASE WHEN substr(expr, j, 2) = '""' THEN 2 ELSE 1 END;
             END LOOP;
+            IF j > n THEN
+                unterminated := 'quoted identifier';
+                EXIT;
+            END IF;
             i := j + 1;
         ELSIF substr(expr, i, 2) = '--' THEN
             j := strpos(substr(expr, i), E'\n');
@@ -66,20 +80,80 @@ BEGIN
                     i := i + 1;
                 END IF;
             END LOOP;
+            IF depth > 0 THEN
+                unterminated := '/* comment';
+                EXIT;
+            END IF;
         ELSIF ch = '$' AND (i = 1 OR substr(expr, i - 1, 1) !~ '[[:alnum:]_$]')
               AND substr(expr, i) ~ '^\$([[:alpha:]_][[:alnum:]_]*)?\$' THEN
             -- a dollar-quoted string, up to its closing tag
             tag := substring(substr(expr, i) FROM '^(\$(?:[[:alpha:]_][[:alnum:]_]*)?\$)');
             j := strpos(substr(expr, i + length(tag)), tag);
-            i := CASE WHEN j = 0 THEN n + 1 ELSE i + length(tag) + j - 1 + length(tag) END;
+            IF j = 0 THEN
+                unterminated := 'dollar-quoted string';
+                EXIT;
+            END IF;
+            i := i + length(tag) + j - 1 + length(tag);
         ELSIF ch = ';' THEN
-            RAISE EXCEPTION '% must be a single SQL expression', what USING ERRCODE = 'syntax_error',
+            RAISE EXCEPTION '% must be a single SQL %', what, CASE WHEN what LIKE '%query' THEN 'query' ELSE 'expression' END
+                USING ERRCODE = 'syntax_error',
                 DETAIL = format('The semicolon at character %s ends it: %s', i, expr),
-                HINT = 'Write one expression without a semicolon; a subquery in parentheses is one expression.';
+                HINT = CASE WHEN what LIKE '%query' THEN 'Write one query without a semicolon.'
+                            ELSE 'Write one expression without a semicolon; a subquery in parentheses is one expression.' END;
+        ELSIF ch = '(' THEN
+            opened := opened || i;
+            i := i + 1;
+        ELSIF ch = ')' THEN
+            -- A parenthesis it did not open would close one of ours: "x) OR (true" would
+            -- change the condition it is placed in.
+            IF cardinality(opened) = 0 THEN
+                RAISE EXCEPTION 'unbalanced parentheses in %', what USING ERRCODE = 'syntax_error',
+                    DETAIL = format('The ) at character %s closes nothing: %s', i, expr);
+            END IF;
+            opened := opened[1:cardinality(opened) - 1];
+            i := i + 1;
         ELSE
             i := i + 1;
         END IF;
     END LOOP;
+    IF unterminated IS NULL AND cardinality(opened) > 0 THEN
+        RAISE EXCEPTION 'unbalanced parentheses in %', what USING ERRCODE = 'syntax_error',
+            DETAIL = format('The ( at character %s is never closed: %s', opened[cardinality(opened)], expr);
+    END IF;
+    -- Unterminated, it would swallow the SQL we put after the expression.
+    IF unterminated IS NOT NULL THEN
+        RAISE EXCEPTION 'unterminated % in %', unterminated, what USING ERRCODE = 'syntax_error',
+            DETAIL = format('It starts at character %s: %s', start, expr);
+    END IF;
+END
+$$;
+
+-- An argument that must be given: NULL is an error naming it (a NULL would otherwise show up
+-- as "<NULL>" in a message about something else).
+CREATE FUNCTION identity_sync._not_null(value anyelement, what text) RETURNS anyelement
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF value IS NULL THEN
+        RAISE EXCEPTION '% must not be null', what USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    RETURN value;
+END
+$$;
+
+-- A name a user gives to a target, rule or product: not empty, and printable (a newline in a
+-- name would forge lines wherever it is logged). Names are values, never pasted into SQL.
+CREATE FUNCTION identity_sync._check_name(what text, name text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF name IS NULL OR btrim(name) = '' THEN
+        RAISE EXCEPTION '% name is empty', what USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF name ~ '[[:cntrl:]]' THEN
+        RAISE EXCEPTION '% name contains a control character', what USING ERRCODE = 'invalid_parameter_value',
+            DETAIL = format('The name is %s.', to_jsonb(name)),
+            HINT = 'Names are one line of printable characters.';
+    END IF;
+    RETURN name;
 END
 $$;
 
@@ -89,6 +163,7 @@ RETURNS regtype LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS
 DECLARE
     t regtype;
 BEGIN
+    PERFORM identity_sync._not_null(col, format('the %s column', what));
     SELECT a.atttypid::regtype INTO t
       FROM pg_attribute a
      WHERE a.attrelid = rel AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
@@ -114,6 +189,7 @@ DECLARE
                        FROM pg_class c WHERE c.oid = rel);
     registered regclass;
 BEGIN
+    PERFORM identity_sync._not_null(rel, 'the relation');
     IF NOT has_table_privilege(session_user, rel, 'SELECT') THEN
         RAISE EXCEPTION 'permission denied for relation %', rel USING ERRCODE = 'insufficient_privilege',
             HINT = 'The role registering a source must be able to read it.';
@@ -161,6 +237,26 @@ BEGIN
                         ELSE format('GRANT USAGE ON SCHEMA %I TO %I; ', nsp, role) END
                    || format('GRANT SELECT ON %s TO %I;', rel, role);
     END IF;
+END
+$$;
+
+-- Contracts are joined to their person by key (contract.person_key = person.key): the two key
+-- columns must compare, whichever source is registered first.
+CREATE FUNCTION identity_sync._check_key_types(person_rel regclass, person_key text,
+                                               contract_rel regclass, contract_key text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF person_rel IS NULL OR contract_rel IS NULL THEN
+        RETURN;
+    END IF;
+    EXECUTE format('SELECT FROM %s AS c JOIN %s AS p ON c.%I = p.%I LIMIT 0', contract_rel, person_rel, contract_key, person_key);
+EXCEPTION WHEN undefined_function THEN
+    RAISE EXCEPTION 'the person key of % cannot be compared with the person key of %', contract_rel, person_rel
+        USING ERRCODE = 'datatype_mismatch',
+              DETAIL = format('%s.%I is %s, %s.%I is %s.',
+                              contract_rel, contract_key, identity_sync._column_type(contract_rel, contract_key, 'person key'),
+                              person_rel, person_key, identity_sync._column_type(person_rel, person_key, 'person key')),
+              HINT = 'Register a view that casts one of them to the type of the other.';
 END
 $$;
 
@@ -216,6 +312,7 @@ DECLARE
     capture text := identity_sync._check_relation(relation, 'person');
 BEGIN
     PERFORM identity_sync._column_type(relation, key, 'person key');
+    PERFORM identity_sync._check_key_types(relation, key, (identity_sync._contract_source()).relation, (identity_sync._contract_source()).key_column);
     IF capture = 'trigger' AND NOT EXISTS (
         SELECT FROM pg_index i
          WHERE i.indrelid = relation AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL
@@ -238,6 +335,7 @@ DECLARE
     col text;
 BEGIN
     PERFORM identity_sync._column_type(relation, person_key, 'person key');
+    PERFORM identity_sync._check_key_types((identity_sync._person_source()).relation, (identity_sync._person_source()).key_column, relation, person_key);
     FOREACH t IN ARRAY ARRAY[identity_sync._column_type(relation, starts, 'starts'),
                              identity_sync._column_type(relation, ends, 'ends')] LOOP
         IF t NOT IN ('date'::regtype, 'timestamp'::regtype, 'timestamptz'::regtype) THEN
@@ -261,17 +359,28 @@ BEGIN
 END
 $$;
 
+-- The start of a query probing a related source's affected query, which follows it: the query
+-- as the capture trigger runs it (src/capture.rs), over an empty "changed".
+CREATE FUNCTION identity_sync._affected_probe(relation regclass) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format('SELECT * FROM (WITH changed AS (SELECT * FROM %s LIMIT 0) ', relation)
+$$;
+
 CREATE FUNCTION identity_sync.add_related_source(relation regclass, affected text)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     capture text := identity_sync._check_relation(relation, 'related');
     ncols int;
 BEGIN
+    IF affected IS NULL OR btrim(affected) = '' THEN
+        RAISE EXCEPTION 'the affected query is empty' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Return the keys of the persons a change affects, e.g. SELECT emp_no FROM dept_emp JOIN changed USING (dept_no).';
+    END IF;
+    PERFORM identity_sync._check_single_expression('affected query', affected);
     -- The affected query must return exactly one column (any type casts to text).
     PERFORM identity_sync._use_user_search_path();
-    ncols := identity_sync._check_query(
-        format('WITH changed AS (SELECT * FROM %s LIMIT 0) ', relation) || affected || E'\n LIMIT 0',
-        length(format('WITH changed AS (SELECT * FROM %s LIMIT 0) ', relation)), affected, 'affected query');
+    ncols := identity_sync._check_query(identity_sync._affected_probe(relation) || affected || E'\n) AS a LIMIT 0',
+                                        length(identity_sync._affected_probe(relation)), affected, 'affected query');
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     IF ncols <> 1 THEN
         RAISE EXCEPTION 'the affected query returns % columns, not one', ncols USING ERRCODE = 'invalid_parameter_value',
@@ -286,6 +395,7 @@ RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_
 DECLARE
     src identity_sync.source;
 BEGIN
+    PERFORM identity_sync._not_null(relation, 'the relation');
     SELECT * INTO src FROM identity_sync.source s WHERE s.relation = drop_source.relation;
     IF src.id IS NULL THEN
         RAISE EXCEPTION 'relation % is not a source', relation USING ERRCODE = 'undefined_object',
@@ -316,8 +426,20 @@ $$;
 
 CREATE FUNCTION identity_sync.set_search_path(path text)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    item text;
 BEGIN
+    PERFORM identity_sync._not_null(path, 'the search path');
     PERFORM set_config('search_path', path, true);   -- rejects a malformed list
+    -- PostgreSQL skips a schema that does not exist; here it is a typo to report.
+    FOR item IN SELECT btrim(x) FROM unnest(string_to_array(path, ',')) AS x LOOP
+        CONTINUE WHEN item IN ('', '$user', 'pg_temp', 'pg_catalog');
+        IF to_regnamespace(item) IS NULL THEN
+            RAISE EXCEPTION 'schema % does not exist', CASE WHEN left(item, 1) = '"' THEN item ELSE '"' || item || '"' END
+                USING ERRCODE = 'invalid_schema_name',
+                DETAIL = format('It is named in the search path %s.', quote_literal(path));
+        END IF;
+    END LOOP;
     PERFORM identity_sync._set_setting('set_search_path', 'search_path', path);
     PERFORM identity_sync._recompile_all();          -- expressions must still resolve
     PERFORM identity_sync._uninstall_capture(id), identity_sync._install_capture(id)
@@ -330,14 +452,24 @@ RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_
 DECLARE
     q text;
 BEGIN
+    order_by := nullif(btrim(order_by), '');
     IF order_by IS NOT NULL THEN
         PERFORM identity_sync._check_single_expression('primary contract order', order_by);
     END IF;
-    PERFORM identity_sync._set_setting('set_primary_contract', 'primary_contract_order', nullif(btrim(order_by), ''));
-    -- Validate against the person document query (as identity_sync.run_as, read-only); an
-    -- error rolls the change back.
+    PERFORM identity_sync._set_setting('set_primary_contract', 'primary_contract_order', order_by);
+    -- Validate against the person document query, with the position of an error inside the
+    -- order (it is the ORDER BY of the primary contract's subquery); an error rolls the change
+    -- back.
     q := 'SELECT count(*) ' || identity_sync._from_clause();
     PERFORM identity_sync._use_user_search_path();
+    BEGIN
+        PERFORM identity_sync._check_query(q, coalesce(nullif(strpos(q, 'ORDER BY ' || order_by || ' LIMIT 1'), 0) + 8, 0),
+                                           coalesce(order_by, identity_sync._primary_contract_order()), 'primary contract order');
+    EXCEPTION WHEN grouping_error THEN
+        RAISE EXCEPTION 'aggregate functions are not allowed in the primary contract order' USING ERRCODE = 'grouping_error',
+            DETAIL = format('The order is %s.', order_by),
+            HINT = 'Order by columns of contract and today, e.g. contract.to_date DESC, contract.from_date DESC.';
+    END;
     PERFORM identity_sync._evaluate(q, NULL::bigint, ARRAY['primary contract order'], '{}'::text[], CURRENT_DATE, 0);
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     PERFORM identity_sync._recompile_all();
@@ -421,12 +553,15 @@ DECLARE
     valid text;
     rel regclass;
 BEGIN
-    IF kind IS NULL OR kind NOT IN ('scim', 'webhook', 'table') THEN
+    PERFORM identity_sync._not_null(kind, 'the target kind');
+    IF kind NOT IN ('scim', 'webhook', 'table') THEN
         RAISE EXCEPTION 'invalid target kind "%"', kind USING ERRCODE = 'invalid_parameter_value',
             HINT = 'The kinds are scim, webhook and table.';
     END IF;
     IF jsonb_typeof(options) IS DISTINCT FROM 'object' THEN
-        RAISE EXCEPTION 'target options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+        RAISE EXCEPTION 'target options must be a JSON object, not %', coalesce(jsonb_typeof(options), 'null')
+            USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'For example {"timeout": "5 s", "dry_run": true}.';
     END IF;
     IF kind IN ('scim', 'webhook') AND (url IS NULL OR url !~* '^https?://[^/]') THEN
         RAISE EXCEPTION 'a % target needs an http or https url', kind USING ERRCODE = 'invalid_parameter_value',
@@ -490,8 +625,8 @@ BEGIN
                     NULL;
                 ELSIF jsonb_typeof(v) NOT IN ('string', 'number') THEN
                     RAISE EXCEPTION USING MESSAGE = 'an interval such as ''30 days''';
-                ELSE
-                    PERFORM (v->>0)::interval;
+                ELSIF (v->>0)::interval < interval '0' THEN
+                    RAISE EXCEPTION USING MESSAGE = 'an interval of 0 or more such as ''30 days''';
                 END IF;
             WHEN 'threshold' THEN
                 PERFORM identity_sync._threshold(v);
@@ -512,13 +647,30 @@ BEGIN
                 HINT = format('%s: %s.', o.key, spec.meaning);
         END;
     END LOOP;
-    IF (options->>'statement_timeout')::interval <= interval '0' THEN
-        RAISE EXCEPTION 'invalid value for option "statement_timeout": %', options->'statement_timeout'
-            USING ERRCODE = 'invalid_parameter_value', DETAIL = 'Expected a positive interval such as ''30 s''.';
+    -- Durations that cannot be zero: a request, a quarantine or a schedule of no time at all.
+    FOR o IN SELECT * FROM jsonb_each(options) WHERE key IN ('timeout', 'quarantine_after', 'reconcile_every', 'statement_timeout') LOOP
+        IF (o.value->>0)::interval <= interval '0' THEN
+            RAISE EXCEPTION 'invalid value for option "%": %', o.key, o.value
+                USING ERRCODE = 'invalid_parameter_value', DETAIL = 'Expected a positive interval such as ''30 s''.',
+                      HINT = format('%s: %s.', o.key, (SELECT meaning FROM identity_sync._target_options() WHERE option = o.key));
+        END IF;
+    END LOOP;
+    IF options->>'auth' = 'basic' AND options->>'username' IS NULL THEN
+        RAISE EXCEPTION 'option auth basic needs username' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'For example {"auth": "basic", "username": "provisioning"}; the password comes from set_secret or secret_file.';
     END IF;
-    IF (options->>'reconcile_every')::interval <= interval '0' THEN
-        RAISE EXCEPTION 'invalid value for option "reconcile_every": %', options->'reconcile_every'
-            USING ERRCODE = 'invalid_parameter_value', DETAIL = 'Expected a positive interval such as ''1 day''.';
+    IF options->>'auth' = 'oauth2' AND (options->>'token_url' IS NULL OR options->>'client_id' IS NULL) THEN
+        RAISE EXCEPTION 'option auth oauth2 needs token_url and client_id' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'For example {"auth": "oauth2", "token_url": "https://idp.example/oauth2/token", "client_id": "identity-sync"}; the client secret comes from set_secret or secret_file.';
+    END IF;
+    IF options ? 'token_url' AND (options->>'token_url' !~* '^https?://[^/]'
+       OR (options->>'token_url' ~* '^http://' AND NOT coalesce((options->>'allow_insecure_http')::boolean, false)
+           AND NOT identity_sync._is_loopback_url(options->>'token_url'))) THEN
+        RAISE EXCEPTION 'invalid value for option "token_url": %', options->'token_url' USING ERRCODE = 'invalid_parameter_value',
+            DETAIL = 'Expected an https url, or plain http to a loopback address (or with {"allow_insecure_http": true}).';
+    END IF;
+    IF kind = 'scim' AND options ? 'correlate_on' THEN
+        PERFORM identity_sync._check_attribute_path(options->>'correlate_on');
     END IF;
     IF kind = 'scim' AND coalesce((options->>'adopt')::boolean, false) AND options->>'correlate_on' IS NULL THEN
         RAISE EXCEPTION 'option adopt needs correlate_on' USING ERRCODE = 'invalid_parameter_value',
@@ -530,9 +682,11 @@ BEGIN
             RAISE EXCEPTION 'a table target needs the options relation and key_column' USING ERRCODE = 'invalid_parameter_value',
                 HINT = 'For example {"relation": "app.users", "key_column": "person_key", "active_column": "active"}.';
         END IF;
-        PERFORM identity_sync._column_type((options->>'relation')::regclass, options->>'key_column', 'key_column');
-        IF options ? 'active_column' AND identity_sync._column_type((options->>'relation')::regclass, options->>'active_column', 'active_column') <> 'boolean'::regtype THEN
-            RAISE EXCEPTION 'active_column "%" must be boolean', options->>'active_column' USING ERRCODE = 'datatype_mismatch';
+        PERFORM identity_sync._column_type((options->>'relation')::regclass, options->>'key_column', 'key');
+        IF options ? 'active_column' AND identity_sync._column_type((options->>'relation')::regclass, options->>'active_column', 'active') <> 'boolean'::regtype THEN
+            RAISE EXCEPTION 'active_column "%" must be boolean', options->>'active_column' USING ERRCODE = 'datatype_mismatch',
+                DETAIL = format('Column %I of %s is %s.', options->>'active_column', options->>'relation',
+                                identity_sync._column_type((options->>'relation')::regclass, options->>'active_column', 'active'));
         END IF;
         IF options ? 'group_column' AND NOT options ? 'groups_relation' THEN
             RAISE EXCEPTION 'option group_column needs groups_relation' USING ERRCODE = 'invalid_parameter_value',
@@ -551,7 +705,8 @@ $$;
 
 CREATE FUNCTION identity_sync._target(name text) RETURNS identity_sync.target
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT identity_sync._by_name(NULL::identity_sync.target, name, 'Create one with identity_sync.add_target().')
+    SELECT identity_sync._by_name(NULL::identity_sync.target, identity_sync._not_null(name, 'the target name'),
+                                  'Create one with identity_sync.add_target().')
 $$;
 
 CREATE FUNCTION identity_sync.add_target(name text, kind text, url text DEFAULT NULL, options jsonb DEFAULT '{}')
@@ -559,6 +714,7 @@ RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_
 DECLARE
     t identity_sync.target;
 BEGIN
+    PERFORM identity_sync._check_name('target', name);
     IF EXISTS (SELECT FROM identity_sync.target WHERE target.name = add_target.name) THEN
         RAISE EXCEPTION 'target "%" already exists', name USING ERRCODE = 'duplicate_object',
             HINT = 'Change it with identity_sync.alter_target(), or drop it first.';
@@ -581,6 +737,13 @@ DECLARE
     merged jsonb := t.options;
     n identity_sync.target;
 BEGIN
+    IF new_name IS NOT NULL THEN
+        PERFORM identity_sync._check_name('target', new_name);
+        IF EXISTS (SELECT FROM identity_sync.target WHERE target.name = new_name AND target.id <> t.id) THEN
+            RAISE EXCEPTION 'target "%" already exists', new_name USING ERRCODE = 'duplicate_object',
+                HINT = 'Choose another name, or drop that target first.';
+        END IF;
+    END IF;
     IF options IS NOT NULL THEN
         merged := jsonb_strip_nulls(t.options || options);
         IF options ? 'delete_after' AND options->'delete_after' = 'null' THEN
@@ -664,21 +827,46 @@ $$;
 -- Mappings and rules (compiled into one query per target by 30_plan/10_compile.sql)
 ------------------------------------------------------------------------------------------------
 
+-- An expression gives one value for each person (each row of the query it is compiled into):
+-- an aggregate, a window function or a set-returning function at its top level would change the
+-- rows of that query. PostgreSQL refuses all three in WHERE, so an expression that passed as a
+-- select-list item is checked there once more; `probe` is a query ending in WHERE or AND.
+-- (`what`: "mapping expression", "rule condition", …)
+CREATE FUNCTION identity_sync._check_one_value(what text, probe text, expr text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    msg text;
+    detail text;
+    code text;
+BEGIN
+    PERFORM identity_sync._use_user_search_path();
+    PERFORM identity_sync._check_expression(probe || ' (' || expr || E'\n) IS NULL LIMIT 0', length(probe) + 2, expr, what);
+EXCEPTION WHEN grouping_error OR windowing_error OR feature_not_supported THEN
+    GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, detail = PG_EXCEPTION_DETAIL, code = RETURNED_SQLSTATE;
+    RAISE EXCEPTION USING ERRCODE = code, MESSAGE = regexp_replace(msg, ' in WHERE$', ' in the ' || what),
+        DETAIL = detail,
+        HINT = 'It gives one value each time it is evaluated: aggregate, or pick one row, in a subquery such as (SELECT max(c.ends) FROM unnest(contracts) AS c).';
+END
+$$;
+
 -- Check one user expression (`what`: mapping expression, rule condition) in the context of a
--- target, as identity_sync.run_as and read-only; returns its type. Errors carry the position
--- inside the expression (see _check_expression in src/config/).
+-- target, as identity_sync.run_as and read-only; returns its type. Errors carry the position inside the expression (see
+-- _check_expression in src/config/).
 CREATE FUNCTION identity_sync._check_user_expression(t identity_sync.target, expr text, what text DEFAULT 'expression')
 RETURNS regtype LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     q text;
+    typ regtype;
 BEGIN
     IF expr IS NULL OR btrim(expr) = '' THEN
-        RAISE EXCEPTION 'expression is empty' USING ERRCODE = 'invalid_parameter_value';
+        RAISE EXCEPTION '% is empty', what USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    PERFORM identity_sync._check_single_expression('expression', expr);
+    PERFORM identity_sync._check_single_expression(what, expr);
     q := 'SELECT (' || expr || E'\n) AS v ' || identity_sync._from_clause(t.options) || ' LIMIT 0';
     PERFORM identity_sync._use_user_search_path();
-    RETURN identity_sync._check_expression(q, 8, expr, what);
+    typ := identity_sync._check_expression(q, 8, expr, what);
+    PERFORM identity_sync._check_one_value(what, 'SELECT 1 ' || identity_sync._from_clause(t.options) || ' AND', expr);
+    RETURN typ;
 END
 $$;
 
@@ -729,7 +917,10 @@ BEGIN
     DELETE FROM identity_sync.mapping WHERE mapping.target_id = t.id AND mapping.attribute = unmap.attribute
     RETURNING * INTO old;
     IF old.target_id IS NULL THEN
-        RAISE EXCEPTION 'target "%" has no mapping for attribute "%"', target, attribute USING ERRCODE = 'undefined_object';
+        RAISE EXCEPTION 'target "%" has no mapping for attribute "%"', target, attribute USING ERRCODE = 'undefined_object',
+            HINT = coalesce('Its mapped attributes: ' || (SELECT string_agg(m.attribute, ', ' ORDER BY m.position)
+                                                           FROM identity_sync.mapping m WHERE m.target_id = t.id) || '.',
+                            'It has no mappings.');
     END IF;
     DELETE FROM identity_sync._unique WHERE _unique.target_id = t.id AND _unique.attribute = unmap.attribute;
     PERFORM identity_sync._compile(t.id);
@@ -744,12 +935,14 @@ DECLARE
     typ regtype;
     r identity_sync.rule;
 BEGIN
-    IF name IS NULL OR btrim(name) = '' THEN
-        RAISE EXCEPTION 'rule name is empty' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
+    PERFORM identity_sync._check_name('rule', name);
     IF EXISTS (SELECT FROM identity_sync.rule WHERE rule.target_id = t.id AND rule.name = add_rule.name) THEN
         RAISE EXCEPTION 'target "%" already has a rule "%"', target, name USING ERRCODE = 'duplicate_object',
             HINT = 'Drop it first with identity_sync.drop_rule().';
+    END IF;
+    IF EXISTS (SELECT FROM unnest(groups) AS g WHERE g IS NULL OR btrim(g) = '') THEN
+        RAISE EXCEPTION 'group names must not be empty' USING ERRCODE = 'invalid_parameter_value',
+            DETAIL = format('groups is %s.', groups);
     END IF;
     typ := identity_sync._check_user_expression(t, condition, 'rule condition');
     IF typ <> 'boolean'::regtype THEN
@@ -771,7 +964,10 @@ DECLARE
 BEGIN
     DELETE FROM identity_sync.rule WHERE rule.target_id = t.id AND rule.name = drop_rule.name RETURNING * INTO old;
     IF old.target_id IS NULL THEN
-        RAISE EXCEPTION 'target "%" has no rule "%"', target, name USING ERRCODE = 'undefined_object';
+        RAISE EXCEPTION 'target "%" has no rule "%"', target, name USING ERRCODE = 'undefined_object',
+            HINT = coalesce('Its rules: ' || (SELECT string_agg(r.name, ', ' ORDER BY r.name)
+                                               FROM identity_sync.rule r WHERE r.target_id = t.id) || '.',
+                            'It has no rules.');
     END IF;
     PERFORM identity_sync._compile(t.id);
     PERFORM identity_sync._audit('drop_rule', target || '.' || name, to_jsonb(old), NULL);
@@ -802,10 +998,10 @@ GRANT EXECUTE ON FUNCTION identity_sync.add_person_source(regclass, text),
 -- before this file), for readers and for the role user SQL runs as (identity_sync.run_as, by
 -- default identity_sync_evaluator; another role named there needs these grants too), which
 -- also calls the compiled query's expression markers (_at, src/evaluate.rs).
-GRANT EXECUTE ON FUNCTION identity_sync.normalize_diacritics(text), identity_sync.slug(text)
+GRANT EXECUTE ON FUNCTION identity_sync.normalize_diacritics(text), identity_sync.slug(text),
+                          identity_sync.name_variants(text, text)
    TO identity_sync_reader, identity_sync_evaluator;
-GRANT EXECUTE ON FUNCTION identity_sync.name_variants(text, text), identity_sync._at(int)
-   TO identity_sync_evaluator;
+GRANT EXECUTE ON FUNCTION identity_sync._at(int) TO identity_sync_evaluator;
 
 COMMENT ON FUNCTION identity_sync.add_person_source(regclass, text) IS 'Register the person source: one row per person, identified by key (primary key or unique column).';
 COMMENT ON FUNCTION identity_sync.add_contract_source(regclass, text, text, text) IS 'Register the contract source: time-ranged rows (starts, inclusive ends; NULL = open) of a person.';

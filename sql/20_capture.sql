@@ -141,6 +141,10 @@ $$;
 CREATE FUNCTION identity_sync.set_snapshot_interval(relation regclass, every interval)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF every IS NULL OR every <= interval '0' THEN
+        RAISE EXCEPTION 'invalid snapshot interval: %', coalesce(every::text, 'null') USING ERRCODE = 'invalid_parameter_value',
+            DETAIL = 'Expected a positive interval such as ''1 minute''.';
+    END IF;
     UPDATE identity_sync.source s SET snapshot_interval = every
      WHERE s.relation = set_snapshot_interval.relation AND s.capture = 'snapshot';
     IF NOT FOUND THEN
@@ -421,8 +425,8 @@ BEGIN
         BEGIN
             PERFORM identity_sync._use_user_search_path();
             PERFORM identity_sync._check_query(
-                format('WITH changed AS (SELECT * FROM %s LIMIT 0) ', src.relation) || src.affected || E'\n LIMIT 0',
-                length(format('WITH changed AS (SELECT * FROM %s LIMIT 0) ', src.relation)), src.affected, 'affected query');
+                identity_sync._affected_probe(src.relation) || src.affected || E'\n) AS a LIMIT 0',
+                length(identity_sync._affected_probe(src.relation)), src.affected, 'affected query');
             PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
         EXCEPTION WHEN insufficient_privilege THEN
             NULL;   -- (grants, not this change: see above)
@@ -448,9 +452,10 @@ CREATE EVENT TRIGGER identity_sync_follow_source_ddl ON ddl_command_end
                  'DROP FUNCTION', 'DROP TYPE', 'DROP DOMAIN')
     EXECUTE FUNCTION identity_sync._follow_source_ddl();
 
--- HR writers need no privilege on the outbox: the capture trigger runs as the extension owner.
+-- HR writers need no privilege on the outbox: the capture trigger runs as the extension owner,
+-- with a search_path of its own (a related source's affected query gets the configured one).
 -- (_capture is written in Rust, src/capture.rs; lib.rs makes it come before this file.)
-ALTER FUNCTION identity_sync._capture() SECURITY DEFINER;
+ALTER FUNCTION identity_sync._capture() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 
 -- Privileges: nothing for PUBLIC but what is granted below (_revoke_public_execute, 00_schema.sql).
 SELECT identity_sync._revoke_public_execute();

@@ -193,7 +193,9 @@ BEGIN
          WHERE id = target_or_event::bigint AND state IN ('failed', 'retry');
         GET DIAGNOSTICS n = ROW_COUNT;
         IF n = 0 THEN
-            RAISE EXCEPTION 'event % is not failed or retrying', target_or_event USING ERRCODE = 'object_not_in_prerequisite_state';
+            RAISE EXCEPTION 'event % is not failed or retrying', target_or_event USING ERRCODE = 'object_not_in_prerequisite_state',
+                DETAIL = coalesce('It is ' || (SELECT state FROM identity_sync.event WHERE id = target_or_event::bigint) || '.',
+                                  'It does not exist.');
         END IF;
     ELSE
         UPDATE identity_sync.event SET state = 'pending', attempts = 0, due_at = now()
@@ -370,6 +372,7 @@ DECLARE
     t identity_sync.target;
     today date := identity_sync._today();
 BEGIN
+    PERFORM identity_sync._check_person_key(person_key);
     IF preview.target IS NOT NULL THEN
         PERFORM identity_sync._target(preview.target);
     END IF;

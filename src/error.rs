@@ -223,10 +223,10 @@ impl Error {
             Error::RunAs { .. } => Some(
                 "identity_sync evaluates user SQL as the role named by identity_sync.run_as (postgresql.conf), which must exist and must not be a superuser; CREATE EXTENSION creates identity_sync_evaluator for it.",
             ),
-            Error::TimedOut { .. }
-            | Error::InvalidPath { .. }
-            | Error::Spi(_)
-            | Error::Internal(_) => None,
+            Error::InvalidPath { .. } => Some(
+                "A SCIM attribute path is a name, a name with one sub-attribute, or a multi-valued element selected with eq: userName, name.givenName, emails[type eq \"work\"].value, urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:department.",
+            ),
+            Error::TimedOut { .. } | Error::Spi(_) | Error::Internal(_) => None,
         }
         .filter(|h| !h.is_empty())
         .map(Cow::Borrowed)

@@ -75,6 +75,28 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT format('person.%I::text', (identity_sync._person_source()).key_column)
 $$;
 
+-- A person key given by a user (person(), preview()): not null, and of the person key column's
+-- type (so that the error names the key, not a cast inside a query of ours).
+CREATE FUNCTION identity_sync._check_person_key(person_key text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    p identity_sync.source := identity_sync._person_source();
+    keytype regtype;
+BEGIN
+    PERFORM identity_sync._not_null(person_key, 'the person key');
+    IF p.id IS NULL THEN
+        RETURN;   -- _from_clause says what is missing
+    END IF;
+    keytype := identity_sync._column_type(p.relation, p.key_column, 'person key');
+    BEGIN
+        EXECUTE format('SELECT $1::%s', keytype) USING person_key;
+    EXCEPTION WHEN data_exception THEN
+        RAISE EXCEPTION 'invalid person key "%"', person_key USING ERRCODE = 'invalid_text_representation',
+            DETAIL = format('The person key column %I of %s is of type %s.', p.key_column, p.relation, keytype);
+    END;
+END
+$$;
+
 CREATE FUNCTION identity_sync.person(person_key text)
 RETURNS jsonb LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -82,6 +104,7 @@ DECLARE
     has_contracts boolean := (identity_sync._contract_source()).id IS NOT NULL;
     q text;
 BEGIN
+    PERFORM identity_sync._check_person_key(person_key);
     q := format('SELECT jsonb_build_object(''person_key'', %s, ''person'', to_jsonb(person), '
                    '''contract'', %s, ''contracts'', %s, ''active'', %s, ''today'', today) %s',
                    identity_sync._person_key_expr(),

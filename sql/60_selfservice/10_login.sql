@@ -113,11 +113,12 @@ BEGIN
         RETURN;
     END IF;
     p := identity_sync._require_person_source();
-    PERFORM identity_sync._check_single_expression('expression', expression);
+    PERFORM identity_sync._check_single_expression('login expression', expression);
     PERFORM identity_sync._use_user_search_path();
     typ := identity_sync._check_expression(
         'SELECT (' || expression || E'\n) AS v FROM ' || p.relation::text || ' AS person LIMIT 0', 8, expression,
         'login expression');
+    PERFORM identity_sync._check_one_value('login expression', 'SELECT 1 FROM ' || p.relation::text || ' AS person WHERE', expression);
     IF typ NOT IN ('text'::regtype, 'character varying'::regtype, 'name'::regtype, 'character'::regtype) THEN
         RAISE EXCEPTION 'the login expression must give a role name (text), not %', typ
             USING ERRCODE = 'datatype_mismatch', DETAIL = expression,

@@ -104,6 +104,8 @@ pub(crate) struct Reply {
     pub status: u16,
     pub body: Vec<u8>,
     pub retry_after: Option<Duration>,
+    /// The media type of `Content-Type`, lower case, without parameters.
+    pub content_type: Option<String>,
 }
 
 impl Reply {
@@ -113,6 +115,58 @@ impl Reply {
 
     pub fn json(&self) -> Option<Value> {
         serde_json::from_slice(&self.body).ok()
+    }
+
+    /// The body as JSON, or what is wrong with it: "the response body is empty", "the response
+    /// is an HTML page …", "the response is not valid JSON (EOF while parsing …)".
+    pub fn json_or_why(&self) -> Result<Value, String> {
+        if self.body.iter().all(u8::is_ascii_whitespace) {
+            return Err("the response body is empty".to_string());
+        }
+        if let Some(page) = self.html_page() {
+            return Err(format!("the response is {page}, not JSON"));
+        }
+        serde_json::from_slice(&self.body).map_err(|e| {
+            let start = excerpt(&String::from_utf8_lossy(
+                &self.body[..self.body.len().min(MAX_ERROR_TEXT)],
+            ));
+            format!("the response is not valid JSON ({e}): {start}")
+        })
+    }
+
+    /// Whether the target says the body is JSON (`application/json`, `…+json`).
+    pub fn says_json(&self) -> bool {
+        self.content_type
+            .as_deref()
+            .is_some_and(|t| t == "application/json" || t.ends_with("+json"))
+    }
+
+    /// `an HTML page ("Sign in")` when the body is an HTML document (a login page, a proxy's
+    /// error page, a web application's catch-all route), which no API answers with.
+    pub fn html_page(&self) -> Option<String> {
+        let text = String::from_utf8_lossy(&self.body[..self.body.len().min(8192)]);
+        let text = text.trim_start_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
+        let head = text.to_ascii_lowercase();
+        let html = head.starts_with("<!doctype html")
+            || head.starts_with("<html")
+            || (self.content_type.as_deref() == Some("text/html") && head.starts_with('<'));
+        if !html {
+            return None;
+        }
+        let title = head
+            .find("<title")
+            .and_then(|i| Some(i + head[i..].find('>')? + 1))
+            .and_then(|from| {
+                let to = from + head[from..].find("</title")?;
+                // (the same byte offsets in the original text: lower-casing ASCII keeps them)
+                text.get(from..to)
+                    .map(|t| excerpt(t).chars().take(80).collect::<String>())
+            })
+            .filter(|t| !t.is_empty());
+        Some(match title {
+            Some(t) => format!("an HTML page (\"{t}\")"),
+            None => "an HTML page".to_string(),
+        })
     }
 
     /// The SCIM error `scimType`, if the body is a SCIM error.
@@ -170,6 +224,37 @@ impl Reply {
     }
 }
 
+/// Ids a target gives us (a SCIM resource's `id`, a webhook receiver's `account_id`) are
+/// stored and sent back in urls: at most this many characters.
+const MAX_ID_CHARS: usize = 1024;
+
+/// An id a target answered with, or why it is not one.
+pub(crate) fn checked_id(id: &str) -> Result<String, String> {
+    if id.is_empty() {
+        Err("the id in the response is empty".to_string())
+    } else if id.chars().count() > MAX_ID_CHARS {
+        Err(format!(
+            "the id in the response is longer than {MAX_ID_CHARS} characters"
+        ))
+    } else if id.chars().any(char::is_control) {
+        Err("the id in the response contains control characters".to_string())
+    } else {
+        Ok(id.to_string())
+    }
+}
+
+/// "an object", "an array", … for messages about a JSON value of the wrong type.
+pub(crate) fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// Whitespace collapsed, cut to [`MAX_ERROR_TEXT`] characters.
 fn excerpt(s: &str) -> String {
     let collapsed = s.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -218,7 +303,9 @@ fn transport_error(e: &reqwest::Error, timeout: Duration) -> String {
     let mut src = std::error::Error::source(e);
     while let Some(s) = src {
         let text = s.to_string();
-        if !causes.contains(&text) {
+        // ("client error (SendRequest)" and the like name a step of the HTTP library's, not
+        // what went wrong)
+        if !causes.contains(&text) && !text.starts_with("client error (") {
             causes.push(text);
         }
         src = s.source();
@@ -379,6 +466,12 @@ impl Client {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|v| v.trim().to_ascii_lowercase());
         let mut body = Vec::new();
         loop {
             match resp.chunk().await {
@@ -401,11 +494,25 @@ impl Client {
                 }
             }
         }
-        Ok(Reply {
+        let reply = Reply {
             status,
             body,
             retry_after,
-        })
+            content_type,
+        };
+        // A success that is a web page was not answered by the target's API (a login page in
+        // front of it, a web application at that url): nothing in it can be used.
+        if reply.ok() {
+            if let Some(page) = reply.html_page() {
+                return Err(SendError::Permanent {
+                    error: format!(
+                        "HTTP {status} with {page} instead of an answer of the target's API; is the url right?"
+                    ),
+                    http_status: Some(status),
+                });
+            }
+        }
+        Ok(reply)
     }
 
     /// Adds the `Authorization` header. For OAuth2 returns the token used, so that a 401 can
@@ -504,7 +611,43 @@ mod tests {
             status,
             body: body.as_bytes().to_vec(),
             retry_after: None,
+            content_type: None,
         }
+    }
+
+    #[test]
+    fn unusable_bodies_say_why() {
+        let typed = |ct: &str, body: &str| Reply {
+            content_type: Some(ct.to_string()),
+            ..reply(200, body)
+        };
+        assert_eq!(
+            reply(200, " \n").json_or_why().unwrap_err(),
+            "the response body is empty"
+        );
+        let e = reply(201, r#"{"id": "a"#).json_or_why().unwrap_err();
+        assert!(
+            e.starts_with("the response is not valid JSON (EOF while parsing"),
+            "{e}"
+        );
+        assert!(e.ends_with(r#": {"id": "a"#), "{e}");
+        let page =
+            "\u{feff}\n<!DOCTYPE html><html><head><TITLE>Sign in – Corp SSO</TITLE></head></html>";
+        assert_eq!(
+            reply(200, page).json_or_why().unwrap_err(),
+            "the response is an HTML page (\"Sign in – Corp SSO\"), not JSON"
+        );
+        assert_eq!(
+            typed("text/html", "<p>maintenance</p>")
+                .html_page()
+                .as_deref(),
+            Some("an HTML page")
+        );
+        // PHP and others say text/html for any answer: a plain "ok" is not a page.
+        assert_eq!(typed("text/html", "ok").html_page(), None);
+        assert_eq!(reply(200, r#"{"a": "<html>"}"#).html_page(), None);
+        assert!(typed("application/scim+json", "{}").says_json());
+        assert!(!typed("text/plain", "{}").says_json());
     }
 
     #[test]

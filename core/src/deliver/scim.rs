@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 
 use tokio::sync::{Mutex, OnceCell};
 
-use super::client::{pct, Client, Reply, SendError};
+use super::client::{checked_id, json_type, pct, Client, Reply, SendError};
 use super::config::TargetConfig;
 use super::job::{EventKind, Job, Outcome};
 use crate::path::{apply_changes, build_resource, parse_path, schemas_for, AttrPath, PathError};
@@ -89,10 +89,22 @@ impl ScimTarget {
         body: Option<(&'static str, Vec<u8>)>,
         headers: &[(&'static str, String)],
     ) -> Step<Reply> {
+        let what = format!("{method} {}", self.resource_path(url));
         self.client
             .send(Some(event_id), method, url, body, headers)
             .await
-            .map_err(|e| e.outcome(event_id))
+            .map_err(|e| e.context(&what).outcome(event_id))
+    }
+
+    /// `/Users` for `<base>/Users/2819c223?attributes=…`: which endpoint a request went to, for
+    /// messages (as `Reply::failure` names them).
+    fn resource_path<'a>(&self, url: &'a str) -> &'a str {
+        let path = url.strip_prefix(self.base()).unwrap_or(url);
+        let path = path.split('?').next().unwrap_or(path);
+        match path.get(1..).and_then(|p| p.find('/')) {
+            Some(i) => &path[..i + 1],
+            None => path,
+        }
     }
 
     /// A request with a SCIM JSON body for an event (see `send`).
@@ -114,7 +126,11 @@ impl ScimTarget {
         self.spc
             .get_or_try_init(|| async {
                 let url = format!("{}/ServiceProviderConfig", self.base());
-                let reply = self.client.send(None, Method::GET, &url, None, &[]).await?;
+                let reply = self
+                    .client
+                    .send(None, Method::GET, &url, None, &[])
+                    .await
+                    .map_err(|e| e.context("GET /ServiceProviderConfig"))?;
                 match reply.status {
                     200..=299 => Ok(reply.json().map_or(ServiceProviderConfig::ASSUMED, |v| {
                         ServiceProviderConfig::from_json(&v)
@@ -265,20 +281,27 @@ async fn create(t: &ScimTarget, spc: ServiceProviderConfig, job: &Job) -> Step<O
         return Err(reply.failure("POST /Users").outcome(job.event_id));
     }
     match resource_id(&reply) {
-        Some(id) => Ok(done(job, Some(id), false, Some(reply.status))),
-        None => Err(Outcome::Failed {
+        Ok(id) => Ok(done(job, Some(id), false, Some(reply.status))),
+        Err(why) => Err(Outcome::Failed {
             event_id: job.event_id,
-            error: "POST /Users: the target accepted the user but returned no id".to_string(),
+            error: format!("POST /Users: HTTP {}: {why}", reply.status),
             http_status: Some(reply.status),
         }),
     }
 }
 
-fn resource_id(reply: &Reply) -> Option<String> {
-    match reply.json()?.get("id")? {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
+/// The `id` of the resource a create answered with, or why there is none.
+fn resource_id(reply: &Reply) -> Result<String, String> {
+    match reply.json_or_why()?.get("id") {
+        Some(Value::String(s)) => checked_id(s),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        None | Some(Value::Null) => {
+            Err("the target accepted it but answered without its id".to_string())
+        }
+        Some(other) => Err(format!(
+            "the id in the response is {}, not a string",
+            json_type(other)
+        )),
     }
 }
 
@@ -514,9 +537,12 @@ async fn get_user(t: &ScimTarget, job: &Job, id: &str) -> Step<Value> {
     if !reply.ok() {
         return Err(reply.failure("GET /Users").outcome(job.event_id));
     }
-    reply
-        .json()
-        .ok_or_else(|| Outcome::failed(job.event_id, "GET /Users: the response is not JSON"))
+    reply.json_or_why().map_err(|why| {
+        Outcome::failed(
+            job.event_id,
+            format!("GET /Users: HTTP {}: {why}", reply.status),
+        )
+    })
 }
 
 /// `GET /{endpoint}?filter=…`: the resources found.
@@ -536,8 +562,11 @@ async fn find(
     if !reply.ok() {
         return Err(reply.failure(&what).outcome(job.event_id));
     }
-    let json = reply.json().ok_or_else(|| {
-        Outcome::failed(job.event_id, format!("{what}: the response is not JSON"))
+    let json = reply.json_or_why().map_err(|why| {
+        Outcome::failed(
+            job.event_id,
+            format!("{what}: HTTP {}: {why}", reply.status),
+        )
     })?;
     Ok(json
         .get("Resources")
@@ -610,9 +639,18 @@ async fn put_membership(
         return Ok(reply);
     }
     let mut group = reply
-        .json()
-        .and_then(|v| v.as_object().cloned())
-        .ok_or_else(|| Outcome::failed(job.event_id, "GET /Groups: the response is not JSON"))?;
+        .json_or_why()
+        .and_then(|v| {
+            v.as_object()
+                .cloned()
+                .ok_or_else(|| format!("the response is {}, not a group", json_type(&v)))
+        })
+        .map_err(|why| {
+            Outcome::failed(
+                job.event_id,
+                format!("GET /Groups: HTTP {}: {why}", reply.status),
+            )
+        })?;
     let mut members: Vec<Value> = group
         .get("members")
         .and_then(Value::as_array)
@@ -716,7 +754,8 @@ async fn resolve_group(
             .send_json(job.event_id, Method::POST, &url, &group)
             .await?;
         if reply.ok() {
-            if let Some(id) = resource_id(&reply) {
+            // Without an id in the answer, the second lookup finds the group.
+            if let Ok(id) = resource_id(&reply) {
                 cache.insert(name.to_string(), id.clone());
                 return Ok(Some(id));
             }
