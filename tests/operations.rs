@@ -830,3 +830,52 @@ fn immediate_shutdown_during_delivery_loses_nothing() {
         "an event arrived more than twice"
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// The worker's writes in the cumulative statistics
+// ------------------------------------------------------------------------------------------
+
+/// The worker reports what its transactions wrote, as a client backend does, so autovacuum and
+/// autoanalyze see the queue and the registry change: after a sync, `pg_stat_user_tables`
+/// counts the events the worker inserted and the updates that delivered them. (Without the
+/// report both stayed at 0 however much the worker wrote, and the queue's dead rows were never
+/// vacuumed.)
+#[test]
+fn worker_writes_reach_the_statistics() {
+    let (_cleanup, mut c) = fresh();
+    let receiver = WebhookReceiver::start();
+    add_hook(&mut c, "hook", &receiver.url("/stats"), "{}", "{}");
+    exec(&mut c, "SELECT identity_sync.resync('hook')");
+    wait_idle(&mut c, 120);
+    assert_eq!(undone(&mut c, "hook"), 0);
+    let events = count(&mut c, "SELECT count(*) FROM identity_sync.event");
+    assert!(
+        events > 100,
+        "the sample gives hundreds of accounts, got {events}"
+    );
+    let stats =
+        "SELECT n_tup_ins || ' inserted, ' || n_tup_upd || ' updated, ' || n_live_tup || ' live'
+                   FROM pg_stat_user_tables WHERE relid = 'identity_sync.event'::regclass";
+    // every event was inserted by the worker's planner, then updated twice (sending, done)
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            count(
+            &mut c,
+            "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relid = 'identity_sync.event'::regclass"
+        ) >= events
+            && count(
+                &mut c,
+                "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'identity_sync.event'::regclass"
+            ) >= 2 * events
+        }),
+        "{events} events, but the statistics say: {}",
+        one::<Option<String>>(&mut c, stats).unwrap_or_default()
+    );
+    assert!(
+        count(
+            &mut c,
+            "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relid = 'identity_sync.account'::regclass"
+        ) >= events,
+        "the registry's rows are not counted"
+    );
+}

@@ -108,6 +108,11 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
         }
         last_tick = std::time::Instant::now();
         sleep = tick(&mut http, &mut reconciler, &mut recovered, &mut extension);
+        if sleep >= Duration::from_secs(1) {
+            // Going idle: statistics still pending go out now (txn::in_transaction reports
+            // them at most once a second, so the last second's would wait for the next tick).
+            let _ = unsafe { pg_sys::pgstat_report_stat(true) };
+        }
     }
 
     http.shutdown();
