@@ -33,18 +33,6 @@ fn fresh() -> (DropExtension, Client) {
     (cleanup, c)
 }
 
-/// Events of one target that are not done, for failure messages.
-fn undone(c: &mut Client, target: &str) -> String {
-    one::<Option<String>>(
-        c,
-        &format!(
-            "SELECT coalesce(string_agg(format('%s %s %s %s %s', id, person_key, kind, state, last_error), E'\n'), '')
-               FROM (SELECT * FROM identity_sync.events WHERE target = '{target}' AND state <> 'done' ORDER BY id LIMIT 20) e"
-        ),
-    )
-    .unwrap_or_default()
-}
-
 /// Move the clock forward by `interval`, then wait up to 30 s until the account of `person` in
 /// `target` has `state`; else fail with `failure` and the target's events that are not done.
 fn move_clock_until(
@@ -548,15 +536,7 @@ fn scim_full_story() {
     wait_idle(&mut c, 30);
     // nothing else was touched: every other account is still there, once
     assert_eq!(scim.users().len(), expected.len() - 1);
-    assert_eq!(
-        count(
-            &mut c,
-            "SELECT count(*) FROM identity_sync.events WHERE state <> 'done'"
-        ),
-        0,
-        "{}",
-        undone(&mut c, "scim")
-    );
+    assert_all_done(&mut c, "scim");
 }
 
 /// Issue 6 acceptance: webhook signatures verify with the independent `standardwebhooks`

@@ -40,18 +40,6 @@ fn fresh() -> (DropExtension, Client) {
     (cleanup, c)
 }
 
-/// Events of one target that are not done, for failure messages.
-fn undone(c: &mut Client, target: &str) -> String {
-    one::<Option<String>>(
-        c,
-        &format!(
-            "SELECT coalesce(string_agg(format('%s %s %s %s %s', id, person_key, kind, state, last_error), E'\n'), '')
-               FROM (SELECT * FROM identity_sync.events WHERE target = '{target}' AND state <> 'done' ORDER BY id LIMIT 20) e"
-        ),
-    )
-    .unwrap_or_default()
-}
-
 /// A SCIM target on `scim` with bearer auth and the given extra options (a JSON object's body).
 fn add_scim_target(c: &mut Client, scim: &ScimServer, name: &str, options: &str) {
     exec(
@@ -213,15 +201,7 @@ fn scim_uniqueness_conflict_takes_the_next_iteration() {
     );
     assert!(accounts > 10, "scope is a few dozen persons");
     assert_eq!(scim.users().len() as i64, accounts + 2);
-    assert_eq!(
-        count(
-            &mut c,
-            "SELECT count(*) FROM identity_sync.events WHERE state <> 'done'"
-        ),
-        0,
-        "{}",
-        undone(&mut c, "scim")
-    );
+    assert_all_done(&mut c, "scim");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -569,15 +549,7 @@ fn manager_reference_follows_the_manager() {
         managers.values().all(|m| *m == json!(new_head_id)),
         "every member's manager is the new head's account {new_head_id}: {managers:?}"
     );
-    assert_eq!(
-        count(
-            &mut c,
-            "SELECT count(*) FROM identity_sync.events WHERE state <> 'done'"
-        ),
-        0,
-        "{}",
-        undone(&mut c, "scim")
-    );
+    assert_all_done(&mut c, "scim");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -348,6 +348,29 @@ pub fn fresh_small_sample() -> (DropExtension, Client) {
     (cleanup, c)
 }
 
+/// The events of `target` (by name) that are not done, the first 20, one per line: what a
+/// failure message shows. Empty when everything is done.
+pub fn undone(c: &mut Client, target: &str) -> String {
+    one::<Option<String>>(
+        c,
+        &format!(
+            "SELECT coalesce(string_agg(format('%s %s %s %s %s', id, person_key, kind, state, last_error), E'\\n'), '')
+               FROM (SELECT * FROM identity_sync.events WHERE target = '{target}' AND state <> 'done' ORDER BY id LIMIT 20) e"
+        ),
+    )
+    .unwrap_or_default()
+}
+
+/// Every event of every target is done; else fail with those of `target` that are not.
+pub fn assert_all_done(c: &mut Client, target: &str) {
+    assert_eq!(
+        count(c, "SELECT count(*) FROM identity_sync.events WHERE state <> 'done'"),
+        0,
+        "events not done; of {target}:\n{}",
+        undone(c, target)
+    );
+}
+
 /// `identity_sync.wait_idle()`: wait up to `timeout_s` seconds until nothing is dirty or
 /// pending (held and paused targets excepted); panics with `identity_sync.status` if not.
 pub fn wait_idle(c: &mut Client, timeout_s: u32) {
