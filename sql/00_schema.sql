@@ -125,7 +125,8 @@ CREATE TABLE identity_sync._dirty (
     change_ids bigint[] NOT NULL DEFAULT '{}',  -- the captured changes (change_log) behind it, up to 50
     PRIMARY KEY (person_key, target_id)
 );
-CREATE INDEX ON identity_sync._dirty (first_at) WHERE held_by IS NULL;
+-- (the whole key after first_at: _plan resumes its scan after the last person it claimed)
+CREATE INDEX ON identity_sync._dirty (first_at, person_key, target_id) WHERE held_by IS NULL;
 CREATE INDEX ON identity_sync._dirty (held_by) WHERE held_by IS NOT NULL;
 
 -- Persons whose planning for one target waits for that target's next plan attempt: planning it

@@ -78,8 +78,12 @@ BEGIN
 END
 $$;
 
+-- VOLATILE, not STABLE: a planner that estimates the rows of unnest(f()) evaluates a STABLE f()
+-- without arguments at plan time (estimate_expression_value), so every plan of _claim_changes
+-- (a SQL function, planned on each call) read the whole person source and registry, whether or
+-- not anybody was to be planned: 50-200 ms per worker tick (bench/run --profile).
 CREATE FUNCTION identity_sync._all_person_keys() RETURNS text[]
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     p identity_sync.source := identity_sync._person_source();
     keys text[];

@@ -80,25 +80,70 @@ $$;
 -- action's (release(target, kind)), or discards them; what was released goes meanwhile.
 -- PL/pgSQL so that its plans are cached for the worker's session (a SQL function would be
 -- planned on every call).
+-- Where a target's claims start (_claim_from): the index event_due keeps an entry for every
+-- event that was ever pending until VACUUM removes it, and while any transaction holds an old
+-- snapshot (a report, a backup, a session waiting in wait_idle) nothing can remove the entries
+-- of the events claimed since, not even the index scan itself (kill_prior_tuple). A claim that
+-- started at the head of the queue walked all of them on every round: 20,000 heap visits a
+-- claim after 16,000 deliveries (bench/run --profile), delivery going from thousands of events
+-- a second to under a hundred. So each session remembers, per target, a time before which no
+-- event can be due (the GUC identity_sync_claim.from, a jsonb {target id: timestamptz}, set by
+-- _claim, transactional, lost with the session) and the claim scans from there:
+--   * every event pending or retrying when the claim ended is due at or after it (the least
+--     due_at among them, read after the claim), and
+--   * an event made pending later is due at or after the start of the transaction that made
+--     it so (every writer sets due_at from now() or later; _breaker's quarantine included),
+--     so at or after the start of the oldest transaction of this database running when the
+--     claim began: the mark is never later than that (pg_stat_activity, read first).
+-- Without the rights to see every session's transaction (pg_read_all_stats), with
+-- track_activities off or a prepared transaction in this database, there is no mark and the
+-- claim scans from the head as before.
+CREATE FUNCTION identity_sync._claim_horizon() RETURNS timestamptz
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')
+                     AND current_setting('track_activities')::boolean
+                     AND NOT EXISTS (SELECT FROM pg_prepared_xacts x WHERE x.database = current_database())
+                THEN (SELECT min(a.xact_start) FROM pg_stat_get_activity(NULL) AS a
+                       WHERE a.datid = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+                         AND a.backend_type IS DISTINCT FROM 'autovacuum worker') END
+$$;
+
+CREATE FUNCTION identity_sync._claim_from(target_id int) RETURNS timestamptz
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce((nullif(current_setting('identity_sync_claim.from', true), '')::jsonb ->> target_id::text)::timestamptz,
+                    '-infinity')
+$$;
+
 CREATE FUNCTION identity_sync._claim(kinds text[], max_events int)
 RETURNS TABLE (event_id bigint, target_id int, person_key text, kind text, payload jsonb,
                remote_id text, attempts int, created_at timestamptz)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     share int;
-    -- A target with thresholds waits until planning has caught up, so that a threshold judges
-    -- the whole change (a mass termination planned in several batches) before any of it goes.
-    planning boolean := EXISTS (SELECT FROM identity_sync._dirty) OR EXISTS (SELECT FROM identity_sync.change);
+    eligible int[];
+    thresholds boolean;
+    -- before the claim's snapshot (see above)
+    horizon timestamptz := identity_sync._claim_horizon();
+    marks jsonb := coalesce(nullif(current_setting('identity_sync_claim.from', true), '')::jsonb, '{}');
 BEGIN
-    SELECT greatest(1, ceil(max_events::numeric / nullif(count(*), 0)))::int INTO share
+    -- (nothing else is read when no target can be sent to: the worker claims on every tick,
+    -- planning included)
+    SELECT array_agg(t.id), bool_or(t.options ?| ARRAY['max_creates', 'max_disables', 'max_deletes'])
+      INTO eligible, thresholds
       FROM identity_sync.target t
      WHERE t.kind = ANY (kinds) AND NOT t.paused
        AND (t.quarantined_at IS NULL OR t.probe_at <= now())
-       AND NOT coalesce((t.options->>'dry_run')::boolean, false)
-       AND NOT (planning AND t.options ?| ARRAY['max_creates', 'max_disables', 'max_deletes']);
-    IF share IS NULL THEN
+       AND NOT coalesce((t.options->>'dry_run')::boolean, false);
+    -- A target with thresholds waits until planning has caught up, so that a threshold judges
+    -- the whole change (a mass termination planned in several batches) before any of it goes.
+    IF thresholds AND (EXISTS (SELECT FROM identity_sync._dirty) OR EXISTS (SELECT FROM identity_sync.change)) THEN
+        eligible := ARRAY(SELECT t.id FROM identity_sync.target t
+                           WHERE t.id = ANY (eligible) AND NOT t.options ?| ARRAY['max_creates', 'max_disables', 'max_deletes']);
+    END IF;
+    IF coalesce(cardinality(eligible), 0) = 0 THEN
         RETURN;
     END IF;
+    share := greatest(1, ceil(max_events::numeric / cardinality(eligible)))::int;
     RETURN QUERY
     WITH c AS (
         SELECT e.id
@@ -106,6 +151,7 @@ BEGIN
          CROSS JOIN LATERAL (
             SELECT e.id FROM identity_sync.event e
              WHERE e.target_id = t.id AND e.state IN ('pending', 'retry') AND e.due_at <= now()
+               AND e.due_at >= coalesce((marks ->> t.id::text)::timestamptz, '-infinity')
                AND NOT EXISTS (SELECT FROM identity_sync.event p
                                 WHERE p.target_id = e.target_id AND p.person_key = e.person_key
                                   AND p.seq < e.seq AND p.state <> 'done')
@@ -113,10 +159,7 @@ BEGIN
              -- a quarantined target gets one request, the probe
              LIMIT CASE WHEN t.quarantined_at IS NULL THEN share ELSE 1 END
                FOR UPDATE SKIP LOCKED) AS e
-         WHERE t.kind = ANY (kinds) AND NOT t.paused
-           AND (t.quarantined_at IS NULL OR t.probe_at <= now())
-           AND NOT coalesce((t.options->>'dry_run')::boolean, false)
-           AND NOT (planning AND t.options ?| ARRAY['max_creates', 'max_disables', 'max_deletes'])),
+         WHERE t.id = ANY (eligible)),
     u AS (
         UPDATE identity_sync.event e
            SET state = 'sending', attempts = e.attempts + 1, sent_at = clock_timestamp()
@@ -135,6 +178,19 @@ BEGIN
            a.remote_id, u.attempts, u.created_at
       FROM u LEFT JOIN identity_sync.account a ON a.target_id = u.target_id AND a.person_key = u.person_key
      ORDER BY u.target_id, u.person_key, u.seq;
+    -- The new marks: the least due_at still pending or retrying (what this claim left, events
+    -- behind one in flight included), never later than the horizon read before the claim.
+    IF horizon IS NULL THEN
+        marks := '{}';
+    ELSE
+        marks := marks || coalesce((
+            SELECT jsonb_object_agg(t.id::text, least(horizon, (
+                       SELECT min(e.due_at) FROM identity_sync.event e
+                        WHERE e.target_id = t.id AND e.state IN ('pending', 'retry')
+                          AND e.due_at >= coalesce((marks ->> t.id::text)::timestamptz, '-infinity'))))
+              FROM unnest(eligible) AS t(id)), '{}');
+    END IF;
+    PERFORM pg_catalog.set_config('identity_sync_claim.from', marks::text, false);
 END
 $$;
 
@@ -245,7 +301,8 @@ BEGIN
     IF outcome = 'retry' AND identity_sync._breaker(e, error, target_level) THEN
         -- The target is quarantined: this event waits for the target, not for an operator.
         UPDATE identity_sync.event SET state = 'retry', last_error = error, http_status = _record.http_status,
-               due_at = (SELECT t.probe_at FROM identity_sync.target t WHERE t.id = e.target_id)
+               -- (never before now: _claim_from)
+               due_at = (SELECT greatest(t.probe_at, now()) FROM identity_sync.target t WHERE t.id = e.target_id)
          WHERE id = e.id;
     ELSIF outcome = 'done' THEN
         PERFORM identity_sync._apply_done(ARRAY[e.id], ARRAY[_record.remote_id], ARRAY[_record.http_status]);

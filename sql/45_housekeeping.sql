@@ -6,10 +6,12 @@ CREATE FUNCTION identity_sync._next_due_ms() RETURNS bigint
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     RETURN greatest(0, (extract(epoch FROM (least(
-               -- per target, so that the event_due index answers
+               -- per target, so that the event_due index answers, from where this session's
+               -- claims start (no event is due before: _claim_from, 40_deliver.sql)
                (SELECT min(d.due) FROM identity_sync.target t
                  CROSS JOIN LATERAL (SELECT min(e.due_at) AS due FROM identity_sync.event e
-                                      WHERE e.target_id = t.id AND e.state IN ('pending', 'retry')) AS d
+                                      WHERE e.target_id = t.id AND e.state IN ('pending', 'retry')
+                                        AND e.due_at >= identity_sync._claim_from(t.id)) AS d
                  WHERE NOT t.paused),
                (SELECT min(snapshot_at + snapshot_interval) FROM identity_sync.source WHERE capture = 'snapshot'),
                -- the next attempt of a target whose planning failed (30_plan/60_plan.sql)
@@ -31,7 +33,13 @@ BEGIN
     PERFORM identity_sync._expire_grants();
     PERFORM identity_sync._reconcile_schedule();
     IF retention IS NOT NULL THEN
-        DELETE FROM identity_sync.event WHERE state = 'done' AND done_at < now() - retention;
+        -- At most 10,000 events a round (one a second): a day of heavy traffic ageing out at
+        -- once would otherwise be one long transaction of the worker, every HR commit waiting
+        -- behind it, and a mass of dead rows at once; the oldest go first (index event_done).
+        DELETE FROM identity_sync.event WHERE id = ANY (ARRAY(
+            SELECT e.id FROM identity_sync.event e
+             WHERE e.state = 'done' AND e.done_at < now() - retention
+             ORDER BY e.done_at LIMIT 10000));
         -- A plan run, its causes and the changes they name stay while an event of the plan
         -- does (a failed event keeps its story); the attempts of an event stay with it.
         DELETE FROM identity_sync.plan_run p

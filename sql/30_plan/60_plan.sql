@@ -341,6 +341,22 @@ DECLARE
     all_keys text[];
     plan_id bigint;
     n_events int := 0;
+    -- Where the last batch's claim ended (this session's, in the GUC identity_sync_plan.from):
+    -- the persons a batch claims are deleted from _dirty, and while an old snapshot is held (a
+    -- session in wait_idle, a report) their index entries stay; a claim from the head walked
+    -- all of them, 100,000 on average per batch of a 200,000-person resync (30 ms a batch).
+    -- So a claim starts after the last one, and from the head again when that finds less than
+    -- a batch, or when the last scan from the head is a second old: a person marked dirty with
+    -- an earlier first_at (an HR commit that took long) waits at most that long.
+    mark jsonb := nullif(current_setting('identity_sync_plan.from', true), '')::jsonb;
+    from_at timestamptz := '-infinity';
+    from_key text := '';
+    from_target int := -1;
+    full_at timestamptz := (mark->>'full_at')::timestamptz;
+    more int;
+    seqscan text := current_setting('enable_seqscan');
+    bitmapscan text := current_setting('enable_bitmapscan');
+    sort text := current_setting('enable_sort');
 BEGIN
     -- Plans made for each execution: cached generic plans would be the ones made while the
     -- registry was small (a new target, the first batches of a resync), a sequential scan that
@@ -354,16 +370,45 @@ BEGIN
                                      change_ids bigint[]) ON COMMIT DELETE ROWS;
     END IF;
     DELETE FROM pg_temp._is_batch;
-    WITH b AS (
-        SELECT person_key, target_id FROM identity_sync._dirty
-         WHERE held_by IS NULL   -- a reconcile run plans those itself (48_reconcile.sql)
-         ORDER BY first_at LIMIT batch_size FOR UPDATE SKIP LOCKED),
-    d AS (
-        DELETE FROM identity_sync._dirty x USING b
-         WHERE x.person_key = b.person_key AND x.target_id = b.target_id
-        RETURNING x.person_key, x.target_id, x.source_id, x.op, x.first_at, x.change_ids)
-    INSERT INTO pg_temp._is_batch SELECT * FROM d;
-    GET DIAGNOSTICS claimed = ROW_COUNT;
+    IF mark ? 'at' AND full_at > clock_timestamp() - interval '1 second' THEN
+        from_at := (mark->>'at')::timestamptz;
+        from_key := mark->>'key';
+        from_target := (mark->>'target')::int;
+    END IF;
+    claimed := 0;
+    -- The claim's one good plan is the index in its order, whatever the statistics say: right
+    -- after a resync or a bulk HR change marked 200,000 persons, before autovacuum has
+    -- analyzed _dirty, the planner sorted every row left for each batch (100 ms a batch).
+    PERFORM pg_catalog.set_config('enable_seqscan', 'off', true), pg_catalog.set_config('enable_bitmapscan', 'off', true),
+            pg_catalog.set_config('enable_sort', 'off', true);
+    LOOP
+        WITH b AS (
+            SELECT person_key, target_id FROM identity_sync._dirty
+             WHERE held_by IS NULL   -- a reconcile run plans those itself (48_reconcile.sql)
+               AND (first_at, person_key, target_id) > (from_at, from_key, from_target)
+             ORDER BY first_at, person_key, target_id LIMIT batch_size - claimed FOR UPDATE SKIP LOCKED),
+        d AS (
+            DELETE FROM identity_sync._dirty x USING b
+             WHERE x.person_key = b.person_key AND x.target_id = b.target_id
+            RETURNING x.person_key, x.target_id, x.source_id, x.op, x.first_at, x.change_ids)
+        INSERT INTO pg_temp._is_batch SELECT * FROM d;
+        GET DIAGNOSTICS more = ROW_COUNT;
+        claimed := claimed + more;
+        EXIT WHEN claimed >= batch_size OR from_at = '-infinity';
+        -- less than a batch after the mark: from the head
+        from_at := '-infinity';
+        from_key := '';
+        from_target := -1;
+    END LOOP;
+    PERFORM pg_catalog.set_config('enable_seqscan', seqscan, true), pg_catalog.set_config('enable_bitmapscan', bitmapscan, true),
+            pg_catalog.set_config('enable_sort', sort, true);
+    IF from_at = '-infinity' THEN
+        full_at := clock_timestamp();
+    END IF;
+    PERFORM pg_catalog.set_config('identity_sync_plan.from',
+        coalesce((SELECT jsonb_build_object('at', b.first_at, 'key', b.person_key, 'target', b.target_id, 'full_at', full_at)
+                    FROM pg_temp._is_batch b ORDER BY b.first_at DESC, b.person_key DESC, b.target_id DESC LIMIT 1),
+                 jsonb_build_object('full_at', full_at))::text, false);
     IF claimed = 0 THEN
         RETURN 0;
     END IF;

@@ -9,7 +9,8 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags
 use pgrx::prelude::*;
 use std::time::Duration;
 
-/// How long one tick plans at most before it delivers (a batch started is finished).
+/// How long one tick plans at most before table targets are delivered and the next tick may
+/// begin (a batch started is finished; HTTP delivery is pumped between batches).
 const PLANNING_BUDGET: Duration = Duration::from_millis(250);
 
 /// Housekeeping (snapshots, date boundaries, expired grants, retention) runs at most this
@@ -210,6 +211,14 @@ fn tick(
         planned_any = true;
         if BackgroundWorker::sigterm_received() {
             return Duration::ZERO;
+        }
+        // What this batch planned goes out before the next batch is planned: under a stream of
+        // single HR commits a batch is a commit or two and planning never runs dry, so waiting
+        // for the budget kept every event of the stream waiting up to 250 ms (bench/run, SCIM
+        // latency p50 138 ms).
+        http.pump(batch);
+        if txn::stepped_aside() {
+            return STEP_ASIDE_PAUSE;
         }
     }
 
