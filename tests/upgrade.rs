@@ -10,9 +10,9 @@
 //!
 //! Both releases are installed into a PostgreSQL installation of the test's own
 //! (`scripts/private-pg`, under /var/tmp), never into PostgreSQL's directories: the other tests
-//! keep this build whatever happens here. The new build is the one the `install` layer of
-//! `scripts/test` put there; the test runs in a cluster of its own (`scripts/cluster start
-//! upgrade --bindir …`).
+//! keep this build whatever happens here, and the test needs neither the harness cluster nor
+//! the `install` layer. It runs in a cluster of its own (`scripts/cluster start upgrade
+//! --bindir …`).
 #![cfg(not(feature = "pg_test"))] // see tests/common/mod.rs
 
 mod common;
@@ -167,6 +167,27 @@ fn build_previous(work: &Path, commit: &str) -> PathBuf {
     package
 }
 
+/// This build as a package under `work` (`cargo pgrx package`, the debug build the other
+/// layers use: nothing is compiled again).
+fn package_this_build(work: &Path) -> PathBuf {
+    let package = work.join("pkg-new");
+    run_ok(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(repo_dir())
+            .args([
+                "pgrx",
+                "package",
+                "--debug",
+                "--pg-config",
+                PG_CONFIG,
+                "--out-dir",
+            ])
+            .arg(&package),
+        "cargo pgrx package of this build",
+    );
+    package
+}
+
 /// Every row of every table of the extension, as the md5 of its text over the columns the
 /// previous release had (`columns`: table → column list), per table.
 fn rows(c: &mut Client, columns: &BTreeMap<String, String>) -> BTreeMap<String, Vec<String>> {
@@ -234,6 +255,7 @@ fn previous_release_updates_in_place_and_goes_on() {
     let work = Work::new();
     let package = build_previous(&work.0, &commit);
     let build_time = t0.elapsed();
+    let new_package = package_this_build(&work.0);
     println!(
         "upgrade: built {previous} ({commit}) in {:.1} s",
         build_time.as_secs_f64()
@@ -451,7 +473,11 @@ fn previous_release_updates_in_place_and_goes_on() {
         &format!("CREATE ROLE identity_sync_evaluator NOLOGIN; {EVALUATOR_GRANTS}"),
     );
     // 2. This build's files, 3. a restart (the library is preloaded).
-    private_pg(&["install", &pg.to_string_lossy(), "/"]);
+    private_pg(&[
+        "install",
+        &pg.to_string_lossy(),
+        &new_package.to_string_lossy(),
+    ]);
     cluster.restart();
     let mut hr = cluster.client("hr");
     assert!(
