@@ -15,6 +15,15 @@
 
 \echo Use "ALTER EXTENSION identity_sync UPDATE TO '0.2.0'" to load this file. \quit
 
+-- The previous release's event triggers are off while this script runs (enabled again near its
+-- end): they would run 0.1.0's functions on this script's own DDL, and those call the new
+-- library with 0.1.0's arguments (_follow_source_ddl checks the sources' affected queries
+-- with _check_query, whose arguments changed: "unboxing what_ argument failed"). The script
+-- changes no source. ALTER EVENT TRIGGER fires no event trigger, and a failed update rolls it
+-- back with everything else.
+ALTER EVENT TRIGGER identity_sync_follow_source_ddl DISABLE;
+ALTER EVENT TRIGGER identity_sync_refuse_source_drop DISABLE;
+
 -- ---------------------------------------------------------------------------------------------
 -- Roles
 -- ---------------------------------------------------------------------------------------------
@@ -3553,6 +3562,10 @@ $$;
 CREATE EVENT TRIGGER identity_sync_exclude_worker ON ddl_command_start
     WHEN TAG IN ('ALTER EXTENSION')
     EXECUTE FUNCTION identity_sync._exclude_worker_on_ddl();
+
+-- Off since the top of this script; from here on they run 0.2.0's functions.
+ALTER EVENT TRIGGER identity_sync_follow_source_ddl ENABLE;
+ALTER EVENT TRIGGER identity_sync_refuse_source_drop ENABLE;
 
 -- ---------------------------------------------------------------------------------------------
 -- Privileges as a fresh installation has them: nothing new for PUBLIC (99_private_by_default.sql)
