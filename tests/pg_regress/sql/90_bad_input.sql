@@ -28,6 +28,9 @@ INSERT INTO hr.person VALUES (1, 'Ann', 'Lee', 'ann@example.com', '2019-03-01'),
                              (3, 'Cy', 'Oh', NULL, '2021-01-01');
 INSERT INTO hr.contract VALUES (1, 'S', '2019-03-01', NULL, 'a'), (2, 'E', '2020-01-01', NULL, 'b'),
                                (3, 'E', '2021-01-01', '2030-12-31', 'c');
+-- the role user SQL runs as reads the HR schema (README, User SQL: what runs as whom)
+GRANT USAGE ON SCHEMA hr TO identity_sync_evaluator;
+GRANT SELECT ON ALL TABLES IN SCHEMA hr TO identity_sync_evaluator;
 CREATE ROLE regress_ann;   -- the login of person 1
 
 -- what the corpus must leave untouched
