@@ -419,7 +419,6 @@ BEGIN
         RAISE EXCEPTION 'permission denied for relation %', rel USING ERRCODE = 'insufficient_privilege',
             HINT = 'The role registering a source must be able to read it.';
     END IF;
-    PERFORM identity_sync._check_run_as_reads(rel);
     IF EXISTS (SELECT FROM identity_sync.source s WHERE s.relation = rel) THEN
         RAISE EXCEPTION 'relation % is already a source', rel USING ERRCODE = 'duplicate_object',
             HINT = format('Drop it first with identity_sync.drop_source(%L).', rel::text);
@@ -429,12 +428,14 @@ BEGIN
             RAISE EXCEPTION 'related source % must be a table', rel USING ERRCODE = 'wrong_object_type',
                 HINT = 'Related sources are captured by statement triggers; views and foreign tables cannot carry them.';
         END IF;
+        PERFORM identity_sync._check_run_as_reads(rel);
         RETURN capture;
     END IF;
     IF capture IS NULL THEN
         RAISE EXCEPTION '% cannot be a source', rel USING ERRCODE = 'wrong_object_type',
             HINT = 'Sources are tables, partitioned tables, views, materialized views or foreign tables.';
     END IF;
+    PERFORM identity_sync._check_run_as_reads(rel);
     -- One person source and one contract source.
     registered := (SELECT s.relation FROM identity_sync.source s WHERE s.role = _check_relation.role);
     IF registered IS NOT NULL THEN
@@ -767,6 +768,10 @@ BEGIN
                     NULL;
                 ELSIF jsonb_typeof(v) NOT IN ('string', 'number') THEN
                     RAISE EXCEPTION USING MESSAGE = 'an interval such as ''30 days''';
+                ELSIF o.key IN ('timeout', 'quarantine_after', 'reconcile_every', 'statement_timeout')
+                      AND (v->>0)::interval <= interval '0' THEN
+                    -- a request, a quarantine, a schedule or an evaluation of no time at all
+                    RAISE EXCEPTION USING MESSAGE = 'a positive interval such as ''30 s''';
                 ELSIF (v->>0)::interval < interval '0' THEN
                     RAISE EXCEPTION USING MESSAGE = 'an interval of 0 or more such as ''30 days''';
                 END IF;
@@ -788,14 +793,6 @@ BEGIN
                 DETAIL = CASE WHEN SQLSTATE = 'P0001' THEN 'Expected ' || SQLERRM || '.' ELSE SQLERRM END,
                 HINT = format('%s: %s.', o.key, spec.meaning);
         END;
-    END LOOP;
-    -- Durations that cannot be zero: a request, a quarantine or a schedule of no time at all.
-    FOR o IN SELECT * FROM jsonb_each(options) WHERE key IN ('timeout', 'quarantine_after', 'reconcile_every', 'statement_timeout') LOOP
-        IF (o.value->>0)::interval <= interval '0' THEN
-            RAISE EXCEPTION 'invalid value for option "%": %', o.key, o.value
-                USING ERRCODE = 'invalid_parameter_value', DETAIL = 'Expected a positive interval such as ''30 s''.',
-                      HINT = format('%s: %s.', o.key, (SELECT meaning FROM identity_sync._target_options() WHERE option = o.key));
-        END IF;
     END LOOP;
     IF options->>'auth' = 'basic' AND options->>'username' IS NULL THEN
         RAISE EXCEPTION 'option auth basic needs username' USING ERRCODE = 'invalid_parameter_value',

@@ -64,8 +64,15 @@ fn installed_extension() -> Option<(pg_sys::Oid, String)> {
     .and_then(|(oid, version)| Some((oid?, version?)))
 }
 
-/// The version of this library, which its SQL functions must match.
+/// The version of this library, whose release its SQL functions must be of.
 const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The release a version belongs to: the version without a `-…` or `+…` suffix. An extension
+/// version such as `0.2.0-ddltest` (an update path a test installs) is SQL of release 0.2.0;
+/// `0.1.0` is another release's.
+fn release_of(version: &str) -> &str {
+    version.split(['-', '+']).next().unwrap_or(version)
+}
 
 thread_local! {
     /// The installed version the worker last said it waits for an update of (said once).
@@ -150,7 +157,7 @@ fn tick(
     // A new library with the previous release's SQL (installed and restarted, not updated
     // yet): nothing is planned or sent until ALTER EXTENSION identity_sync UPDATE, after which
     // the worker goes on where the previous release left off (README "Upgrading").
-    if version != LIBRARY_VERSION {
+    if release_of(&version) != release_of(LIBRARY_VERSION) {
         WAITING_FOR_UPDATE.with_borrow_mut(|said| {
             if said.as_deref() != Some(version.as_str()) {
                 log!(
