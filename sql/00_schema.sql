@@ -163,14 +163,15 @@ CREATE TABLE identity_sync.target (
     quarantine_reason text,
     probe_at          timestamptz,
     probe_interval    interval,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    -- (Columns added since 0.1.0 come last, where the upgrade script's ADD COLUMN puts them.)
     -- Planning that fails for the whole target (a mapping that times out, 30_plan/60_plan.sql):
     -- attempts in a row, since when, the last error (which expression and why), next attempt.
     plan_failures     int NOT NULL DEFAULT 0,
     plan_failed_at    timestamptz,
     plan_error        text,
-    plan_retry_at     timestamptz,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    updated_at timestamptz NOT NULL DEFAULT now()
+    plan_retry_at     timestamptz
 );
 
 -- Secrets: readable by the extension owner only; never shown anywhere.

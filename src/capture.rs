@@ -475,7 +475,8 @@ unsafe fn append_outbox(
             pgrx::fcinfo::direct_function_call::<i64>(pg_sys::nextval_oid, &[seqid.into_datum()]);
         // Columns of identity_sync.change: id, source_id, op, keys, at, xid (the HR
         // transaction, which has its id already: it wrote the rows; its commit time is noted
-        // at commit by shmem::wake_at_commit's callback and resolved by the planner).
+        // at commit by shmem::wake_at_commit's callback and resolved by the planner). The
+        // previous release's outbox takes the first five (heap_form_tuple reads natts values).
         let mut values = [
             id.into_datum().unwrap_or(pg_sys::Datum::from(0)),
             pg_sys::Datum::from(source_id),
@@ -507,15 +508,21 @@ const OUTBOX_COLUMNS: [pg_sys::Oid; 6] = [
     pg_sys::XID8OID,
 ];
 
+/// The columns of the outbox of 0.1.0, which had no `xid`: between installing this library
+/// (with a restart) and `ALTER EXTENSION identity_sync UPDATE`, which adds the column, HR writes
+/// are captured into that outbox all the same (README "Upgrading").
+const PREVIOUS_OUTBOX_COLUMNS: usize = 5;
+
 /// Whether a tuple descriptor is the outbox's: id bigint, source_id int, op text, keys text[],
-/// at timestamptz, xid xid8, nothing dropped or added.
+/// at timestamptz, xid xid8 (or the previous release's, without xid), nothing dropped or added.
 ///
 /// # Safety
 /// `desc` is a valid tuple descriptor.
 unsafe fn has_outbox_columns(desc: pg_sys::TupleDesc) -> bool {
     unsafe {
-        (*desc).natts == OUTBOX_COLUMNS.len() as i32
-            && OUTBOX_COLUMNS.iter().enumerate().all(|(i, t)| {
+        let n = (*desc).natts as usize;
+        (n == OUTBOX_COLUMNS.len() || n == PREVIOUS_OUTBOX_COLUMNS)
+            && OUTBOX_COLUMNS[..n].iter().enumerate().all(|(i, t)| {
                 let att = &*(*desc).attrs.as_ptr().add(i);
                 !att.attisdropped && att.atttypid == *t
             })

@@ -56,13 +56,29 @@ pub fn register() {
         .load();
 }
 
-/// The OID of the installed extension, if it is installed.
-fn extension_oid() -> Option<pg_sys::Oid> {
-    Spi::get_one::<pg_sys::Oid>(
-        "SELECT oid FROM pg_catalog.pg_extension WHERE extname = 'identity_sync'",
+/// The OID and version of the installed extension, if it is installed.
+fn installed_extension() -> Option<(pg_sys::Oid, String)> {
+    Spi::get_two::<pg_sys::Oid, String>(
+        "SELECT oid, extversion FROM pg_catalog.pg_extension WHERE extname = 'identity_sync'",
     )
     .ok()
-    .flatten()
+    .and_then(|(oid, version)| Some((oid?, version?)))
+}
+
+/// The version of this library, whose release its SQL functions must be of.
+const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The release a version belongs to: the version without a `-…` or `+…` suffix. An extension
+/// version such as `0.2.0-ddltest` (an update path a test installs) is SQL of release 0.2.0;
+/// `0.1.0` is another release's.
+fn release_of(version: &str) -> &str {
+    version.split(['-', '+']).next().unwrap_or(version)
+}
+
+thread_local! {
+    /// The installed version the worker last said it waits for an update of (said once).
+    static WAITING_FOR_UPDATE: std::cell::RefCell<Option<String>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Entry point of the worker process.
@@ -136,12 +152,29 @@ fn tick(
     // (Looked up outside the gate: the gate is the extension's own lock.)
     txn::set_gate(None);
     txn::take_stepped_aside();
-    let Some(oid) = in_transaction("checking for the extension", extension_oid).flatten() else {
+    let Some((oid, version)) =
+        in_transaction("checking for the extension", installed_extension).flatten()
+    else {
         if extension.take().is_some() {
             http.forget_extension();
         }
         return naptime;
     };
+    // A new library with the previous release's SQL (installed and restarted, not updated
+    // yet): nothing is planned or sent until ALTER EXTENSION identity_sync UPDATE, after which
+    // the worker goes on where the previous release left off (README "Upgrading").
+    if release_of(&version) != release_of(LIBRARY_VERSION) {
+        WAITING_FOR_UPDATE.with_borrow_mut(|said| {
+            if said.as_deref() != Some(version.as_str()) {
+                log!(
+                    "identity_sync: the extension's SQL is version {version} and the library {LIBRARY_VERSION}; the worker waits for ALTER EXTENSION identity_sync UPDATE"
+                );
+                *said = Some(version);
+            }
+        });
+        return naptime;
+    }
+    WAITING_FOR_UPDATE.with_borrow_mut(|said| *said = None);
     if *extension != Some(oid) {
         // Installed anew (DROP + CREATE, or an update): the planner's session temp tables were
         // made by the functions of the old version and may not fit the new ones.

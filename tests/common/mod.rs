@@ -679,10 +679,24 @@ pub struct Cluster {
 impl Cluster {
     /// `scripts/cluster start <name> [--preload] [--set line]...`.
     pub fn start(name: &str, preload: bool, settings: &[&str]) -> Cluster {
+        Cluster::start_with(name, None, preload, settings)
+    }
+
+    /// [`Cluster::start`] with the programs of another installation of PostgreSQL
+    /// (`--bindir`, e.g. one made by `scripts/private-pg`) when `bindir` is given.
+    pub fn start_with(
+        name: &str,
+        bindir: Option<&std::path::Path>,
+        preload: bool,
+        settings: &[&str],
+    ) -> Cluster {
         let mut cmd = Command::new("bash");
         cmd.arg(scripts_dir().join("cluster"))
             .arg("start")
             .arg(name);
+        if let Some(dir) = bindir {
+            cmd.arg("--bindir").arg(dir);
+        }
         if preload {
             cmd.arg("--preload");
         }
@@ -725,6 +739,16 @@ impl Cluster {
     pub fn log(&self) -> String {
         std::fs::read_to_string(format!("/var/tmp/identity_sync-{}/log", self.name))
             .unwrap_or_default()
+    }
+
+    /// `scripts/cluster restart <name>` (fast shutdown, then start; the port stays).
+    pub fn restart(&self) {
+        run_ok(
+            Command::new("bash")
+                .arg(scripts_dir().join("cluster"))
+                .args(["restart", &self.name]),
+            &format!("scripts/cluster restart {}", self.name),
+        );
     }
 }
 
