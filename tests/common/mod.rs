@@ -364,7 +364,10 @@ pub fn undone(c: &mut Client, target: &str) -> String {
 /// Every event of every target is done; else fail with those of `target` that are not.
 pub fn assert_all_done(c: &mut Client, target: &str) {
     assert_eq!(
-        count(c, "SELECT count(*) FROM identity_sync.events WHERE state <> 'done'"),
+        count(
+            c,
+            "SELECT count(*) FROM identity_sync.events WHERE state <> 'done'"
+        ),
         0,
         "events not done; of {target}:\n{}",
         undone(c, target)
