@@ -151,7 +151,7 @@ BEGIN
          CROSS JOIN LATERAL (
             SELECT e.id FROM identity_sync.event e
              WHERE e.target_id = t.id AND e.state IN ('pending', 'retry') AND e.due_at <= now()
-               AND e.due_at >= coalesce((marks ->> t.id::text)::timestamptz, '-infinity')
+               AND e.due_at >= identity_sync._claim_from(t.id)
                AND NOT EXISTS (SELECT FROM identity_sync.event p
                                 WHERE p.target_id = e.target_id AND p.person_key = e.person_key
                                   AND p.seq < e.seq AND p.state <> 'done')
@@ -187,7 +187,7 @@ BEGIN
             SELECT jsonb_object_agg(t.id::text, least(horizon, (
                        SELECT min(e.due_at) FROM identity_sync.event e
                         WHERE e.target_id = t.id AND e.state IN ('pending', 'retry')
-                          AND e.due_at >= coalesce((marks ->> t.id::text)::timestamptz, '-infinity'))))
+                          AND e.due_at >= identity_sync._claim_from(t.id))))
               FROM unnest(eligible) AS t(id)), '{}');
     END IF;
     PERFORM pg_catalog.set_config('identity_sync_claim.from', marks::text, false);
