@@ -2562,6 +2562,7 @@ DECLARE
     ev identity_sync.event;
     taken text[];
     t identity_sync.target;
+    done identity_sync._outcome[] := '{}';
     n int := 0;
 BEGIN
     IF NOT EXISTS (SELECT FROM identity_sync.target WHERE kind = 'table') THEN
@@ -2573,7 +2574,7 @@ BEGIN
         END IF;
         BEGIN
             PERFORM identity_sync._apply_table_event(t, e);
-            PERFORM identity_sync._record(e.event_id, 'done', e.person_key);
+            done := done || ROW(e.event_id, 'done', e.person_key, NULL, NULL, NULL)::identity_sync._outcome;
         EXCEPTION WHEN unique_violation THEN
             -- A unique attribute's value is taken by a row we do not manage: plan the person
             -- again with the next iteration (as a SCIM 409 uniqueness does). Another unique
@@ -2599,6 +2600,11 @@ BEGIN
         END;
         n := n + 1;
     END LOOP;
+    -- What was written is recorded as one round, as the HTTP targets' are (_record_many): one
+    -- registry update for the round, not one per event (a claim holds one event per person).
+    IF cardinality(done) > 0 THEN
+        PERFORM identity_sync._record_many(done);
+    END IF;
     RETURN n;
 END
 $$;
