@@ -8,20 +8,9 @@
 \set ON_ERROR_STOP 1
 SET client_min_messages = warning;
 
-
-INSERT INTO employee (emp_no, birth_date, first_name, last_name, gender, hire_date)
-SELECT e.emp_no + k * 10000, e.birth_date,
-       f.a[1 + ((e.emp_no::bigint * 7919 + k * 104729) % cardinality(f.a))],
-       l.a[1 + ((e.emp_no::bigint * 15485863 + k * 32452843) % cardinality(l.a))],
-       e.gender, e.hire_date
-  FROM employee e, generate_series(1, 9) AS k,
-       (SELECT array_agg(DISTINCT first_name) AS a FROM employee) AS f,
-       (SELECT array_agg(DISTINCT last_name) AS a FROM employee) AS l
- WHERE e.emp_no <= 20000;
-INSERT INTO dept_emp SELECT d.emp_no + k * 10000, d.dept_no, d.from_date, d.to_date
-  FROM dept_emp d, generate_series(1, 9) AS k WHERE d.emp_no <= 20000;
-INSERT INTO title SELECT t.emp_no + k * 10000, t.title, t.from_date, t.to_date
-  FROM title t, generate_series(1, 9) AS k WHERE t.emp_no <= 20000;
+\set first 1
+\set last 9
+\ir grow.sql
 
 -- Capture comparison tables (same columns, key and indexes as employee).
 DROP TABLE IF EXISTS employee_plain, employee_rowlog, employee_rowlog_log;
