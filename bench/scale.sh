@@ -6,7 +6,7 @@
 # userName, a manager reference) is resynced until wait_idle: persons per second, with the
 # events planned and the 1-minute load average at the end of each size.
 scale_run() {
-    local n have=0 last secs events rate load persons
+    local n have=0 last secs events rate load persons t0
     local -a rows=()
     for n in 10000 100000 1000000; do
         last=$(( n / 10000 - 1 ))
@@ -17,19 +17,17 @@ scale_run() {
         fi
         persons=$(q "SELECT count(*) FROM employee")
         [ "$persons" = "$n" ] || die "expected $n persons, found $persons"
-        q "SELECT identity_sync.wait_idle('900s')" >/dev/null
+        idle 900
         q "VACUUM ANALYZE" >/dev/null
         psql -X -q -v ON_ERROR_STOP=1 -d "$DB" -f bench/plan-targets.sql >/dev/null
         q "SELECT identity_sync.drop_target('feed')" >/dev/null
         say "scale: resync of $n persons into one dry-run target"
-        read -r secs events < <(psql -X -Atq -F ' ' -v ON_ERROR_STOP=1 -d "$DB" <<'SQL'
-SELECT clock_timestamp() AS t0 \gset
-SELECT identity_sync.resync('directory') \g /dev/null
-SELECT identity_sync.wait_idle('3600s') \g /dev/null
-SELECT round(extract(epoch FROM clock_timestamp() - :'t0')::numeric, 2),
-       (SELECT coalesce(sum(events), 0) FROM identity_sync.plan_run WHERE started_at >= :'t0');
-SQL
-)
+        t0=$(q "SELECT clock_timestamp()")
+        q "SELECT identity_sync.resync('directory')" >/dev/null
+        idle 3600
+        read -r secs events < <(q "
+SELECT round(extract(epoch FROM clock_timestamp() - '$t0'::timestamptz)::numeric, 2),
+       (SELECT coalesce(sum(events), 0) FROM identity_sync.plan_run WHERE started_at >= '$t0')" | tr '|' ' ')
         rate=$(calc "$n / $secs" 0)
         load=$(cut -d' ' -f1 /proc/loadavg)
         say "  $n persons in $secs s ($events events) → $rate persons/s, load $load"
