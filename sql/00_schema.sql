@@ -223,6 +223,9 @@ CREATE TABLE identity_sync.account (
     PRIMARY KEY (target_id, person_key)
 );
 CREATE INDEX ON identity_sync.account USING gin (refs) WHERE refs <> '{}';
+-- Whether a target's accounts refer to anybody at all (_apply_done asks before it asks the GIN
+-- index, which knows no target).
+CREATE INDEX account_refs_target ON identity_sync.account (target_id) WHERE refs <> '{}';
 CREATE INDEX ON identity_sync.account (target_id) WHERE orphan;
 
 -- Values of is_unique attributes in use per target.

@@ -99,6 +99,9 @@ ALTER TABLE identity_sync.target
 
 CREATE INDEX event_plan ON identity_sync.event (plan_id);
 
+-- Whether a target's accounts refer to anybody at all (00_schema.sql, _apply_done).
+CREATE INDEX account_refs_target ON identity_sync.account (target_id) WHERE refs <> '{}';
+
 CREATE TABLE identity_sync._attempt (
     event_id    bigint NOT NULL,
     attempt     int NOT NULL,
@@ -1798,9 +1801,14 @@ BEGIN
     $q$;
     -- A person others refer to (a manager) got an account: re-send the references to it.
     -- (planned anew too, as above: a cached plan read every account for each round)
+    -- A target whose accounts refer to nobody is passed over by its own index first: the GIN
+    -- index knows no target, so each probe would read every account of every target that
+    -- refers to the person, dead ones included (after a mass deletion, hundreds of thousands:
+    -- creates right after one ran at 728/s in bench/run, 11 ms a round in this query).
     FOR created IN EXECUTE $q$
             SELECT d.target_id, d.person_key FROM pg_temp._is_done d
              WHERE d.kind = 'create'
+               AND EXISTS (SELECT FROM identity_sync.account a WHERE a.target_id = d.target_id AND a.refs <> '{}')
                AND EXISTS (SELECT FROM identity_sync.account a
                             WHERE a.target_id = d.target_id AND a.refs <> '{}' AND a.refs @> ARRAY[d.person_key])
             $q$ LOOP
