@@ -426,7 +426,7 @@ CREATE TABLE identity_sync.notice (
     items           int NOT NULL DEFAULT 1,          -- notices collected into this message (digest)
     digest          boolean NOT NULL DEFAULT false,  -- collecting until due_at
     state           text NOT NULL DEFAULT 'pending'
-                    CHECK (state IN ('pending', 'sending', 'sent', 'retry', 'failed', 'skipped')),
+                    CHECK (state IN ('pending', 'sending', 'sent', 'retry', 'failed', 'skipped', 'held')),
     attempts        int NOT NULL DEFAULT 0,
     due_at          timestamptz NOT NULL DEFAULT now(),
     last_error      text,
@@ -601,5 +601,5 @@ COMMENT ON TABLE identity_sync.request IS 'Self-service requests (row-level secu
 COMMENT ON COLUMN identity_sync.request.state IS 'pending, approved, denied, withdrawn (by the requester while pending), revoked, expired.';
 COMMENT ON TABLE identity_sync.notification IS 'Notification rules: on which event whom to tell (recipients, subject and body are SQL), by mail or webhook.';
 COMMENT ON TABLE identity_sync.notice IS 'The notification outbox: one message per rule and recipient, written in the transaction that caused it, sent by the worker with retries.';
-COMMENT ON COLUMN identity_sync.notice.state IS 'pending, sending, sent, retry, failed (given up or permanent), skipped (no recipient: last_error says why).';
+COMMENT ON COLUMN identity_sync.notice.state IS 'pending, sending, sent, retry, failed (given up or permanent), skipped (no recipient: last_error says why), held (about events a threshold holds: sent at release, dropped at discard).';
 COMMENT ON TABLE identity_sync.decision IS 'Approvals and denials of requests by owners (row-level security: read by the owner and the requester).';

@@ -160,10 +160,8 @@ BEGIN
     IF coalesce((t.options->>'dry_run')::boolean, false) THEN
         PERFORM identity_sync._complete_dry_run(t.id);
     END IF;
-    -- The released events' own notices (55_notify.sql): they were held when planned.
-    IF n > 0 AND identity_sync._has_notifications(ARRAY['create', 'update', 'enable', 'disable', 'delete'], t.id) THEN
-        PERFORM identity_sync._notify_events(t, released, coalesce((t.options->>'dry_run')::boolean, false));
-    END IF;
+    -- The released events' own notices go now (55_notify.sql).
+    PERFORM identity_sync._release_notices(t.id, released);
     PERFORM identity_sync._wake_at_commit();
     RETURN n;
 END
@@ -187,6 +185,7 @@ BEGIN
            seq = coalesce((SELECT max(seq) FROM identity_sync.event e WHERE e.target_id = t.id AND e.person_key = a.person_key), a.seq)
      WHERE a.target_id = t.id AND a.state <> 'pending'
        AND NOT EXISTS (SELECT FROM identity_sync.event e WHERE e.target_id = t.id AND e.person_key = a.person_key AND e.state <> 'done');
+    PERFORM identity_sync._release_notices(t.id, '{}');   -- (the discarded events' notices go)
     PERFORM identity_sync._end_hold(t, 'discard', jsonb_build_object('events', n));
     RETURN n;
 END

@@ -214,13 +214,15 @@ BEGIN
         n.target_id := (identity_sync._target(options->>'target')).id;
     END IF;
     typ := identity_sync._check_notice_expression(ev, recipients, 'recipients expression');
-    IF typ = 'unknown'::regtype THEN
-        recipients := format('(%s)::text', recipients);
-    ELSIF typ NOT IN ('text'::regtype, 'character varying'::regtype, 'text[]'::regtype, 'character varying[]'::regtype) THEN
+    IF typ NOT IN ('unknown'::regtype, 'text'::regtype, 'character varying'::regtype, 'text[]'::regtype, 'character varying[]'::regtype) THEN
         RAISE EXCEPTION 'recipients expression must be text or text[], not %', typ USING ERRCODE = 'datatype_mismatch',
             DETAIL = recipients,
             HINT = 'Give an address (person.email), an array of them (ARRAY[''ops@example.com'', ''oncall@example.com'']), or NULL to skip.';
     END IF;
+    -- (typed: a bare literal such as 'ops@example.com' is text in a select list, but not inside
+    -- the to_jsonb() of the rule's query)
+    n.recipients := format(CASE WHEN typ IN ('text[]'::regtype, 'character varying[]'::regtype) THEN '(%s)::text[]'
+                                ELSE '(%s)::text' END, recipients || E'\n');
     FOREACH typ IN ARRAY ARRAY[identity_sync._check_notice_expression(ev, subject, 'subject expression'),
                                identity_sync._check_notice_expression(ev, body, 'body expression')] LOOP
         IF typ NOT IN ('text'::regtype, 'character varying'::regtype, 'unknown'::regtype) THEN
@@ -228,7 +230,6 @@ BEGIN
                 HINT = 'Format values as text, e.g. format(''%s left'', person.last_name) or to_char(today, ''YYYY-MM-DD'').';
         END IF;
     END LOOP;
-    n.recipients := recipients;
     n.subject := subject;
     n.body := body;
     INSERT INTO identity_sync.notification (name, on_event, target_id, recipients, subject, body, channel, options)
@@ -292,7 +293,9 @@ $$;
 -- rule's names), target_id and about (what caused it, for trace and deduplication). Recipients
 -- that are NULL or empty skip the message (a 'skipped' notice says so); an evaluation that
 -- fails records a 'failed' notice with the error: a broken rule never fails what caused it.
-CREATE FUNCTION identity_sync._notify(n identity_sync.notification, contexts jsonb[])
+-- `held`: about events a threshold holds; the notices wait as 'held' until release (each
+-- message for itself, not collected into a digest).
+CREATE FUNCTION identity_sync._notify(n identity_sync.notification, contexts jsonb[], held boolean DEFAULT false)
 RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     q text := identity_sync._notice_query(n);
@@ -301,7 +304,7 @@ DECLARE
     names text[] := ARRAY[format('notification "%s"', n.name)];
     keys text[] := ARRAY(SELECT DISTINCT c->>'person_key' FROM unnest(contexts) AS c WHERE c->>'person_key' IS NOT NULL);
     texts text[] := ARRAY(SELECT c::text FROM unnest(contexts) WITH ORDINALITY AS x(c, o) ORDER BY o);
-    digest interval := (n.options->>'digest')::interval;
+    period interval := (n.options->>'digest')::interval;
     failures jsonb[] := '{}';
     i int;
     written int;
@@ -313,7 +316,8 @@ BEGIN
     IF res.error IS NULL THEN
         got := coalesce(res.rows, '{}');
     ELSIF res.timed_out OR cardinality(contexts) = 1 THEN
-        failures := ARRAY(SELECT jsonb_build_object('ord', i, 'error', res.error) FROM generate_series(1, cardinality(contexts)) AS i);
+        failures := ARRAY(SELECT jsonb_build_object('ord', g.k, 'error', res.error)
+                            FROM generate_series(1, cardinality(contexts)) AS g(k));
     ELSE
         -- One context's data broke the query (a subquery with two rows): one by one, so that only
         -- its notice fails.
@@ -359,19 +363,20 @@ BEGIN
     each AS (
         SELECT r.ctx, a AS recipient, r.subject, r.body FROM r, unnest(r.addrs) AS a),
     plain AS (
-        INSERT INTO identity_sync.notice (notification_id, target_id, persons, about, recipient, subject, body)
+        INSERT INTO identity_sync.notice (notification_id, target_id, persons, about, recipient, subject, body, state)
         SELECT n.id, (e.ctx->>'target_id')::int, array_remove(ARRAY[e.ctx->>'person_key'], NULL),
-               ARRAY[e.ctx->>'about'], e.recipient, e.subject, e.body
-          FROM each e WHERE digest IS NULL
+               ARRAY[e.ctx->>'about'], e.recipient, e.subject, e.body, CASE WHEN held THEN 'held' ELSE 'pending' END
+          FROM each e WHERE period IS NULL
         RETURNING 1),
     -- A digest: one message per recipient, collecting until its period is over.
     collected AS (
         INSERT INTO identity_sync.notice AS x (notification_id, target_id, persons, about, recipient, subject, body,
-                                               items, digest, due_at)
+                                               items, digest, due_at, state)
         SELECT n.id, min((e.ctx->>'target_id')::int),
                array_remove(array_agg(DISTINCT e.ctx->>'person_key'), NULL), array_agg(e.ctx->>'about'),
-               e.recipient, min(e.subject), string_agg(e.body, E'\n\n----\n\n'), count(*), true, now() + digest
-          FROM each e WHERE digest IS NOT NULL
+               e.recipient, min(e.subject), string_agg(e.body, E'\n\n----\n\n'), count(*), NOT held, now() + period,
+               CASE WHEN held THEN 'held' ELSE 'pending' END
+          FROM each e WHERE period IS NOT NULL
          GROUP BY e.recipient
         ON CONFLICT (notification_id, recipient) WHERE digest AND state = 'pending' AND attempts = 0
         DO UPDATE SET items = x.items + excluded.items,
@@ -387,6 +392,19 @@ BEGIN
 END
 $$;
 
+-- _notify, in a subtransaction of its own: whatever goes wrong with a rule (even a bug of
+-- ours) is a WARNING, never an error of the plan, request or hold that caused the notice.
+CREATE FUNCTION identity_sync._notify_safely(n identity_sync.notification, contexts jsonb[], held boolean DEFAULT false)
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN identity_sync._notify(n, contexts, held);
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'identity_sync: notification "%" failed: %', n.name, SQLERRM
+        USING DETAIL = 'Nothing else is affected; its notices of this occasion are not written.';
+    RETURN 0;
+END
+$$;
+
 -- Notices of the rules on `on_event` (that concern target `target_id`, NULL: any) for these
 -- contexts.
 CREATE FUNCTION identity_sync._notify_event(on_event text, target_id int, contexts jsonb[])
@@ -399,15 +417,16 @@ BEGIN
               WHERE x.on_event = _notify_event.on_event
                 AND (x.target_id IS NULL OR x.target_id = _notify_event.target_id)
               ORDER BY x.id LOOP
-        total := total + identity_sync._notify(n, contexts);
+        total := total + identity_sync._notify_safely(n, contexts);
     END LOOP;
     RETURN total;
 END
 $$;
 
 -- Notices of account events (create, update, enable, disable, delete) of target t: the events
--- `event_ids`; `dry` when t is a dry-run target (only rules with dry_run: true then).
-CREATE FUNCTION identity_sync._notify_events(t identity_sync.target, event_ids bigint[], dry boolean DEFAULT false)
+-- `event_ids`; `dry` when t is a dry-run target (only rules with dry_run: true then); `held`
+-- when a threshold holds them (their notices wait for release).
+CREATE FUNCTION identity_sync._notify_events(t identity_sync.target, event_ids bigint[], dry boolean, held boolean)
 RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     n identity_sync.notification;
@@ -419,7 +438,7 @@ BEGIN
                 AND (x.target_id IS NULL OR x.target_id = t.id)
                 AND (NOT dry OR coalesce((x.options->>'dry_run')::boolean, false))
               ORDER BY x.id LOOP
-        total := total + identity_sync._notify(n, ARRAY(
+        total := total + identity_sync._notify_safely(n, ARRAY(
             SELECT jsonb_build_object(
                        'person_key', e.person_key, 'target_id', t.id, 'about', 'event ' || e.id,
                        'event', jsonb_build_object('id', e.id, 'kind', e.kind, 'seq', e.seq, 'state', e.state,
@@ -434,10 +453,23 @@ BEGIN
               FROM identity_sync.event e
               LEFT JOIN identity_sync.account a ON a.target_id = e.target_id AND a.person_key = e.person_key
              WHERE e.id = ANY (event_ids) AND e.kind = n.on_event
-             ORDER BY e.id));
+             ORDER BY e.id), held);
     END LOOP;
     RETURN total;
 END
+$$;
+
+-- An operator decided about held events (release, discard, 50_status.sql): the notices about
+-- the released ones are due now, those about discarded ones go.
+CREATE FUNCTION identity_sync._release_notices(target_id int, released bigint[]) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    UPDATE identity_sync.notice x SET state = 'pending', due_at = now()
+     WHERE x.target_id = _release_notices.target_id AND x.state = 'held'
+       AND x.about && ARRAY(SELECT 'event ' || r FROM unnest(released) AS r);
+    DELETE FROM identity_sync.notice x
+     WHERE x.target_id = _release_notices.target_id AND x.state = 'held'
+       AND NOT EXISTS (SELECT FROM identity_sync.event e WHERE e.target_id = x.target_id AND e.state = 'held'
+                         AND 'event ' || e.id = ANY (x.about));
 $$;
 
 -- Notices about a target as a whole (target_held, target_quarantined, plan_errors); `about`
@@ -500,7 +532,7 @@ DECLARE
     total int := 0;
 BEGIN
     FOR n IN SELECT * FROM identity_sync.notification x WHERE x.on_event = 'grant_expiring' ORDER BY x.id LOOP
-        total := total + identity_sync._notify(n, ARRAY(
+        total := total + identity_sync._notify_safely(n, ARRAY(
             SELECT identity_sync._notice_request(r)
               FROM identity_sync.request r JOIN identity_sync.product p ON p.id = r.product_id
              WHERE r.state = 'approved'

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lettre::message::header::ContentType;
-use lettre::message::Mailbox;
+use lettre::message::{Mailbox, Mailboxes};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use serde_json::json;
@@ -212,7 +212,8 @@ pub async fn send_mail(notice: &Notice) -> NoticeOutcome {
         Ok(m) => m,
         Err(e) => return NoticeOutcome::failed(id, format!("invalid from address: {e}"), false),
     };
-    let to: Mailbox = match notice.recipient.parse() {
+    // One recipient is one message; it may name several addresses ("ops@x, oncall@x").
+    let to: Mailboxes = match notice.recipient.parse() {
         Ok(m) => m,
         Err(e) => {
             return NoticeOutcome::failed(
@@ -222,13 +223,19 @@ pub async fn send_mail(notice: &Notice) -> NoticeOutcome {
             )
         }
     };
-    let message = match lettre::Message::builder()
+    let mut builder = lettre::Message::builder()
         .from(from)
-        .to(to)
         .subject(notice.subject.replace(['\r', '\n'], " "))
-        .header(ContentType::TEXT_PLAIN)
-        .body(notice.body.clone())
-    {
+        .header(ContentType::TEXT_PLAIN);
+    let mut any = false;
+    for mailbox in to {
+        builder = builder.to(mailbox);
+        any = true;
+    }
+    if !any {
+        return NoticeOutcome::failed(id, "no recipient address", false);
+    }
+    let message = match builder.body(notice.body.clone()) {
         Ok(m) => m,
         Err(e) => return NoticeOutcome::failed(id, format!("cannot build the mail: {e}"), false),
     };
@@ -291,7 +298,11 @@ pub async fn send_webhook(client: &reqwest::Client, notice: &Notice) -> NoticeOu
         return NoticeOutcome::failed(notice.id, "not a webhook notice", false);
     };
     let id = notice.id;
-    if url.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("http://")) && !is_loopback_url(url) {
+    if url
+        .get(..7)
+        .is_some_and(|s| s.eq_ignore_ascii_case("http://"))
+        && !is_loopback_url(url)
+    {
         return NoticeOutcome::failed(
             id,
             format!(
@@ -469,7 +480,11 @@ impl Drop for Notifier {
     }
 }
 
-async fn run(shared: Arc<Shared>, client: reqwest::Client, mut rx: mpsc::UnboundedReceiver<Notice>) {
+async fn run(
+    shared: Arc<Shared>,
+    client: reqwest::Client,
+    mut rx: mpsc::UnboundedReceiver<Notice>,
+) {
     let mut limits: HashMap<String, Arc<Semaphore>> = HashMap::new();
     while let Some(notice) = rx.recv().await {
         let limit = Arc::clone(
@@ -583,6 +598,27 @@ mod tests {
     }
 
     #[test]
+    fn one_recipient_may_name_several_addresses() {
+        rt().block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let server = tokio::spawn(smtp_once(listener, "250 ok\r\n"));
+            let mut n = notice(Channel::Mail {
+                smtp_url: format!("smtp://127.0.0.1:{port}"),
+                from: "idsync@example.com".into(),
+                password: None,
+            });
+            n.recipient = "ops@example.com, Oncall <oncall@example.com>".into();
+            assert_eq!(send_mail(&n).await, NoticeOutcome::Sent { id: 7 });
+            let data = server.await.unwrap();
+            assert!(
+                data.contains("To: ops@example.com, Oncall <oncall@example.com>"),
+                "{data}"
+            );
+        });
+    }
+
+    #[test]
     fn a_refused_recipient_is_permanent_and_a_closed_port_transient() {
         rt().block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -594,7 +630,9 @@ mod tests {
                 password: None,
             });
             match send_mail(&n).await {
-                NoticeOutcome::Failed { transient, error, .. } => {
+                NoticeOutcome::Failed {
+                    transient, error, ..
+                } => {
                     assert!(!transient, "{error}");
                     assert!(error.contains("no such user"), "{error}");
                 }
@@ -611,7 +649,10 @@ mod tests {
             });
             assert!(matches!(
                 send_mail(&n).await,
-                NoticeOutcome::Failed { transient: true, .. }
+                NoticeOutcome::Failed {
+                    transient: true,
+                    ..
+                }
             ));
         });
     }
@@ -625,7 +666,9 @@ mod tests {
                 password: None,
             });
             match send_mail(&n).await {
-                NoticeOutcome::Failed { transient, error, .. } => {
+                NoticeOutcome::Failed {
+                    transient, error, ..
+                } => {
                     assert!(!transient);
                     assert!(error.contains("loopback"), "{error}");
                 }
@@ -639,7 +682,10 @@ mod tests {
             n.recipient = "not an address".into();
             assert!(matches!(
                 send_mail(&n).await,
-                NoticeOutcome::Failed { transient: false, .. }
+                NoticeOutcome::Failed {
+                    transient: false,
+                    ..
+                }
             ));
         });
     }
@@ -700,7 +746,10 @@ mod tests {
                 signing_secret: Some(secret_file(key.to_str().unwrap())),
             });
             let client = reqwest::Client::new();
-            assert_eq!(send_webhook(&client, &n).await, NoticeOutcome::Sent { id: 7 });
+            assert_eq!(
+                send_webhook(&client, &n).await,
+                NoticeOutcome::Sent { id: 7 }
+            );
             let request = server.await.unwrap();
             let _ = std::fs::remove_dir_all(&dir);
             assert!(request.contains("webhook-signature: v1,"), "{request}");
@@ -745,6 +794,9 @@ mod tests {
         while notifier.in_flight() > 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(notifier.take_outcomes(), vec![NoticeOutcome::Sent { id: 7 }]);
+        assert_eq!(
+            notifier.take_outcomes(),
+            vec![NoticeOutcome::Sent { id: 7 }]
+        );
     }
 }

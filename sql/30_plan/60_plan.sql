@@ -200,7 +200,7 @@ BEGIN
                 t.held := hold;
                 RAISE LOG 'identity_sync: target "%" held: % % events planned within the hour, % allows %',
                     t.name, hold->>'planned', hold->>'kind', hold->>'threshold', hold->>'allowed';
-                -- One notice per hold, not one per held event (their own are written at release).
+                -- One notice per hold, not one per held event (theirs wait for the release).
                 PERFORM identity_sync._notify_target('target_held', t.id, format('hold %s %s', t.id, hold->>'since'), hold);
             END IF;
         END IF;
@@ -247,9 +247,9 @@ BEGIN
     IF dry THEN
         PERFORM identity_sync._apply_dry_run(t.id, dry_events);
     END IF;
-    -- Notices of the account events planned (held ones: at release), in this transaction.
-    IF notify AND n > 0 AND t.held IS NULL THEN
-        PERFORM identity_sync._notify_events(t, new_events, dry);
+    -- Notices of the account events planned, in this transaction (held ones wait for release).
+    IF notify AND n > 0 THEN
+        PERFORM identity_sync._notify_events(t, new_events, dry, t.held IS NOT NULL);
     END IF;
 
     -- Unique values now held by these persons.
