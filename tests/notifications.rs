@@ -316,6 +316,42 @@ fn a_hire_tells_the_manager_a_move_does_not_and_a_relay_down_only_delays_the_mai
         "{}",
         notices(&mut c)
     );
+    // ... unless a rule asks for it: the head of the new department is told.
+    exec(
+        &mut c,
+        &format!(
+            "SELECT identity_sync.add_notification('mover', 'update',
+                    recipients => $${MANAGER_MAIL}$$,
+                    subject => $$format('%s %s moves to your department', person.first_name, person.last_name)$$,
+                    body => $$format('from %s to %s', event->'payload'->'previous'->>'department', contract.dept_no)$$,
+                    options => '{{\"smtp_url\": \"{url}\"}}')",
+            url = sink.url()
+        ),
+    );
+    let mover2: i32 = one(
+        &mut c,
+        "SELECT min(emp_no) FROM dept_emp de WHERE dept_no = 'd001' AND to_date = '9999-01-01'
+            AND NOT EXISTS (SELECT FROM dept_emp x WHERE x.emp_no = de.emp_no AND x.dept_no = 'd002')",
+    );
+    exec(
+        &mut c,
+        &format!("UPDATE dept_emp SET dept_no = 'd002' WHERE emp_no = {mover2} AND to_date = '9999-01-01'"),
+    );
+    wait_idle(&mut c, 60);
+    let mails = sink.wait_for(2);
+    wait_notices_settled(&mut c);
+    assert_eq!(sink.mails().len(), 2, "{mails:?}");
+    let d002_head: String = one(
+        &mut c,
+        "SELECT mail_of(emp_no) FROM dept_manager WHERE dept_no = 'd002' AND current_date BETWEEN from_date AND to_date",
+    );
+    assert_eq!(mails[1].rcpt, d002_head);
+    assert!(
+        mails[1].text.contains("from d001 to d002"),
+        "{}",
+        mails[1].text
+    );
+    exec(&mut c, "SELECT identity_sync.drop_notification('mover')");
 
     // A vacant head of department: the recipients are NULL, the message is skipped, trace says so.
     exec(
@@ -369,14 +405,14 @@ fn a_hire_tells_the_manager_a_move_does_not_and_a_relay_down_only_delays_the_mai
         "status shows the notice waiting"
     );
     sink.resume();
-    let mails = sink.wait_for(2);
+    let mails = sink.wait_for(3);
     wait_notices_settled(&mut c);
-    assert_eq!(sink.mails().len(), 2, "{mails:?}");
-    assert_eq!(mails[1].rcpt, manager);
+    assert_eq!(sink.mails().len(), 3, "{mails:?}");
+    assert_eq!(mails[2].rcpt, manager);
     assert!(
-        mails[1].text.contains("with the username alan.turing."),
+        mails[2].text.contains("with the username alan.turing."),
         "{}",
-        mails[1].text
+        mails[2].text
     );
     assert_eq!(
         count(&mut c, "SELECT count(*) FROM identity_sync.notice WHERE persons @> '{500003}' AND state = 'sent' AND attempts >= 2"),
@@ -403,7 +439,12 @@ fn a_request_tells_each_owner_and_the_decision_tells_the_requester() {
         &format!(
             "SELECT identity_sync.set_login($$'ntf_emp_' || person.emp_no::text$$);
              SELECT identity_sync.add_product('prod-db', 'app', '{{prod-readers}}',
-                    owners => $$owner.emp_no IN (10039, 10228)$$);
+                    owners => $$owner.emp_no IN (10039, 10228)$$, valid_for => '1 day');
+             SELECT identity_sync.add_notification('expiring', 'grant_expiring',
+                    recipients => 'mail_of(person.emp_no)',
+                    subject => $$format('Your access to %s ends soon', request->>'product')$$,
+                    body => $$format('It expires at %s.', request->>'expires_at')$$,
+                    options => '{{\"smtp_url\": \"{url}\", \"lead_time\": \"2 days\"}}');
              SELECT identity_sync.add_notification('ask the owners', 'request_pending',
                     recipients => $$ARRAY(SELECT mail_of(o::int) FROM jsonb_array_elements_text(request->'owners') AS o)$$,
                     subject => $$format('%s %s asks for %s', person.first_name, person.last_name, request->>'product')$$,
@@ -461,12 +502,22 @@ fn a_request_tells_each_owner_and_the_decision_tells_the_requester() {
     );
     assert_eq!(state, "approved");
     let mails = sink.wait_for(3);
-    wait_notices_settled(&mut c);
-    assert_eq!(sink.mails().len(), 3, "{mails:?}");
     let requester_mail: String = one(&mut c, "SELECT mail_of(10017)");
     assert_eq!(mails[2].rcpt, requester_mail);
     assert!(mails[2].text.contains("was approved"), "{}", mails[2].text);
     assert!(mails[2].text.contains("enjoy"), "{}", mails[2].text);
+    // The grant lasts a day, within the expiring rule's lead time of two days: the requester is
+    // told once (the worker looks every second).
+    let mails = sink.wait_for(4);
+    assert_eq!(mails[3].rcpt, requester_mail);
+    assert!(
+        mails[3].text.contains("Your access to prod-db ends soon"),
+        "{}",
+        mails[3].text
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    wait_notices_settled(&mut c);
+    assert_eq!(sink.mails().len(), 4, "told once: {:?}", sink.mails());
     drop(requester);
     drop(owner);
 }
@@ -551,4 +602,56 @@ fn a_held_mass_termination_tells_the_operators_once() {
         notices(&mut c)
     );
     assert_eq!(sink.mails().len(), 1, "release makes no mail");
+}
+
+/// Issue 16, bad input: an unknown event name, recipients that are not text or text[], a subject
+/// with a typo are errors when the rule is added, with the position of the typo.
+#[test]
+fn bad_rules_are_refused_when_configured() {
+    let (_cleanup, mut c) = fresh(&[]);
+    let (code, message, _, hint) = error_parts(
+        &mut c,
+        "SELECT identity_sync.add_notification('x', 'hire', $$'a@example.com'$$, $$'s'$$, $$'b'$$)",
+    );
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("22023", "unknown notification event \"hire\"")
+    );
+    assert!(hint.contains("create, update, enable"), "{hint}");
+    let (code, message, _, _) = error_parts(
+        &mut c,
+        "SELECT identity_sync.add_notification('x', 'create', 'person.emp_no', $$'s'$$, $$'b'$$)",
+    );
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        (
+            "42804",
+            "recipients expression must be text or text[], not integer"
+        )
+    );
+    let (code, message, detail, hint) = error_parts(
+        &mut c,
+        "SELECT identity_sync.add_notification('x', 'create', 'mail_of(person.emp_no)',
+                $$format('Welcome %s', person.frist_name)$$, $$'b'$$)",
+    );
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("42703", "column person.frist_name does not exist")
+    );
+    assert!(
+        detail.starts_with("at character 22 of the expression:"),
+        "{detail}"
+    );
+    assert!(hint.contains("person.first_name"), "{hint}");
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM identity_sync.notification"),
+        0
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM identity_sync.audit_log WHERE action = 'add_notification'"
+        ),
+        0
+    );
 }
