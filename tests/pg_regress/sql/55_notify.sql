@@ -122,6 +122,32 @@ SELECT identity_sync.drop_notification('leavers');
 SELECT action, object FROM identity_sync.audit_log WHERE action LIKE '%notification' ORDER BY at, object;
 SELECT count(*) AS leaver_notices FROM identity_sync.notices WHERE notification = 'leavers';
 
+-- Operators hear of a target whose planning fails (once per failure streak) and of one that the
+-- circuit breaker quarantines.
+SELECT identity_sync.add_notification('planning', 'plan_errors', '''ops@example.com''',
+    $$'planning ' || (target->>'name') || ' fails'$$, $$event->>'error'$$);
+SELECT identity_sync.add_notification('down', 'target_failing', '''ops@example.com''',
+    $$(target->>'name') || ' is quarantined'$$, $$format('%s failures in a row: %s', event->>'failures', event->>'reason')$$);
+SELECT identity_sync.map('dry', 'head', '(SELECT h.staff_id FROM head h WHERE h.dept = contract.dept)');
+REVOKE SELECT ON head FROM identity_sync_evaluator;
+UPDATE staff SET name = 'Robert' WHERE id = 2;
+SELECT identity_sync._plan(100) AS planned;
+UPDATE staff SET name = 'Bob' WHERE id = 2;
+SELECT identity_sync._plan(100) AS planned;
+GRANT SELECT ON head TO identity_sync_evaluator;
+SELECT identity_sync.alter_target('app', options => '{"quarantine_after": "1 microsecond"}');
+SELECT count(*) > 0 AS claimed FROM identity_sync._claim(ARRAY['webhook'], 10);
+SELECT identity_sync._record_many(ARRAY(
+    SELECT ROW(e.id, 'retry', NULL, '503 Service Unavailable', 503, 0)::identity_sync._outcome
+      FROM identity_sync.event e WHERE e.state = 'sending'));
+SELECT count(*) > 0 AS claimed FROM identity_sync._claim(ARRAY['webhook'], 10);
+SELECT identity_sync._record_many(ARRAY(
+    SELECT ROW(e.id, 'retry', NULL, '503 Service Unavailable', 503, 0)::identity_sync._outcome
+      FROM identity_sync.event e WHERE e.state = 'sending'));
+SELECT target, state FROM identity_sync.status ORDER BY target;
+SELECT notification, on_event, target, recipient, subject, body FROM identity_sync.notices
+ WHERE notification IN ('planning', 'down') ORDER BY id;
+
 SET client_min_messages = warning;
 DROP EXTENSION identity_sync CASCADE;
 DROP TABLE staff, post, head;
