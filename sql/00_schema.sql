@@ -402,6 +402,50 @@ CREATE TABLE identity_sync.decision (
 CREATE INDEX decision_person ON identity_sync.decision (person_key);
 CREATE INDEX decision_requester ON identity_sync.decision (requester);
 
+-- Notifications (55_notify.sql): rules, and the outbox of notices written in the transaction
+-- that caused them (a plan, a request, a decision, a hold), sent by the worker.
+CREATE TABLE identity_sync.notification (
+    id          int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name        text NOT NULL UNIQUE CHECK (btrim(name) <> ''),
+    on_event    text NOT NULL,
+    target_id   int REFERENCES identity_sync.target ON DELETE CASCADE,   -- NULL: every target
+    recipients  text NOT NULL,          -- SQL giving text or text[]: addresses (mail) or names (webhook)
+    subject     text NOT NULL,          -- SQL giving text
+    body        text NOT NULL,          -- SQL giving text
+    channel     text NOT NULL CHECK (channel IN ('mail', 'webhook')),
+    options     jsonb NOT NULL DEFAULT '{}',
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE identity_sync.notice (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    notification_id int NOT NULL REFERENCES identity_sync.notification ON DELETE CASCADE,
+    target_id       int,                -- the target it is about, if any
+    persons         text[] NOT NULL DEFAULT '{}',   -- the persons it is about (trace)
+    about           text[] NOT NULL DEFAULT '{}',   -- what caused it: 'event 12', 'request 3', 'hold 2', ...
+    recipient       text,               -- NULL: skipped (last_error says why)
+    subject         text,
+    body            text,
+    items           int NOT NULL DEFAULT 1,          -- notices collected into this message (digest)
+    digest          boolean NOT NULL DEFAULT false,  -- collecting until due_at
+    state           text NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'sending', 'sent', 'retry', 'failed', 'skipped', 'held')),
+    attempts        int NOT NULL DEFAULT 0,
+    due_at          timestamptz NOT NULL DEFAULT now(),
+    last_error      text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    sent_at         timestamptz
+);
+-- The worker claims due notices ('sending' ones whose lease ran out too: a crash's).
+CREATE INDEX notice_due ON identity_sync.notice (due_at) WHERE state IN ('pending', 'retry', 'sending');
+-- One collecting digest per rule and recipient.
+CREATE UNIQUE INDEX notice_digest ON identity_sync.notice (notification_id, recipient)
+    WHERE digest AND state = 'pending' AND attempts = 0;
+CREATE INDEX notice_persons ON identity_sync.notice USING gin (persons);
+CREATE INDEX notice_about ON identity_sync.notice USING gin (about);
+CREATE INDEX notice_created ON identity_sync.notice (created_at);
+CREATE INDEX notice_target ON identity_sync.notice (target_id, state);
+
 ------------------------------------------------------------------------------------------------
 -- Helpers of every stage
 ------------------------------------------------------------------------------------------------
@@ -493,6 +537,7 @@ GRANT SELECT ON identity_sync.source, identity_sync.mapping, identity_sync.rule,
 GRANT SELECT (id, name, kind, url, options, paused, held, released_at, resync_total, resync_started_at, created_at, updated_at)
    ON identity_sync.target TO identity_sync_reader;
 GRANT SELECT ON identity_sync.product TO identity_sync_reader;
+GRANT SELECT ON identity_sync.notification, identity_sync.notice TO identity_sync_reader;
 
 -- Self-service (any login mapped to a person): PUBLIC reads the product catalog and its own rows
 -- of request and decision (row-level security, 60_selfservice/40_views.sql).
@@ -523,6 +568,8 @@ SELECT pg_catalog.pg_extension_config_dump('identity_sync.plan_run', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync.plan_cause', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync._attempt', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync._delivery_stats', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.notification', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.notice', '');
 -- (one statement each: every call rewrites the pg_extension row)
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.source', 'id')::regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.target', 'id')::regclass, '');
@@ -533,6 +580,8 @@ SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.plan_run', 'id')::regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.product', 'id')::regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.request', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.notification', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.notice', 'id')::regclass, '');
 
 COMMENT ON SCHEMA identity_sync IS 'identity_sync: HR tables as the source of truth for identities';
 COMMENT ON TABLE identity_sync.source IS 'Registered HR sources: the person source, the contract source, related sources.';
@@ -553,4 +602,7 @@ COMMENT ON COLUMN identity_sync.product.approval IS 'any: one current owner appr
 COMMENT ON COLUMN identity_sync.product.valid_for IS 'How long an approved grant lasts before the worker expires it; NULL = until revoked.';
 COMMENT ON TABLE identity_sync.request IS 'Self-service requests (row-level security: a login reads its own, the ones it can decide and the ones it decided).';
 COMMENT ON COLUMN identity_sync.request.state IS 'pending, approved, denied, withdrawn (by the requester while pending), revoked, expired.';
+COMMENT ON TABLE identity_sync.notification IS 'Notification rules: on which event whom to tell (recipients, subject and body are SQL), by mail or webhook.';
+COMMENT ON TABLE identity_sync.notice IS 'The notification outbox: one message per rule and recipient, written in the transaction that caused it, sent by the worker with retries.';
+COMMENT ON COLUMN identity_sync.notice.state IS 'pending, sending, sent, retry, failed (given up or permanent), skipped (no recipient: last_error says why), held (about events a threshold holds: sent at release, dropped at discard).';
 COMMENT ON TABLE identity_sync.decision IS 'Approvals and denials of requests by owners (row-level security: read by the owner and the requester).';

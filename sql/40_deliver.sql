@@ -239,6 +239,9 @@ BEGIN
     PERFORM identity_sync._audit('quarantine', t.name, NULL,
                                  jsonb_build_object('failures', t.failure_streak, 'since', t.failing_since,
                                                     'reason', error));
+    PERFORM identity_sync._notify_target('target_quarantined', t.id, format('quarantine %s %s', t.id, now()),
+                                         jsonb_build_object('failures', t.failure_streak, 'since', t.failing_since,
+                                                            'reason', error));
     RETURN true;
 END
 $$;

@@ -31,6 +31,9 @@ BEGIN
       WHERE s.capture = 'snapshot' AND (s.snapshot_at IS NULL OR s.snapshot_at + s.snapshot_interval <= now());
     PERFORM identity_sync._check_boundaries();
     PERFORM identity_sync._expire_grants();
+    IF EXISTS (SELECT FROM identity_sync.notification n WHERE n.on_event = 'grant_expiring') THEN
+        PERFORM identity_sync._notify_expiring();
+    END IF;
     PERFORM identity_sync._reconcile_schedule();
     IF retention IS NOT NULL THEN
         -- At most 10,000 events a round (one a second): a day of heavy traffic ageing out at
@@ -52,6 +55,11 @@ BEGIN
          WHERE a.recorded_at < now() - retention
            AND NOT EXISTS (SELECT FROM identity_sync.event e WHERE e.id = a.event_id);
         DELETE FROM identity_sync._plan_count WHERE at < now() - interval '1 hour';
+        -- Notices sent or skipped go like delivered events; failed ones stay for an operator.
+        DELETE FROM identity_sync.notice x
+         WHERE x.id = ANY (ARRAY(SELECT y.id FROM identity_sync.notice y
+                                  WHERE y.state IN ('sent', 'skipped') AND y.created_at < now() - retention
+                                  ORDER BY y.created_at LIMIT 10000));
         -- Reconcile runs like events, but the latest finished one of each target stays: the
         -- drift and orphans views read it.
         DELETE FROM identity_sync.reconcile_run r

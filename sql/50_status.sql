@@ -51,7 +51,10 @@ SELECT t.name AS target, t.kind,
        identity_sync._reconcile_progress(t.id) AS reconcile_progress,
        (SELECT max(r.finished_at) FROM identity_sync.reconcile_run r WHERE r.target_id = t.id AND r.state = 'done') AS last_reconcile,
        t.quarantined_at AS quarantined_since, t.quarantine_reason, t.probe_at AS next_probe,
-       t.plan_failed_at AS plan_failing_since, t.plan_retry_at AS next_plan_attempt
+       t.plan_failed_at AS plan_failing_since, t.plan_retry_at AS next_plan_attempt,
+       -- notices about this target (55_notify.sql) not sent yet, and given up
+       (SELECT count(*) FROM identity_sync.notice x WHERE x.target_id = t.id AND x.state IN ('pending', 'sending', 'retry')) AS notices_pending,
+       (SELECT count(*) FROM identity_sync.notice x WHERE x.target_id = t.id AND x.state = 'failed') AS notices_failed
   FROM identity_sync.target t
   LEFT JOIN LATERAL (
      SELECT count(*) FILTER (WHERE state = 'active') AS active,
@@ -127,18 +130,21 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     t identity_sync.target := identity_sync._held_target(target);
     n int;
+    released bigint[];
     remaining jsonb;
 BEGIN
     IF kind IS NOT NULL AND kind NOT IN ('create', 'update', 'enable', 'disable', 'delete', 'grant', 'revoke') THEN
         RAISE EXCEPTION 'invalid event kind "%"', kind USING ERRCODE = 'invalid_parameter_value',
             HINT = 'The kinds are create, update, enable, disable, delete, grant and revoke; NULL releases every held event.';
     END IF;
-    UPDATE identity_sync.event e SET state = 'pending', due_at = now()
-     WHERE e.target_id = t.id AND e.state = 'held'
-       AND (release.kind IS NULL
-            OR e.person_key IN (SELECT h.person_key FROM identity_sync.event h
-                                 WHERE h.target_id = t.id AND h.state = 'held' AND h.kind = release.kind));
-    GET DIAGNOSTICS n = ROW_COUNT;
+    WITH r AS (
+        UPDATE identity_sync.event e SET state = 'pending', due_at = now()
+         WHERE e.target_id = t.id AND e.state = 'held'
+           AND (release.kind IS NULL
+                OR e.person_key IN (SELECT h.person_key FROM identity_sync.event h
+                                     WHERE h.target_id = t.id AND h.state = 'held' AND h.kind = release.kind))
+        RETURNING e.id)
+    SELECT count(*), array_agg(r.id) INTO n, released FROM r;
     SELECT jsonb_object_agg(k, c) INTO remaining
       FROM (SELECT e.kind AS k, count(*) AS c FROM identity_sync.event e
              WHERE e.target_id = t.id AND e.state = 'held' GROUP BY 1) AS q;
@@ -154,6 +160,8 @@ BEGIN
     IF coalesce((t.options->>'dry_run')::boolean, false) THEN
         PERFORM identity_sync._complete_dry_run(t.id);
     END IF;
+    -- The released events' own notices go now (55_notify.sql).
+    PERFORM identity_sync._release_notices(t.id, released);
     PERFORM identity_sync._wake_at_commit();
     RETURN n;
 END
@@ -177,6 +185,7 @@ BEGIN
            seq = coalesce((SELECT max(seq) FROM identity_sync.event e WHERE e.target_id = t.id AND e.person_key = a.person_key), a.seq)
      WHERE a.target_id = t.id AND a.state <> 'pending'
        AND NOT EXISTS (SELECT FROM identity_sync.event e WHERE e.target_id = t.id AND e.person_key = a.person_key AND e.state <> 'done');
+    PERFORM identity_sync._release_notices(t.id, '{}');   -- (the discarded events' notices go)
     PERFORM identity_sync._end_hold(t, 'discard', jsonb_build_object('events', n));
     RETURN n;
 END
@@ -501,9 +510,18 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
           FROM identity_sync._finding f JOIN identity_sync.target t ON t.id = f.target_id
           JOIN identity_sync.reconcile_run r ON r.id = f.run_id
          WHERE f.person_key = trace.person_key
+        UNION ALL
+        -- notices about the person (55_notify.sql): sent, waiting, failed, or skipped and why
+        SELECT x.created_at, 'notice ' || x.state, t.name,
+               jsonb_strip_nulls(jsonb_build_object('id', x.id, 'notification', n.name, 'on_event', n.on_event,
+                                  'channel', n.channel, 'recipient', x.recipient, 'subject', x.subject,
+                                  'attempts', x.attempts, 'error', x.last_error, 'sent_at', x.sent_at))
+          FROM identity_sync.notice x JOIN identity_sync.notification n ON n.id = x.notification_id
+          LEFT JOIN identity_sync.target t ON t.id = x.target_id
+         WHERE x.persons @> ARRAY[trace.person_key]
     ) AS q(at, step, target, detail)
     -- at the same moment, in the order of the story
-    ORDER BY 1, array_position(ARRAY['change', 'dirty', 'waiting', 'cause', 'plan', 'event', 'attempt', 'result'],
+    ORDER BY 1, array_position(ARRAY['change', 'dirty', 'waiting', 'cause', 'plan', 'event', 'attempt', 'result', 'notice'],
                                split_part(step, ' ', 1)), 2, 3
 $$;
 

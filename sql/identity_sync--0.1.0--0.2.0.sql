@@ -159,12 +159,64 @@ COMMENT ON TABLE identity_sync.plan_cause IS 'Why a plan planned whom: the captu
 COMMENT ON TABLE identity_sync.change_log IS 'Captured changes the planner has claimed from the outbox: source, operation, HR transaction (xid) and when it started and committed; kept as long as the plans that consumed them.';
 COMMENT ON COLUMN identity_sync.change_log.committed_at IS 'Commit time of the HR transaction: recorded by the capturing backend at commit, or from track_commit_timestamp; NULL when neither knows it.';
 
+-- Notifications (00_schema.sql, 55_notify.sql): rules and their outbox, new in 0.2.0.
+CREATE TABLE identity_sync.notification (
+    id          int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name        text NOT NULL UNIQUE CHECK (btrim(name) <> ''),
+    on_event    text NOT NULL,
+    target_id   int REFERENCES identity_sync.target ON DELETE CASCADE,   -- NULL: every target
+    recipients  text NOT NULL,          -- SQL giving text or text[]: addresses (mail) or names (webhook)
+    subject     text NOT NULL,          -- SQL giving text
+    body        text NOT NULL,          -- SQL giving text
+    channel     text NOT NULL CHECK (channel IN ('mail', 'webhook')),
+    options     jsonb NOT NULL DEFAULT '{}',
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE identity_sync.notice (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    notification_id int NOT NULL REFERENCES identity_sync.notification ON DELETE CASCADE,
+    target_id       int,                -- the target it is about, if any
+    persons         text[] NOT NULL DEFAULT '{}',   -- the persons it is about (trace)
+    about           text[] NOT NULL DEFAULT '{}',   -- what caused it: 'event 12', 'request 3', 'hold 2', ...
+    recipient       text,               -- NULL: skipped (last_error says why)
+    subject         text,
+    body            text,
+    items           int NOT NULL DEFAULT 1,          -- notices collected into this message (digest)
+    digest          boolean NOT NULL DEFAULT false,  -- collecting until due_at
+    state           text NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'sending', 'sent', 'retry', 'failed', 'skipped', 'held')),
+    attempts        int NOT NULL DEFAULT 0,
+    due_at          timestamptz NOT NULL DEFAULT now(),
+    last_error      text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    sent_at         timestamptz
+);
+-- The worker claims due notices ('sending' ones whose lease ran out too: a crash's).
+CREATE INDEX notice_due ON identity_sync.notice (due_at) WHERE state IN ('pending', 'retry', 'sending');
+-- One collecting digest per rule and recipient.
+CREATE UNIQUE INDEX notice_digest ON identity_sync.notice (notification_id, recipient)
+    WHERE digest AND state = 'pending' AND attempts = 0;
+CREATE INDEX notice_persons ON identity_sync.notice USING gin (persons);
+CREATE INDEX notice_about ON identity_sync.notice USING gin (about);
+CREATE INDEX notice_created ON identity_sync.notice (created_at);
+CREATE INDEX notice_target ON identity_sync.notice (target_id, state);
+GRANT SELECT ON identity_sync.notification, identity_sync.notice TO identity_sync_reader;
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.notification', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync.notice', '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.notification', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.notice', 'id')::regclass, '');
+COMMENT ON TABLE identity_sync.notification IS 'Notification rules: on which event whom to tell (recipients, subject and body are SQL), by mail or webhook.';
+COMMENT ON TABLE identity_sync.notice IS 'The notification outbox: one message per rule and recipient, written in the transaction that caused it, sent by the worker with retries.';
+COMMENT ON COLUMN identity_sync.notice.state IS 'pending, sending, sent, retry, failed (given up or permanent), skipped (no recipient: last_error says why), held (about events a threshold holds: sent at release, dropped at discard).';
+
 -- ---------------------------------------------------------------------------------------------
 -- New types
 -- ---------------------------------------------------------------------------------------------
 
 CREATE TYPE identity_sync._key_hash AS (person_key text, hash bytea);
 CREATE TYPE identity_sync._desired_row AS (person_key text, rules text[], groups text[], attributes jsonb, exists_now boolean, enabled_now boolean, creatable_now boolean);
+CREATE TYPE identity_sync._notice_row AS (ord bigint, recipients jsonb, subject text, body text);
 
 -- ---------------------------------------------------------------------------------------------
 -- Functions written in Rust (src/, MODULE_PATHNAME) that are new or changed, by hand: the SQL
@@ -1928,7 +1980,11 @@ DECLARE
     m record;
     dry boolean;
     dry_events bigint[];
+    new_events bigint[];
     counts jsonb;
+    -- Notification rules on account events of this target (55_notify.sql): without any, the
+    -- events planned are not collected for them.
+    notify boolean := identity_sync._has_notifications(ARRAY['create', 'update', 'enable', 'disable', 'delete'], t.id);
     -- Only targets that map person_ref() values need their references indexed.
     has_refs boolean := EXISTS (SELECT FROM identity_sync.mapping mp WHERE mp.target_id = t.id AND mp.expression ~* 'person_ref');
 BEGIN
@@ -2000,6 +2056,8 @@ BEGIN
                 t.held := hold;
                 RAISE LOG 'identity_sync: target "%" held: % % events planned within the hour, % allows %',
                     t.name, hold->>'planned', hold->>'kind', hold->>'threshold', hold->>'allowed';
+                -- One notice per hold, not one per held event (theirs wait for the release).
+                PERFORM identity_sync._notify_target('target_held', t.id, format('hold %s %s', t.id, hold->>'since'), hold);
             END IF;
         END IF;
     END IF;
@@ -2015,7 +2073,8 @@ BEGIN
           FROM pg_temp._is_plan p, jsonb_array_elements(p.events) WITH ORDINALITY AS e(x, o)
          WHERE p.n_events > 0
         RETURNING id)
-    SELECT count(*), CASE WHEN dry THEN array_agg(id) END INTO n, dry_events FROM ins;
+    SELECT count(*), CASE WHEN dry OR notify THEN array_agg(id) END INTO n, new_events FROM ins;
+    dry_events := CASE WHEN dry THEN new_events END;
 
     -- The registry's planned state is what the target will look like once events are done.
     INSERT INTO identity_sync.account AS a (target_id, person_key, planned_state, planned_attributes, planned_groups, refs, seq, planned_at)
@@ -2043,6 +2102,10 @@ BEGIN
         OR a.seq IS DISTINCT FROM excluded.seq;
     IF dry THEN
         PERFORM identity_sync._apply_dry_run(t.id, dry_events);
+    END IF;
+    -- Notices of the account events planned, in this transaction (held ones wait for release).
+    IF notify AND n > 0 THEN
+        PERFORM identity_sync._notify_events(t, new_events, dry, t.held IS NOT NULL);
     END IF;
 
     -- Unique values now held by these persons.
@@ -2083,6 +2146,9 @@ BEGIN
      WHERE id = t.id;
     PERFORM identity_sync._defer(t.id);
     IF t.plan_failed_at IS NULL THEN
+        -- The first failure of a streak is told (55_notify.sql), not every retry.
+        PERFORM identity_sync._notify_target('plan_errors', t.id, format('plan failure %s %s', t.id, now()),
+                                             jsonb_build_object('error', message, 'next_attempt', retry_at));
         RAISE WARNING 'identity_sync: planning target "%" failed: %', t.name, message
             USING DETAIL = 'Other targets go on; this one is tried again with backoff (status shows it).';
     ELSE
@@ -2377,6 +2443,51 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION identity_sync._breaker(e identity_sync.event, error text, target_level boolean)
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t identity_sync.target;
+BEGIN
+    IF NOT target_level THEN
+        RETURN (SELECT x.quarantined_at IS NOT NULL FROM identity_sync.target x WHERE x.id = e.target_id);
+    END IF;
+    UPDATE identity_sync.target x
+       SET failure_streak = x.failure_streak + 1,
+           failing_since = coalesce(x.failing_since, e.sent_at)
+     WHERE x.id = e.target_id
+    RETURNING * INTO t;
+    IF t.quarantined_at IS NOT NULL THEN
+        IF e.sent_at >= t.quarantined_at THEN
+            -- a probe failed (not a request sent before the quarantine): wait longer
+            UPDATE identity_sync.target x
+               SET probe_interval = least(x.probe_interval * 2, interval '30 minutes'),
+                   probe_at = now() + least(x.probe_interval * 2, interval '30 minutes'),
+                   quarantine_reason = error
+             WHERE x.id = t.id;
+        END IF;
+        RETURN true;
+    END IF;
+    IF t.failure_streak < 5
+       OR now() - t.failing_since < coalesce((t.options->>'quarantine_after')::interval, interval '1 minute') THEN
+        RETURN false;
+    END IF;
+    UPDATE identity_sync.target x
+       SET quarantined_at = now(), quarantine_reason = error,
+           probe_interval = interval '30 seconds', probe_at = now() + interval '30 seconds'
+     WHERE x.id = t.id;
+    -- What failed for good during the streak was the target's fault: it waits for the target.
+    UPDATE identity_sync.event x SET state = 'retry', due_at = now() + interval '30 seconds'
+     WHERE x.target_id = t.id AND x.state = 'failed' AND x.sent_at >= t.failing_since;
+    PERFORM identity_sync._audit('quarantine', t.name, NULL,
+                                 jsonb_build_object('failures', t.failure_streak, 'since', t.failing_since,
+                                                    'reason', error));
+    PERFORM identity_sync._notify_target('target_quarantined', t.id, format('quarantine %s %s', t.id, now()),
+                                         jsonb_build_object('failures', t.failure_streak, 'since', t.failing_since,
+                                                            'reason', error));
+    RETURN true;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION identity_sync._record(event_id bigint, outcome text, remote_id text DEFAULT NULL,
                                       error text DEFAULT NULL, http_status int DEFAULT NULL,
                                       retry_in interval DEFAULT NULL, target_level boolean DEFAULT NULL)
@@ -2647,6 +2758,9 @@ BEGIN
       WHERE s.capture = 'snapshot' AND (s.snapshot_at IS NULL OR s.snapshot_at + s.snapshot_interval <= now());
     PERFORM identity_sync._check_boundaries();
     PERFORM identity_sync._expire_grants();
+    IF EXISTS (SELECT FROM identity_sync.notification n WHERE n.on_event = 'grant_expiring') THEN
+        PERFORM identity_sync._notify_expiring();
+    END IF;
     PERFORM identity_sync._reconcile_schedule();
     IF retention IS NOT NULL THEN
         -- At most 10,000 events a round (one a second): a day of heavy traffic ageing out at
@@ -2668,6 +2782,11 @@ BEGIN
          WHERE a.recorded_at < now() - retention
            AND NOT EXISTS (SELECT FROM identity_sync.event e WHERE e.id = a.event_id);
         DELETE FROM identity_sync._plan_count WHERE at < now() - interval '1 hour';
+        -- Notices sent or skipped go like delivered events; failed ones stay for an operator.
+        DELETE FROM identity_sync.notice x
+         WHERE x.id = ANY (ARRAY(SELECT y.id FROM identity_sync.notice y
+                                  WHERE y.state IN ('sent', 'skipped') AND y.created_at < now() - retention
+                                  ORDER BY y.created_at LIMIT 10000));
         -- Reconcile runs like events, but the latest finished one of each target stays: the
         -- drift and orphans views read it.
         DELETE FROM identity_sync.reconcile_run r
@@ -3144,7 +3263,10 @@ SELECT t.name AS target, t.kind,
        identity_sync._reconcile_progress(t.id) AS reconcile_progress,
        (SELECT max(r.finished_at) FROM identity_sync.reconcile_run r WHERE r.target_id = t.id AND r.state = 'done') AS last_reconcile,
        t.quarantined_at AS quarantined_since, t.quarantine_reason, t.probe_at AS next_probe,
-       t.plan_failed_at AS plan_failing_since, t.plan_retry_at AS next_plan_attempt
+       t.plan_failed_at AS plan_failing_since, t.plan_retry_at AS next_plan_attempt,
+       -- notices about this target (55_notify.sql) not sent yet, and given up
+       (SELECT count(*) FROM identity_sync.notice x WHERE x.target_id = t.id AND x.state IN ('pending', 'sending', 'retry')) AS notices_pending,
+       (SELECT count(*) FROM identity_sync.notice x WHERE x.target_id = t.id AND x.state = 'failed') AS notices_failed
   FROM identity_sync.target t
   LEFT JOIN LATERAL (
      SELECT count(*) FILTER (WHERE state = 'active') AS active,
@@ -3177,18 +3299,21 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     t identity_sync.target := identity_sync._held_target(target);
     n int;
+    released bigint[];
     remaining jsonb;
 BEGIN
     IF kind IS NOT NULL AND kind NOT IN ('create', 'update', 'enable', 'disable', 'delete', 'grant', 'revoke') THEN
         RAISE EXCEPTION 'invalid event kind "%"', kind USING ERRCODE = 'invalid_parameter_value',
             HINT = 'The kinds are create, update, enable, disable, delete, grant and revoke; NULL releases every held event.';
     END IF;
-    UPDATE identity_sync.event e SET state = 'pending', due_at = now()
-     WHERE e.target_id = t.id AND e.state = 'held'
-       AND (release.kind IS NULL
-            OR e.person_key IN (SELECT h.person_key FROM identity_sync.event h
-                                 WHERE h.target_id = t.id AND h.state = 'held' AND h.kind = release.kind));
-    GET DIAGNOSTICS n = ROW_COUNT;
+    WITH r AS (
+        UPDATE identity_sync.event e SET state = 'pending', due_at = now()
+         WHERE e.target_id = t.id AND e.state = 'held'
+           AND (release.kind IS NULL
+                OR e.person_key IN (SELECT h.person_key FROM identity_sync.event h
+                                     WHERE h.target_id = t.id AND h.state = 'held' AND h.kind = release.kind))
+        RETURNING e.id)
+    SELECT count(*), array_agg(r.id) INTO n, released FROM r;
     SELECT jsonb_object_agg(k, c) INTO remaining
       FROM (SELECT e.kind AS k, count(*) AS c FROM identity_sync.event e
              WHERE e.target_id = t.id AND e.state = 'held' GROUP BY 1) AS q;
@@ -3204,6 +3329,8 @@ BEGIN
     IF coalesce((t.options->>'dry_run')::boolean, false) THEN
         PERFORM identity_sync._complete_dry_run(t.id);
     END IF;
+    -- The released events' own notices go now (55_notify.sql).
+    PERFORM identity_sync._release_notices(t.id, released);
     PERFORM identity_sync._wake_at_commit();
     RETURN n;
 END
@@ -3225,6 +3352,7 @@ BEGIN
            seq = coalesce((SELECT max(seq) FROM identity_sync.event e WHERE e.target_id = t.id AND e.person_key = a.person_key), a.seq)
      WHERE a.target_id = t.id AND a.state <> 'pending'
        AND NOT EXISTS (SELECT FROM identity_sync.event e WHERE e.target_id = t.id AND e.person_key = a.person_key AND e.state <> 'done');
+    PERFORM identity_sync._release_notices(t.id, '{}');   -- (the discarded events' notices go)
     PERFORM identity_sync._end_hold(t, 'discard', jsonb_build_object('events', n));
     RETURN n;
 END
@@ -3451,9 +3579,18 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
           FROM identity_sync._finding f JOIN identity_sync.target t ON t.id = f.target_id
           JOIN identity_sync.reconcile_run r ON r.id = f.run_id
          WHERE f.person_key = trace.person_key
+        UNION ALL
+        -- notices about the person (55_notify.sql): sent, waiting, failed, or skipped and why
+        SELECT x.created_at, 'notice ' || x.state, t.name,
+               jsonb_strip_nulls(jsonb_build_object('id', x.id, 'notification', n.name, 'on_event', n.on_event,
+                                  'channel', n.channel, 'recipient', x.recipient, 'subject', x.subject,
+                                  'attempts', x.attempts, 'error', x.last_error, 'sent_at', x.sent_at))
+          FROM identity_sync.notice x JOIN identity_sync.notification n ON n.id = x.notification_id
+          LEFT JOIN identity_sync.target t ON t.id = x.target_id
+         WHERE x.persons @> ARRAY[trace.person_key]
     ) AS q(at, step, target, detail)
     -- at the same moment, in the order of the story
-    ORDER BY 1, array_position(ARRAY['change', 'dirty', 'waiting', 'cause', 'plan', 'event', 'attempt', 'result'],
+    ORDER BY 1, array_position(ARRAY['change', 'dirty', 'waiting', 'cause', 'plan', 'event', 'attempt', 'result', 'notice'],
                                split_part(step, ' ', 1)), 2, 3
 $$;
 
@@ -3510,6 +3647,548 @@ SELECT m.name, m.labels, m.value FROM (
      CROSS JOIN LATERAL unnest(ARRAY[0.5, 0.9, 0.99]::float8[], l.ps) AS q(quantile, value)
 ) AS m
 WHERE m.value IS NOT NULL;
+
+-- sql/55_notify.sql
+
+CREATE OR REPLACE FUNCTION identity_sync._notification_events()
+RETURNS TABLE (name text, about_person boolean, meaning text)
+LANGUAGE sql IMMUTABLE AS $$
+    VALUES ('create', true, 'an account was planned to be created (per target, or all)'),
+           ('update', true, 'an account''s attributes were planned to change'),
+           ('enable', true, 'an account was planned to be enabled'),
+           ('disable', true, 'an account was planned to be disabled'),
+           ('delete', true, 'an account was planned to be deleted'),
+           ('request_pending', true, 'a self-service request waits for its owners (person: the requester)'),
+           ('request_decided', true, 'a self-service request was approved or denied (person: the requester)'),
+           ('grant_expiring', true, 'an approved grant expires within the option lead_time (default 7 days)'),
+           ('target_held', false, 'a threshold held a target (one notice per hold)'),
+           ('target_quarantined', false, 'a target whose every request failed was quarantined (alias target_failing)'),
+           ('plan_errors', false, 'planning a target failed (the first failure of a streak)')
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._notification_options()
+RETURNS TABLE (name text, channels text[], type text, meaning text)
+LANGUAGE sql IMMUTABLE AS $$
+    VALUES ('target', '{mail,webhook}'::text[], 'text', 'only events of this target (account events, holds, quarantines, plan errors, requests for its products)'),
+           ('digest', '{mail,webhook}', 'interval', 'collect a recipient''s notices of this rule into one message per period'),
+           ('dry_run', '{mail,webhook}', 'boolean', 'also notify account events of dry-run targets (default false)'),
+           ('lead_time', '{mail,webhook}', 'interval', 'grant_expiring: how long before the expiry (default 7 days)'),
+           ('smtp_url', '{mail}', 'text', 'the SMTP relay: smtp://host:port (loopback only), smtp://host:587?tls=required (STARTTLS), smtps://host:465 (implicit TLS); default identity_sync.smtp_url'),
+           ('from', '{mail}', 'text', 'the From address; default identity_sync.smtp_from'),
+           ('url', '{webhook}', 'text', 'the incoming webhook (Slack, Teams) to POST to'),
+           ('secret_file', '{mail,webhook}', 'text', 'mail: the SMTP password (the user is the one in smtp_url); webhook: a whsec_ signing key'),
+           ('timeout', '{mail,webhook}', 'interval', 'per message, default 10 s'),
+           ('max_concurrency', '{mail,webhook}', 'integer', 'messages in flight for this relay or webhook, default 4')
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._validate_notification_options(channel text, on_event text, options jsonb)
+RETURNS jsonb LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    o record;
+    d record;
+BEGIN
+    IF options IS NULL OR jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION 'notification options must be a JSON object' USING ERRCODE = 'invalid_parameter_value',
+            DETAIL = format('options is %s.', coalesce(options::text, 'NULL'));
+    END IF;
+    FOR o IN SELECT e.key, e.value, d2.channels, d2.type FROM jsonb_each(options) AS e
+               LEFT JOIN identity_sync._notification_options() AS d2 ON d2.name = e.key LOOP
+        IF o.type IS NULL OR NOT channel = ANY (o.channels) THEN
+            RAISE EXCEPTION 'unknown option "%" for a % notification', o.key, channel USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'Valid options: ' || (SELECT string_agg(x.name, ', ' ORDER BY x.name)
+                                              FROM identity_sync._notification_options() x WHERE channel = ANY (x.channels)) || '.';
+        END IF;
+        BEGIN
+            CASE o.type
+                WHEN 'interval' THEN
+                    IF jsonb_typeof(o.value) <> 'string' OR (o.value->>0)::interval <= interval '0' THEN
+                        RAISE EXCEPTION 'not a positive interval';
+                    END IF;
+                WHEN 'boolean' THEN
+                    IF jsonb_typeof(o.value) <> 'boolean' THEN
+                        RAISE EXCEPTION 'not a boolean';
+                    END IF;
+                WHEN 'integer' THEN
+                    IF jsonb_typeof(o.value) <> 'number' OR (o.value->>0)::numeric <> trunc((o.value->>0)::numeric)
+                       OR (o.value->>0)::numeric < 1 THEN
+                        RAISE EXCEPTION 'not a whole number of 1 or more';
+                    END IF;
+                ELSE
+                    IF jsonb_typeof(o.value) <> 'string' OR btrim(o.value->>0) = '' THEN
+                        RAISE EXCEPTION 'not a non-empty string';
+                    END IF;
+            END CASE;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'invalid value for notification option "%": %', o.key, o.value USING ERRCODE = 'invalid_parameter_value',
+                DETAIL = format('It must be %s.', CASE o.type WHEN 'interval' THEN 'a positive interval such as ''1 hour'''
+                                                             WHEN 'boolean' THEN 'true or false'
+                                                             WHEN 'integer' THEN 'a whole number of 1 or more'
+                                                             ELSE 'a non-empty string' END);
+        END;
+    END LOOP;
+    IF options ? 'lead_time' AND on_event <> 'grant_expiring' THEN
+        RAISE EXCEPTION 'option "lead_time" is for grant_expiring notifications only' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF options ? 'dry_run' AND on_event NOT IN ('create', 'update', 'enable', 'disable', 'delete') THEN
+        RAISE EXCEPTION 'option "dry_run" is for account events only' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Account events: create, update, enable, disable, delete.';
+    END IF;
+    IF channel = 'webhook' AND NOT options ? 'url' THEN
+        RAISE EXCEPTION 'a webhook notification needs the option "url"' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'The incoming webhook of the chat channel, e.g. {"url": "https://hooks.slack.com/services/..."}.';
+    END IF;
+    IF options ? 'url' AND options->>'url' !~* '^https?://' THEN
+        RAISE EXCEPTION 'option "url" must be an http or https URL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF options ? 'smtp_url' AND options->>'smtp_url' !~* '^smtps?://[^/?#]+' THEN
+        RAISE EXCEPTION 'option "smtp_url" must be an smtp:// or smtps:// URL' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'e.g. smtps://relay.example:465 or smtp://relay.example:587?tls=required; the password goes in secret_file.';
+    END IF;
+    IF options ? 'smtp_url' AND options->>'smtp_url' ~ '^[^:]+://[^/@]*:[^/@]*@' THEN
+        RAISE EXCEPTION 'option "smtp_url" must not hold a password' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Put the user in the URL (smtps://user@relay.example) and the password in a file named by secret_file.';
+    END IF;
+    IF options ? 'secret_file' AND options->>'secret_file' !~ '^/' THEN
+        RAISE EXCEPTION 'option "secret_file" must be an absolute path' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN options;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._notice_from(on_event text) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ctx constant text := 'CROSS JOIN LATERAL (SELECT _v.o AS _ord, _v.x->''event'' AS event, _v.x->''account'' AS account, '
+                         '_v.x->''request'' AS request, _v.x->''target'' AS target '
+                         'FROM (SELECT _u.t::jsonb AS x, _u.o FROM unnest($4::text[]) WITH ORDINALITY AS _u(t, o)) AS _v %s) AS _ctx ';
+    f text;
+    w text;
+BEGIN
+    IF NOT (SELECT e.about_person FROM identity_sync._notification_events() e WHERE e.name = on_event) THEN
+        RETURN 'FROM (SELECT $2::date AS today, $3::int AS _it, $1::text[] AS _keys) AS _p ' || format(ctx, '');
+    END IF;
+    f := identity_sync._from_clause();
+    w := 'WHERE ' || identity_sync._person_key_in('person', 1);
+    IF right(f, length(w)) <> w THEN
+        RAISE EXCEPTION 'internal error: the person document does not end with its key condition' USING ERRCODE = 'internal_error';
+    END IF;
+    RETURN left(f, length(f) - length(w))
+        || format(ctx, 'WHERE _v.x->>''person_key'' = ' || identity_sync._person_key_expr()) || w;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._check_notice_expression(on_event text, expr text, what text)
+RETURNS regtype LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f text := identity_sync._notice_from(on_event);
+    typ regtype;
+BEGIN
+    IF expr IS NULL OR btrim(expr) = '' THEN
+        RAISE EXCEPTION '% is empty', what USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM identity_sync._check_single_expression(what, expr);
+    PERFORM identity_sync._use_user_search_path();
+    typ := identity_sync._check_expression('SELECT (' || expr || E'\n) AS v ' || f || ' LIMIT 0', 8, expr, what);
+    PERFORM identity_sync._check_one_value(what, 'SELECT 1 ' || f || CASE WHEN (SELECT e.about_person FROM identity_sync._notification_events() e
+                                                                             WHERE e.name = on_event) THEN ' AND' ELSE ' WHERE' END, expr);
+    RETURN typ;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._notice_query(n identity_sync.notification) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format('SELECT coalesce(array_agg(ROW(_ctx._ord, to_jsonb((%s%s)), (%s%s)::text, (%s%s)::text)::identity_sync._notice_row), ''{}'') %s',
+                  n.recipients, E'\n', n.subject, E'\n', n.body, E'\n', identity_sync._notice_from(n.on_event))
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._notification(name text) RETURNS identity_sync.notification
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT identity_sync._by_name(NULL::identity_sync.notification, identity_sync._not_null(name, 'the notification name'),
+                                  'Create one with identity_sync.add_notification().')
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync.add_notification(name text, on_event text, recipients text, subject text, body text,
+                                               channel text DEFAULT 'mail', options jsonb DEFAULT '{}')
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n identity_sync.notification;
+    typ regtype;
+    ev text := lower(btrim(on_event));
+BEGIN
+    PERFORM identity_sync._check_name('notification', name);
+    IF EXISTS (SELECT FROM identity_sync.notification x WHERE x.name = add_notification.name) THEN
+        RAISE EXCEPTION 'notification "%" already exists', name USING ERRCODE = 'duplicate_object',
+            HINT = 'Drop it first with identity_sync.drop_notification().';
+    END IF;
+    IF ev = 'target_failing' THEN
+        ev := 'target_quarantined';
+    END IF;
+    IF ev IS NULL OR NOT EXISTS (SELECT FROM identity_sync._notification_events() e WHERE e.name = ev) THEN
+        RAISE EXCEPTION 'unknown notification event "%"', on_event USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Events: ' || (SELECT string_agg(e.name, ', ') FROM identity_sync._notification_events() e) || ', target_failing.';
+    END IF;
+    IF channel IS NULL OR channel NOT IN ('mail', 'webhook') THEN
+        RAISE EXCEPTION 'unknown notification channel "%"', channel USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Channels: mail, webhook.';
+    END IF;
+    options := identity_sync._validate_notification_options(channel, ev, options);
+    n.name := name;
+    n.on_event := ev;
+    n.channel := channel;
+    n.options := options - 'target';
+    IF options ? 'target' THEN
+        n.target_id := (identity_sync._target(options->>'target')).id;
+    END IF;
+    typ := identity_sync._check_notice_expression(ev, recipients, 'recipients expression');
+    IF typ NOT IN ('unknown'::regtype, 'text'::regtype, 'character varying'::regtype, 'text[]'::regtype, 'character varying[]'::regtype) THEN
+        RAISE EXCEPTION 'recipients expression must be text or text[], not %', typ USING ERRCODE = 'datatype_mismatch',
+            DETAIL = recipients,
+            HINT = 'Give an address (person.email), an array of them (ARRAY[''ops@example.com'', ''oncall@example.com'']), or NULL to skip.';
+    END IF;
+    -- (typed: a bare literal such as 'ops@example.com' is text in a select list, but not inside
+    -- the to_jsonb() of the rule's query)
+    n.recipients := format(CASE WHEN typ IN ('text[]'::regtype, 'character varying[]'::regtype) THEN '(%s)::text[]'
+                                ELSE '(%s)::text' END, recipients || E'\n');
+    FOREACH typ IN ARRAY ARRAY[identity_sync._check_notice_expression(ev, subject, 'subject expression'),
+                               identity_sync._check_notice_expression(ev, body, 'body expression')] LOOP
+        IF typ NOT IN ('text'::regtype, 'character varying'::regtype, 'unknown'::regtype) THEN
+            RAISE EXCEPTION 'subject and body expressions must be text, not %', typ USING ERRCODE = 'datatype_mismatch',
+                HINT = 'Format values as text, e.g. format(''%s left'', person.last_name) or to_char(today, ''YYYY-MM-DD'').';
+        END IF;
+    END LOOP;
+    n.subject := subject;
+    n.body := body;
+    INSERT INTO identity_sync.notification (name, on_event, target_id, recipients, subject, body, channel, options)
+    VALUES (n.name, n.on_event, n.target_id, n.recipients, n.subject, n.body, n.channel, n.options)
+    RETURNING * INTO n;
+    PERFORM identity_sync._audit('add_notification', name, NULL, to_jsonb(n));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync.drop_notification(name text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n identity_sync.notification := identity_sync._notification(name);
+BEGIN
+    -- (its notices go with it: an unsent one would otherwise be sent by a rule that is gone)
+    DELETE FROM identity_sync.notification x WHERE x.id = n.id;
+    PERFORM identity_sync._audit('drop_notification', name, to_jsonb(n), NULL);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._has_notifications(events text[], target_id int) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (SELECT FROM identity_sync.notification n
+                    WHERE n.on_event = ANY (events)
+                      AND (n.target_id IS NULL OR n.target_id = _has_notifications.target_id))
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._notice_target(target_id int) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT jsonb_strip_nulls(jsonb_build_object('id', t.id, 'name', t.name, 'kind', t.kind, 'url', t.url,
+                                                'held', t.held, 'quarantined_at', t.quarantined_at,
+                                                'quarantine_reason', t.quarantine_reason, 'plan_error', t.plan_error))
+      FROM identity_sync.target t WHERE t.id = target_id
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._notice_eval(q text, names text[], keys text[], contexts text[],
+                                           OUT rows identity_sync._notice_row[], OUT error text, OUT timed_out boolean)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    timed_out := false;
+    PERFORM identity_sync._use_user_search_path();
+    rows := identity_sync._evaluate(q, NULL::identity_sync._notice_row[], names, keys, identity_sync._today(), 0, contexts);
+EXCEPTION WHEN query_canceled THEN
+    IF NOT identity_sync._timed_out() THEN
+        RAISE;   -- cancelled from outside: not ours to swallow
+    END IF;
+    error := SQLERRM;
+    timed_out := true;
+WHEN OTHERS THEN
+    error := SQLERRM;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._notify(n identity_sync.notification, contexts jsonb[], held boolean DEFAULT false)
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    q text := identity_sync._notice_query(n);
+    got identity_sync._notice_row[] := '{}';
+    res record;
+    names text[] := ARRAY[format('notification "%s"', n.name)];
+    keys text[] := ARRAY(SELECT DISTINCT c->>'person_key' FROM unnest(contexts) AS c WHERE c->>'person_key' IS NOT NULL);
+    texts text[] := ARRAY(SELECT c::text FROM unnest(contexts) WITH ORDINALITY AS x(c, o) ORDER BY o);
+    period interval := (n.options->>'digest')::interval;
+    failures jsonb[] := '{}';
+    i int;
+    written int;
+BEGIN
+    IF cardinality(contexts) = 0 THEN
+        RETURN 0;
+    END IF;
+    res := identity_sync._notice_eval(q, names, keys, texts);
+    IF res.error IS NULL THEN
+        got := coalesce(res.rows, '{}');
+    ELSIF res.timed_out OR cardinality(contexts) = 1 THEN
+        failures := ARRAY(SELECT jsonb_build_object('ord', g.k, 'error', res.error)
+                            FROM generate_series(1, cardinality(contexts)) AS g(k));
+    ELSE
+        -- One context's data broke the query (a subquery with two rows): one by one, so that only
+        -- its notice fails.
+        FOR i IN 1 .. cardinality(contexts) LOOP
+            res := identity_sync._notice_eval(q, names, array_remove(ARRAY[contexts[i]->>'person_key'], NULL), ARRAY[texts[i]]);
+            IF res.error IS NULL THEN
+                got := got || ARRAY(SELECT ROW(i, x.recipients, x.subject, x.body)::identity_sync._notice_row
+                                      FROM unnest(res.rows) AS x);
+            ELSE
+                failures := failures || jsonb_build_object('ord', i, 'error', res.error);
+            END IF;
+        END LOOP;
+    END IF;
+
+    WITH r AS (
+        SELECT x.ord, x.recipients, x.subject, x.body, contexts[x.ord] AS ctx,
+               ARRAY(SELECT DISTINCT btrim(a) FROM jsonb_array_elements_text(
+                         CASE jsonb_typeof(x.recipients) WHEN 'array' THEN x.recipients
+                                                         WHEN 'string' THEN jsonb_build_array(x.recipients)
+                                                         ELSE '[]' END) AS a
+                      WHERE btrim(a) <> '') AS addrs
+          FROM unnest(got) AS x),
+    why AS (
+        -- skipped: no recipient; failed: the evaluation failed; skipped too: no such person
+        SELECT r.ctx, 'skipped' AS state,
+               CASE WHEN r.recipients IS NULL OR jsonb_typeof(r.recipients) = 'null'
+                    THEN 'the recipients expression gave NULL' ELSE 'the recipients expression gave no address' END AS error
+          FROM r WHERE cardinality(r.addrs) = 0
+        UNION ALL
+        SELECT contexts[(f->>'ord')::int], 'failed', f->>'error' FROM unnest(failures) AS f
+        UNION ALL
+        SELECT c.ctx, 'skipped', 'the person is not in the person source'
+          FROM unnest(contexts) WITH ORDINALITY AS c(ctx, o)
+         WHERE c.ctx->>'person_key' IS NOT NULL
+           AND NOT EXISTS (SELECT FROM r WHERE r.ord = c.o)
+           AND NOT EXISTS (SELECT FROM unnest(failures) AS f WHERE (f->>'ord')::int = c.o)),
+    noted AS (
+        INSERT INTO identity_sync.notice (notification_id, target_id, persons, about, state, last_error)
+        SELECT n.id, (w.ctx->>'target_id')::int, array_remove(ARRAY[w.ctx->>'person_key'], NULL),
+               ARRAY[w.ctx->>'about'], w.state, w.error
+          FROM why w
+        RETURNING 1),
+    each AS (
+        SELECT r.ctx, a AS recipient, r.subject, r.body FROM r, unnest(r.addrs) AS a),
+    plain AS (
+        INSERT INTO identity_sync.notice (notification_id, target_id, persons, about, recipient, subject, body, state)
+        SELECT n.id, (e.ctx->>'target_id')::int, array_remove(ARRAY[e.ctx->>'person_key'], NULL),
+               ARRAY[e.ctx->>'about'], e.recipient, e.subject, e.body, CASE WHEN held THEN 'held' ELSE 'pending' END
+          FROM each e WHERE period IS NULL
+        RETURNING 1),
+    -- A digest: one message per recipient, collecting until its period is over.
+    collected AS (
+        INSERT INTO identity_sync.notice AS x (notification_id, target_id, persons, about, recipient, subject, body,
+                                               items, digest, due_at, state)
+        SELECT n.id, min((e.ctx->>'target_id')::int),
+               array_remove(array_agg(DISTINCT e.ctx->>'person_key'), NULL), array_agg(e.ctx->>'about'),
+               e.recipient, min(e.subject), string_agg(e.body, E'\n\n----\n\n'), count(*), NOT held, now() + period,
+               CASE WHEN held THEN 'held' ELSE 'pending' END
+          FROM each e WHERE period IS NOT NULL
+         GROUP BY e.recipient
+        ON CONFLICT (notification_id, recipient) WHERE digest AND state = 'pending' AND attempts = 0
+        DO UPDATE SET items = x.items + excluded.items,
+                      body = x.body || E'\n\n----\n\n' || excluded.body,
+                      persons = ARRAY(SELECT DISTINCT p FROM unnest(x.persons || excluded.persons) AS p),
+                      about = x.about || excluded.about
+        RETURNING 1)
+    SELECT (SELECT count(*) FROM plain) + (SELECT count(*) FROM collected) INTO written;
+    IF written > 0 THEN
+        PERFORM identity_sync._wake_at_commit();
+    END IF;
+    RETURN written;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._notify_safely(n identity_sync.notification, contexts jsonb[], held boolean DEFAULT false)
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN identity_sync._notify(n, contexts, held);
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'identity_sync: notification "%" failed: %', n.name, SQLERRM
+        USING DETAIL = 'Nothing else is affected; its notices of this occasion are not written.';
+    RETURN 0;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._notify_event(on_event text, target_id int, contexts jsonb[])
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n identity_sync.notification;
+    total int := 0;
+BEGIN
+    FOR n IN SELECT * FROM identity_sync.notification x
+              WHERE x.on_event = _notify_event.on_event
+                AND (x.target_id IS NULL OR x.target_id = _notify_event.target_id)
+              ORDER BY x.id LOOP
+        total := total + identity_sync._notify_safely(n, contexts);
+    END LOOP;
+    RETURN total;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._notify_events(t identity_sync.target, event_ids bigint[], dry boolean, held boolean)
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n identity_sync.notification;
+    target_ctx jsonb := identity_sync._notice_target(t.id);
+    total int := 0;
+BEGIN
+    FOR n IN SELECT * FROM identity_sync.notification x
+              WHERE x.on_event IN ('create', 'update', 'enable', 'disable', 'delete')
+                AND (x.target_id IS NULL OR x.target_id = t.id)
+                AND (NOT dry OR coalesce((x.options->>'dry_run')::boolean, false))
+              ORDER BY x.id LOOP
+        total := total + identity_sync._notify_safely(n, ARRAY(
+            SELECT jsonb_build_object(
+                       'person_key', e.person_key, 'target_id', t.id, 'about', 'event ' || e.id,
+                       'event', jsonb_build_object('id', e.id, 'kind', e.kind, 'seq', e.seq, 'state', e.state,
+                                                   'target', t.name, 'person_key', e.person_key, 'plan_id', e.plan_id,
+                                                   'payload', e.payload,
+                                                   'attributes', coalesce(e.payload->'attributes', a.planned_attributes),
+                                                   'dry_run', dry),
+                       'account', jsonb_build_object('remote_id', a.remote_id, 'state', a.state,
+                                                     'planned_state', a.planned_state,
+                                                     'attributes', a.planned_attributes, 'groups', to_jsonb(a.planned_groups)),
+                       'target', target_ctx)
+              FROM identity_sync.event e
+              LEFT JOIN identity_sync.account a ON a.target_id = e.target_id AND a.person_key = e.person_key
+             WHERE e.id = ANY (event_ids) AND e.kind = n.on_event
+             ORDER BY e.id), held);
+    END LOOP;
+    RETURN total;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._release_notices(target_id int, released bigint[]) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    UPDATE identity_sync.notice x SET state = 'pending', due_at = now()
+     WHERE x.target_id = _release_notices.target_id AND x.state = 'held'
+       AND x.about && ARRAY(SELECT 'event ' || r FROM unnest(released) AS r);
+    DELETE FROM identity_sync.notice x
+     WHERE x.target_id = _release_notices.target_id AND x.state = 'held'
+       AND NOT EXISTS (SELECT FROM identity_sync.event e WHERE e.target_id = x.target_id AND e.state = 'held'
+                         AND 'event ' || e.id = ANY (x.about));
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._notify_target(on_event text, target_id int, about text, detail jsonb)
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT identity_sync._has_notifications(ARRAY[on_event], target_id) THEN
+        RETURN 0;
+    END IF;
+    RETURN identity_sync._notify_event(on_event, target_id, ARRAY[jsonb_build_object(
+        'person_key', NULL, 'target_id', target_id, 'about', about,
+        'event', jsonb_build_object('kind', on_event) || coalesce(detail, '{}'),
+        'target', identity_sync._notice_target(target_id))]);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._notice_request(r identity_sync.request) RETURNS jsonb
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    p identity_sync.product;
+BEGIN
+    SELECT * INTO p FROM identity_sync.product x WHERE x.id = r.product_id;
+    RETURN jsonb_build_object(
+               'person_key', r.person_key, 'target_id', p.target_id, 'about', 'request ' || r.id,
+               'request', jsonb_strip_nulls(jsonb_build_object(
+                   'id', r.id, 'product', p.name, 'description', p.description, 'groups', to_jsonb(p.groups),
+                   'target', (SELECT t.name FROM identity_sync.target t WHERE t.id = p.target_id),
+                   'requester', r.person_key, 'requested_by', r.requested_by,
+                   'reason', r.reason, 'state', r.state, 'requested_at', r.requested_at,
+                   'decided_at', r.decided_at, 'expires_at', r.expires_at,
+                   'owners', to_jsonb(identity_sync._owners(p, r.person_key)))),
+               'target', identity_sync._notice_target(p.target_id));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._notify_request(on_event text, r identity_sync.request, extra jsonb DEFAULT '{}')
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    target_id int := (SELECT p.target_id FROM identity_sync.product p WHERE p.id = r.product_id);
+    ctx jsonb;
+BEGIN
+    IF NOT identity_sync._has_notifications(ARRAY[on_event], target_id) THEN
+        RETURN 0;
+    END IF;
+    ctx := identity_sync._notice_request(r);
+    ctx := jsonb_set(ctx, '{request}', (ctx->'request') || coalesce(extra, '{}'));
+    RETURN identity_sync._notify_event(on_event, target_id, ARRAY[ctx]);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._notify_expiring() RETURNS int
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n identity_sync.notification;
+    total int := 0;
+BEGIN
+    FOR n IN SELECT * FROM identity_sync.notification x WHERE x.on_event = 'grant_expiring' ORDER BY x.id LOOP
+        total := total + identity_sync._notify_safely(n, ARRAY(
+            SELECT identity_sync._notice_request(r)
+              FROM identity_sync.request r JOIN identity_sync.product p ON p.id = r.product_id
+             WHERE r.state = 'approved'
+               AND r.expires_at <= identity_sync._now() + coalesce((n.options->>'lead_time')::interval, interval '7 days')
+               AND (n.target_id IS NULL OR p.target_id = n.target_id)
+               AND NOT EXISTS (SELECT FROM identity_sync.notice x
+                                WHERE x.about @> ARRAY['request ' || r.id] AND x.notification_id = n.id)
+             ORDER BY r.id));
+    END LOOP;
+    RETURN total;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._claim_notices(max_rows int)
+RETURNS TABLE (id bigint, notification text, channel text, options jsonb, recipient text, subject text, body text,
+               items int, attempt int)
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    WITH c AS (
+        UPDATE identity_sync.notice x
+           SET state = 'sending', attempts = x.attempts + 1, sent_at = now(), due_at = now() + interval '5 minutes'
+         WHERE x.id IN (SELECT y.id FROM identity_sync.notice y
+                         WHERE y.state IN ('pending', 'retry', 'sending') AND y.due_at <= now()
+                         ORDER BY y.due_at LIMIT max_rows FOR UPDATE SKIP LOCKED)
+        RETURNING x.*)
+    SELECT c.id, n.name, n.channel, n.options, c.recipient,
+           CASE WHEN c.items > 1 THEN format('%s (+%s more)', c.subject, c.items - 1) ELSE c.subject END,
+           c.body, c.items, c.attempts
+      FROM c JOIN identity_sync.notification n ON n.id = c.notification_id
+     ORDER BY c.id
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._record_notices(ids bigint[], errors text[], transient boolean[])
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE identity_sync.notice x
+       SET state = CASE WHEN o.error IS NULL THEN 'sent'
+                        WHEN o.transient AND x.attempts < identity_sync._max_attempts() THEN 'retry'
+                        ELSE 'failed' END,
+           due_at = CASE WHEN o.error IS NOT NULL AND o.transient THEN now() + identity_sync._retry_delay(x.attempts)
+                         ELSE x.due_at END,
+           last_error = left(o.error, 300),
+           sent_at = CASE WHEN o.error IS NULL THEN now() ELSE x.sent_at END
+      FROM unnest(ids, errors, transient) AS o(id, error, transient)
+     WHERE x.id = o.id AND x.state = 'sending';
+END
+$$;
+
+CREATE OR REPLACE VIEW identity_sync.notifications AS
+    SELECT n.name, n.on_event, t.name AS target, n.channel, n.recipients, n.subject, n.body, n.options, n.created_at
+      FROM identity_sync.notification n LEFT JOIN identity_sync.target t ON t.id = n.target_id;
+
+CREATE OR REPLACE VIEW identity_sync.notices AS
+    SELECT x.id, n.name AS notification, n.on_event, n.channel, t.name AS target, x.persons, x.about,
+           x.recipient, x.subject, x.body, x.items, x.state, x.attempts, x.due_at, x.last_error, x.created_at, x.sent_at
+      FROM identity_sync.notice x
+      JOIN identity_sync.notification n ON n.id = x.notification_id
+      LEFT JOIN identity_sync.target t ON t.id = x.target_id;
 
 -- sql/60_selfservice/10_login.sql
 
@@ -3727,6 +4406,103 @@ BEGIN
 END
 $$;
 
+-- sql/60_selfservice/30_requests.sql
+
+CREATE OR REPLACE FUNCTION identity_sync.request_access(product text, reason text DEFAULT NULL)
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    me text := identity_sync._me();
+    p identity_sync.product := identity_sync._product(product);
+    t identity_sync.target;
+    existing identity_sync.request;
+    r identity_sync.request;
+BEGIN
+    PERFORM identity_sync._expire_grants();   -- an expired grant must not block a new request
+    SELECT * INTO existing FROM identity_sync.request x
+     WHERE x.product_id = p.id AND x.person_key = me AND x.state IN ('pending', 'approved');
+    IF existing.id IS NOT NULL THEN
+        RAISE EXCEPTION 'you already have request % for product "%"', existing.id, p.name
+            USING ERRCODE = 'duplicate_object', DETAIL = format('It is %s.', existing.state),
+                  HINT = 'See identity_sync.my_requests; withdraw a pending request with identity_sync.revoke().';
+    END IF;
+    IF cardinality(identity_sync._owners(p, me)) = 0 THEN
+        RAISE EXCEPTION 'nobody can approve product "%" for you', p.name
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'No active person other than you is an owner of the product for you today.',
+                  HINT = 'The owners follow HR data (for example the manager of your department); ask an administrator.';
+    END IF;
+    BEGIN
+        INSERT INTO identity_sync.request (product_id, person_key, requested_by, reason, requested_at)
+        VALUES (p.id, me, identity_sync._caller(), reason, identity_sync._now())
+        RETURNING * INTO r;
+    EXCEPTION WHEN unique_violation THEN
+        RAISE EXCEPTION 'you already have an open request for product "%"', p.name
+            USING ERRCODE = 'duplicate_object', HINT = 'See identity_sync.my_requests.';
+    END;
+    PERFORM identity_sync._audit_request('request_access', r, jsonb_build_object('reason', reason));
+    PERFORM identity_sync._notify_request('request_pending', r);
+    SELECT * INTO t FROM identity_sync.target WHERE id = p.target_id;
+    IF NOT EXISTS (SELECT FROM identity_sync.account a WHERE a.target_id = t.id AND a.person_key = me
+                      AND a.planned_state IN ('active', 'disabled')) THEN
+        RAISE NOTICE 'you have no account in "%" yet', t.name
+            USING DETAIL = 'Once approved, the groups are granted when you have one.';
+    END IF;
+    RETURN r.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync.approve(request_id bigint, comment text DEFAULT NULL)
+RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    me text := identity_sync._me();
+    r identity_sync.request := identity_sync._decide(request_id, me, 'approve', comment);
+    p identity_sync.product;
+    waiting text[];
+BEGIN
+    SELECT * INTO p FROM identity_sync.product WHERE id = r.product_id;
+    IF p.approval = 'all' THEN
+        -- Every current owner must have approved; owners who are no longer owners do not count.
+        waiting := ARRAY(SELECT o FROM unnest(identity_sync._owners(p, r.person_key)) AS o
+                          WHERE NOT EXISTS (SELECT FROM identity_sync.decision d
+                                             WHERE d.request_id = r.id AND d.person_key = o AND d.decision = 'approve')
+                          ORDER BY o);
+    END IF;
+    UPDATE identity_sync.request x
+       SET approvals = x.approvals + 1,
+           state = CASE WHEN coalesce(cardinality(waiting), 0) = 0 THEN 'approved' ELSE 'pending' END,
+           decided_at = CASE WHEN coalesce(cardinality(waiting), 0) = 0 THEN identity_sync._now() END,
+           expires_at = CASE WHEN coalesce(cardinality(waiting), 0) = 0 THEN identity_sync._now() + p.valid_for END
+     WHERE x.id = r.id RETURNING * INTO r;
+    PERFORM identity_sync._audit_request('approve', r, jsonb_build_object('approver', me, 'comment', comment)
+                                                       || CASE WHEN r.expires_at IS NOT NULL THEN jsonb_build_object('expires_at', r.expires_at) ELSE '{}' END
+                                                       || CASE WHEN cardinality(waiting) > 0 THEN jsonb_build_object('waiting_for', waiting) ELSE '{}' END);
+    IF r.state = 'approved' THEN
+        PERFORM identity_sync._notify_request('request_decided', r,
+                                              jsonb_build_object('decision', 'approve', 'decided_by', me, 'comment', comment));
+        PERFORM identity_sync._replan(ARRAY[r.person_key], 'approve');
+    ELSE
+        RAISE NOTICE 'request % waits for % more owner(s)', r.id, cardinality(waiting)
+            USING DETAIL = 'Product "' || p.name || '" needs the approval of every current owner.';
+    END IF;
+    RETURN r.state;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync.deny(request_id bigint, comment text DEFAULT NULL)
+RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    me text := identity_sync._me();
+    r identity_sync.request := identity_sync._decide(request_id, me, 'deny', comment);
+BEGIN
+    UPDATE identity_sync.request x SET state = 'denied', decided_at = identity_sync._now()
+     WHERE x.id = r.id RETURNING * INTO r;
+    PERFORM identity_sync._audit_request('deny', r, jsonb_build_object('approver', me, 'comment', comment));
+    PERFORM identity_sync._notify_request('request_decided', r,
+                                          jsonb_build_object('decision', 'deny', 'decided_by', me, 'comment', comment));
+    RETURN r.state;
+END
+$$;
+
 -- <<< END generated by scripts/upgrade-refresh
 
 -- ---------------------------------------------------------------------------------------------
@@ -3762,11 +4538,19 @@ GRANT SELECT ON identity_sync.status TO pg_monitor;
 GRANT SELECT ON identity_sync.attempts TO identity_sync_reader;
 GRANT SELECT ON identity_sync.metrics TO identity_sync_reader;
 GRANT SELECT ON identity_sync.metrics TO pg_monitor;
+GRANT EXECUTE ON FUNCTION identity_sync.add_notification(text,text,text,text,text,text,jsonb) TO identity_sync_admin;
+GRANT EXECUTE ON FUNCTION identity_sync.drop_notification(text) TO identity_sync_admin;
+GRANT SELECT ON identity_sync.notifications TO identity_sync_reader;
+GRANT SELECT ON identity_sync.notices TO identity_sync_reader;
 
 -- ---------------------------------------------------------------------------------------------
 -- Comments
 -- ---------------------------------------------------------------------------------------------
 
+COMMENT ON FUNCTION identity_sync.add_notification(text, text, text, text, text, text, jsonb) IS 'Add a notification rule: on an event (create, update, enable, disable, delete, request_pending, request_decided, grant_expiring, target_held, target_quarantined, plan_errors), tell the recipients (SQL giving text or text[]) by mail or webhook; subject and body are SQL text expressions, checked now with the position of any error.';
+COMMENT ON FUNCTION identity_sync.drop_notification(text) IS 'Drop a notification rule and its unsent notices.';
+COMMENT ON VIEW identity_sync.notifications IS 'Notification rules: event, target (NULL: all), channel, recipients, subject and body expressions, options.';
+COMMENT ON VIEW identity_sync.notices IS 'Notices written by the rules: recipient, subject, body, state (pending, sending, sent, retry, failed, skipped), attempts, last error.';
 COMMENT ON FUNCTION identity_sync.release(text,text) IS 'Let the events held by a threshold go out: all, or those of the persons with a held event of one kind (create, disable, delete, ...), the others staying held.';
 COMMENT ON FUNCTION identity_sync.sync_person(text,text) IS 'Provision one person now: plan it in one target (or every target) at once and return the events written; the worker sends them at commit.';
 COMMENT ON FUNCTION identity_sync.trace(text) IS 'The story of one person in time order: each plan''s causes (HR change with source, operation, transaction and commit time; date boundary, snapshot, resync, reconcile, self-service), the plan, its events, every delivery attempt and each result.';

@@ -30,6 +30,13 @@ pub static STATEMENT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 /// Bound of a related source's affected query inside the HR write, in milliseconds.
 pub static CAPTURE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 
+/// The SMTP relay of mail notifications (a rule's `smtp_url` option overrides it): `smtps://host:465`
+/// (implicit TLS), `smtp://host:587?tls=required` (STARTTLS), `smtp://127.0.0.1:25` (plain, loopback only).
+pub static SMTP_URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// The From address of mail notifications (a rule's `from` option overrides it).
+pub static SMTP_FROM: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"identity_sync@localhost"));
+
 pub fn init() {
     // A postmaster-level setting can only be defined while preloading; a backend that loads
     // the library later (no shared_preload_libraries) still reads the configured value.
@@ -124,6 +131,22 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
+    GucRegistry::define_string_guc(
+        c"identity_sync.smtp_url",
+        c"SMTP relay of mail notifications.",
+        c"smtps://host:465 (implicit TLS), smtp://host:587?tls=required (STARTTLS) or smtp://127.0.0.1:25 (plain, loopback only); a rule's smtp_url option overrides it.",
+        &SMTP_URL,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_string_guc(
+        c"identity_sync.smtp_from",
+        c"From address of mail notifications.",
+        c"A rule's from option overrides it.",
+        &SMTP_FROM,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
     GucRegistry::define_int_guc(
         c"identity_sync.capture_timeout",
         c"Longest a related source's affected query may take inside an HR write.",
@@ -142,6 +165,14 @@ pub fn database() -> String {
         .get()
         .and_then(|s| s.into_string().ok())
         .unwrap_or_else(|| "postgres".to_string())
+}
+
+/// A string setting's value; empty when unset.
+pub fn string(setting: &GucSetting<Option<CString>>) -> String {
+    setting
+        .get()
+        .and_then(|s| s.into_string().ok())
+        .unwrap_or_default()
 }
 
 /// The role named by `identity_sync.run_as`.

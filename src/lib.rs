@@ -48,6 +48,7 @@ sql_in_load_order! {
     "../sql/48_reconcile.sql" as "reconcile";
     "../sql/50_status.sql" as "status" requires [worker_status];
     "../sql/52_metrics.sql" as "metrics";
+    "../sql/55_notify.sql" as "notify";
     "../sql/60_selfservice/10_login.sql" as "selfservice_login";
     "../sql/60_selfservice/20_products.sql" as "selfservice_products";
     "../sql/60_selfservice/30_requests.sql" as "selfservice_requests";

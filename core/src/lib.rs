@@ -4,12 +4,13 @@
 //! covers it quickly: text helpers for identity data ([`text`]), SCIM attribute paths and
 //! resource building ([`path`]), the retry policy ([`retry`]), Standard Webhooks signatures
 //! ([`webhook_sign`]) and the HTTP side of the background worker ([`deliver`]: delivery of
-//! events and reconcile scans). Thresholds are SQL's alone (`sql/30_plan/40_thresholds.sql`).
+//! events and reconcile scans) and of notifications ([`notify`]: mail over SMTP, chat webhooks). Thresholds are SQL's alone (`sql/30_plan/40_thresholds.sql`).
 
 #![warn(missing_docs)]
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod deliver;
+pub mod notify;
 pub mod path;
 pub mod retry;
 pub mod text;

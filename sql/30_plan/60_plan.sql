@@ -124,7 +124,11 @@ DECLARE
     m record;
     dry boolean;
     dry_events bigint[];
+    new_events bigint[];
     counts jsonb;
+    -- Notification rules on account events of this target (55_notify.sql): without any, the
+    -- events planned are not collected for them.
+    notify boolean := identity_sync._has_notifications(ARRAY['create', 'update', 'enable', 'disable', 'delete'], t.id);
     -- Only targets that map person_ref() values need their references indexed.
     has_refs boolean := EXISTS (SELECT FROM identity_sync.mapping mp WHERE mp.target_id = t.id AND mp.expression ~* 'person_ref');
 BEGIN
@@ -196,6 +200,8 @@ BEGIN
                 t.held := hold;
                 RAISE LOG 'identity_sync: target "%" held: % % events planned within the hour, % allows %',
                     t.name, hold->>'planned', hold->>'kind', hold->>'threshold', hold->>'allowed';
+                -- One notice per hold, not one per held event (theirs wait for the release).
+                PERFORM identity_sync._notify_target('target_held', t.id, format('hold %s %s', t.id, hold->>'since'), hold);
             END IF;
         END IF;
     END IF;
@@ -211,7 +217,8 @@ BEGIN
           FROM pg_temp._is_plan p, jsonb_array_elements(p.events) WITH ORDINALITY AS e(x, o)
          WHERE p.n_events > 0
         RETURNING id)
-    SELECT count(*), CASE WHEN dry THEN array_agg(id) END INTO n, dry_events FROM ins;
+    SELECT count(*), CASE WHEN dry OR notify THEN array_agg(id) END INTO n, new_events FROM ins;
+    dry_events := CASE WHEN dry THEN new_events END;
 
     -- The registry's planned state is what the target will look like once events are done.
     INSERT INTO identity_sync.account AS a (target_id, person_key, planned_state, planned_attributes, planned_groups, refs, seq, planned_at)
@@ -239,6 +246,10 @@ BEGIN
         OR a.seq IS DISTINCT FROM excluded.seq;
     IF dry THEN
         PERFORM identity_sync._apply_dry_run(t.id, dry_events);
+    END IF;
+    -- Notices of the account events planned, in this transaction (held ones wait for release).
+    IF notify AND n > 0 THEN
+        PERFORM identity_sync._notify_events(t, new_events, dry, t.held IS NOT NULL);
     END IF;
 
     -- Unique values now held by these persons.
@@ -281,6 +292,9 @@ BEGIN
      WHERE id = t.id;
     PERFORM identity_sync._defer(t.id);
     IF t.plan_failed_at IS NULL THEN
+        -- The first failure of a streak is told (55_notify.sql), not every retry.
+        PERFORM identity_sync._notify_target('plan_errors', t.id, format('plan failure %s %s', t.id, now()),
+                                             jsonb_build_object('error', message, 'next_attempt', retry_at));
         RAISE WARNING 'identity_sync: planning target "%" failed: %', t.name, message
             USING DETAIL = 'Other targets go on; this one is tried again with backoff (status shows it).';
     ELSE

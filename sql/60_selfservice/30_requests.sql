@@ -45,6 +45,7 @@ BEGIN
             USING ERRCODE = 'duplicate_object', HINT = 'See identity_sync.my_requests.';
     END;
     PERFORM identity_sync._audit_request('request_access', r, jsonb_build_object('reason', reason));
+    PERFORM identity_sync._notify_request('request_pending', r);
     SELECT * INTO t FROM identity_sync.target WHERE id = p.target_id;
     IF NOT EXISTS (SELECT FROM identity_sync.account a WHERE a.target_id = t.id AND a.person_key = me
                       AND a.planned_state IN ('active', 'disabled')) THEN
@@ -130,6 +131,8 @@ BEGIN
                                                        || CASE WHEN r.expires_at IS NOT NULL THEN jsonb_build_object('expires_at', r.expires_at) ELSE '{}' END
                                                        || CASE WHEN cardinality(waiting) > 0 THEN jsonb_build_object('waiting_for', waiting) ELSE '{}' END);
     IF r.state = 'approved' THEN
+        PERFORM identity_sync._notify_request('request_decided', r,
+                                              jsonb_build_object('decision', 'approve', 'decided_by', me, 'comment', comment));
         PERFORM identity_sync._replan(ARRAY[r.person_key], 'approve');
     ELSE
         RAISE NOTICE 'request % waits for % more owner(s)', r.id, cardinality(waiting)
@@ -148,6 +151,8 @@ BEGIN
     UPDATE identity_sync.request x SET state = 'denied', decided_at = identity_sync._now()
      WHERE x.id = r.id RETURNING * INTO r;
     PERFORM identity_sync._audit_request('deny', r, jsonb_build_object('approver', me, 'comment', comment));
+    PERFORM identity_sync._notify_request('request_decided', r,
+                                          jsonb_build_object('decision', 'deny', 'decided_by', me, 'comment', comment));
     RETURN r.state;
 END
 $$;

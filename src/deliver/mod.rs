@@ -8,11 +8,14 @@
 //! - `ledger`: the SQL side of that bridge: claiming due events as jobs and recording their
 //!   outcomes; the retry policy's SQL entry points.
 //! - `targets`: HTTP targets' settings read into `TargetConfig`s.
+//! - `notify`: the notification step: claims due notices, hands them to the senders of
+//!   `identity_sync_core::notify` (mail, chat webhooks), records what came back.
 //! - Table targets are applied by SQL (`identity_sync._deliver_tables`, `sql/40_deliver.sql`)
 //!   in the worker's own transactions, so they work for local and postgres_fdw foreign tables.
 
 pub mod http;
 pub mod ledger;
+pub mod notify;
 pub mod targets;
 pub mod txn;
 pub mod worker;

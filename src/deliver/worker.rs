@@ -110,6 +110,7 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
     });
 
     let mut http = super::http::Http::start();
+    let mut notify = super::notify::Notify::start();
     let mut reconciler = crate::reconcile::Reconciler::default();
     let mut recovered = false;
     let mut extension = None;
@@ -124,7 +125,13 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
             unsafe { pg_sys::pg_usleep((MIN_TICK_INTERVAL - since).as_micros() as _) };
         }
         last_tick = std::time::Instant::now();
-        sleep = tick(&mut http, &mut reconciler, &mut recovered, &mut extension);
+        sleep = tick(
+            &mut http,
+            &mut notify,
+            &mut reconciler,
+            &mut recovered,
+            &mut extension,
+        );
         if sleep >= Duration::from_secs(1) {
             // Going idle: statistics still pending go out now (txn::in_transaction reports
             // them at most once a second, so the last second's would wait for the next tick).
@@ -144,6 +151,7 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
 /// One round of work; returns how long to sleep unless woken.
 fn tick(
     http: &mut super::http::Http,
+    notify: &mut super::notify::Notify,
     reconciler: &mut crate::reconcile::Reconciler,
     recovered: &mut bool,
     extension: &mut Option<pg_sys::Oid>,
@@ -157,6 +165,7 @@ fn tick(
     else {
         if extension.take().is_some() {
             http.forget_extension();
+            notify.forget_extension();
         }
         return naptime;
     };
@@ -184,6 +193,7 @@ fn tick(
         }
         if extension.is_some() {
             http.forget_extension();
+            notify.forget_extension();
         }
         *extension = Some(oid);
     }
@@ -278,7 +288,14 @@ fn tick(
         return STEP_ASIDE_PAUSE;
     }
 
-    if planned_any || local > 0 || busy || reconciling {
+    // Notifications (src/deliver/notify.rs): record what came back, hand out what is due; never
+    // waits for a mail relay or a webhook.
+    let notifying = notify.tick();
+    if txn::stepped_aside() {
+        return STEP_ASIDE_PAUSE;
+    }
+
+    if planned_any || local > 0 || busy || reconciling || notifying {
         return Duration::ZERO;
     }
     let next_due = in_transaction("computing the next wake-up", || {
@@ -286,7 +303,7 @@ fn tick(
     })
     .and_then(|r| r.ok().flatten())
     .unwrap_or(i64::MAX);
-    let wait = if http.in_flight() > 0 {
+    let wait = if http.in_flight() > 0 || notify.in_flight() > 0 {
         Duration::from_millis(50)
     } else {
         naptime

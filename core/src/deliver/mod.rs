@@ -234,7 +234,7 @@ impl Drop for Dispatcher {
 /// Runs `f` with every signal blocked in the calling thread, so that threads it spawns
 /// inherit a fully blocked mask; restores the previous mask afterwards.
 #[cfg(unix)]
-fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
     // SAFETY: sigfillset/pthread_sigmask only write the sigset_t values we own here.
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -250,7 +250,7 @@ fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
 }
 
 #[cfg(not(unix))]
-fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
