@@ -1238,8 +1238,8 @@ BEGIN
                 ELSE format('NULL::%s AS %I', c.typ, c.col) END;
         END LOOP;
         IF linked THEN
-            from_ := format('(SELECT $4[3 * i - 1] AS source, $4[3 * i] AS source_key FROM generate_series(1, cardinality($4) / 3) AS i '
-                            'WHERE $4[3 * i - 2] = _k.person_key) AS l JOIN %s AS t ON t.%I = l.source_key::%s WHERE l.source = %L',
+            from_ := format('(SELECT x->>0 AS source, x->>1 AS source_key FROM jsonb_array_elements(_k._links::jsonb) AS x) AS l '
+                            'JOIN %s AS t ON t.%I = l.source_key::%s WHERE l.source = %L',
                             s.relation, s.key_column, identity_sync._column_type(s.relation, s.key_column, 'person key'), s.name);
             cols := cols || ', to_jsonb(t) AS _record';
         ELSE
@@ -1249,7 +1249,7 @@ BEGIN
             s.name, s.key_column,
             CASE WHEN role = 'person'
                  THEN format(', %s::int AS priority, %s AS _always', s.priority,
-                             (identity_sync._named_contract_source(s.name)).id IS NULL)
+                             CASE WHEN (identity_sync._named_contract_source(s.name)).id IS NULL THEN 'true' ELSE 'false' END)
                  ELSE '' END,
             cols, from_);
     END LOOP;
@@ -1260,10 +1260,10 @@ $$;
 CREATE OR REPLACE FUNCTION identity_sync._links_of(keys text[]) RETURNS text[]
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE WHEN identity_sync._several_sources() THEN ARRAY(
-        SELECT v FROM identity_sync._person_link l
-               CROSS JOIN LATERAL unnest(ARRAY[l.person_key, l.source, l.source_key]) WITH ORDINALITY AS u(v, o)
-         WHERE l.person_key = ANY (keys)
-         ORDER BY l.person_key, l.source, l.source_key, u.o) END
+        SELECT coalesce((SELECT jsonb_agg(jsonb_build_array(l.source, l.source_key) ORDER BY l.source, l.source_key)
+                           FROM identity_sync._person_link l WHERE l.person_key = k.k), '[]')::text
+          FROM unnest(keys) WITH ORDINALITY AS k(k, o)
+         ORDER BY k.o) END
 $$;
 
 CREATE OR REPLACE FUNCTION identity_sync._merge(keys text[]) RETURNS text
@@ -1294,50 +1294,53 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION identity_sync._link_new(name text, keys text[]) RETURNS void
+CREATE OR REPLACE FUNCTION identity_sync._link_new(name text, keys text[]) RETURNS text[]
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     p identity_sync.source := identity_sync._named_person_source(name);
     rule text := (SELECT person_match FROM identity_sync._settings);
-    fresh text[];
+    present text[];
     pairs jsonb := '[]';
-    recs text;
     k text;
+    cur text;
     found text[];
+    kept text[] := '{}';
 BEGIN
     IF p.id IS NULL THEN
-        RETURN;
+        RETURN kept;
     END IF;
     -- The source as identity_sync.run_as (src/evaluate.rs), like every read of a source.
     PERFORM identity_sync._use_user_search_path();
-    fresh := identity_sync._evaluate(
+    present := identity_sync._evaluate(
         format('SELECT ARRAY(SELECT t.%1$I::text FROM %2$s AS t WHERE $1 IS NULL OR t.%1$I = ANY ($1::text[]::%3$s[]))',
                p.key_column, p.relation, identity_sync._column_type(p.relation, p.key_column, 'person key')),
         NULL::text[], ARRAY[format('person source %s', p.relation)], keys);
-    fresh := ARRAY(SELECT f FROM unnest(fresh) AS f
-                    WHERE NOT EXISTS (SELECT FROM identity_sync._person_link l WHERE l.source = name AND l.source_key = f));
-    IF cardinality(fresh) > 0 AND rule IS NOT NULL THEN
-        recs := identity_sync._records_sql('person', false);
+    IF cardinality(present) > 0 AND rule IS NOT NULL THEN
         pairs := identity_sync._evaluate(format(
             'SELECT coalesce(jsonb_agg(x), ''[]'') FROM ('
             'SELECT jsonb_build_array(a._key, b.source, b._key) AS x FROM (%1$s) AS a JOIN (%1$s) AS b ON a.source <> b.source AND (%2$s'
             || E'\n) WHERE a.source = $4[1] AND a._key = ANY ($1) UNION ALL '
             'SELECT jsonb_build_array(b._key, a.source, a._key) FROM (%1$s) AS a JOIN (%1$s) AS b ON a.source <> b.source AND (%2$s'
             || E'\n) WHERE b.source = $4[1] AND b._key = ANY ($1)) AS q',
-            recs, rule),
-            NULL::jsonb, ARRAY['person match'], fresh, NULL, NULL, ARRAY[name]);
+            identity_sync._records_sql('person', false), rule),
+            NULL::jsonb, ARRAY['person match'], present, NULL, NULL, ARRAY[name]);
     END IF;
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-    FOREACH k IN ARRAY fresh LOOP
+    FOREACH k IN ARRAY present LOOP
+        cur := (SELECT l.person_key FROM identity_sync._person_link l WHERE l.source = name AND l.source_key = k);
         found := ARRAY(SELECT DISTINCT l.person_key
                          FROM jsonb_array_elements(pairs) AS x
                          JOIN identity_sync._person_link l ON l.source = x->>1 AND l.source_key = x->>2
-                        WHERE x->>0 = k);
-        INSERT INTO identity_sync._person_link (source, source_key, person_key)
-        VALUES (name, k, CASE WHEN cardinality(found) > 0 THEN identity_sync._merge(found)
-                              WHEN name = 'default' THEN k ELSE name || ':' || k END)
-        ON CONFLICT DO NOTHING;
+                        WHERE x->>0 = k AND l.person_key IS DISTINCT FROM cur);
+        IF cur IS NULL THEN
+            INSERT INTO identity_sync._person_link (source, source_key, person_key)
+            VALUES (name, k, CASE WHEN cardinality(found) > 0 THEN identity_sync._merge(found)
+                                  WHEN name = 'default' THEN k ELSE name || ':' || k END);
+        ELSIF cardinality(found) > 0 THEN
+            kept := kept || identity_sync._merge(cur || found);
+        END IF;
     END LOOP;
+    RETURN kept;
 END
 $$;
 
@@ -1345,36 +1348,17 @@ CREATE OR REPLACE FUNCTION identity_sync._link_all() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s identity_sync.source;
-    rule text := (SELECT person_match FROM identity_sync._settings);
-    pairs jsonb;
-    x jsonb;
-    a text;
-    b text;
     kept text[] := '{}';
 BEGIN
     FOR s IN SELECT * FROM identity_sync.source WHERE role = 'person' ORDER BY priority DESC NULLS LAST, id LOOP
-        PERFORM identity_sync._link_new(s.name, NULL);
-    END LOOP;
-    IF rule IS NULL THEN
-        RETURN;
-    END IF;
-    PERFORM identity_sync._use_user_search_path();
-    pairs := identity_sync._evaluate(format(
-        'SELECT coalesce(jsonb_agg(jsonb_build_array(a.source, a._key, b.source, b._key)), ''[]'') '
-        'FROM (%1$s) AS a JOIN (%1$s) AS b ON a.source <> b.source AND (%2$s' || E'\n)',
-        identity_sync._records_sql('person', false), rule), NULL::jsonb, ARRAY['person match']);
-    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-    FOR x IN SELECT * FROM jsonb_array_elements(pairs) LOOP
-        a := (SELECT person_key FROM identity_sync._person_link WHERE source = x->>0 AND source_key = x->>1);
-        b := (SELECT person_key FROM identity_sync._person_link WHERE source = x->>2 AND source_key = x->>3);
-        IF a <> b THEN
-            kept := kept || identity_sync._merge(ARRAY[a, b]);
-        END IF;
+        kept := kept || identity_sync._link_new(s.name, NULL);
     END LOOP;
     IF cardinality(kept) > 0 THEN
+        -- (a key kept by one merge and merged into another since has no links left)
         INSERT INTO identity_sync.change (source_id, op, keys)
         SELECT NULL, 'merge', array_agg(DISTINCT l.person_key)
-          FROM identity_sync._person_link l WHERE l.person_key = ANY (kept);
+          FROM identity_sync._person_link l WHERE l.person_key = ANY (kept)
+        HAVING count(*) > 0;
         PERFORM identity_sync._wake_at_commit();
     END IF;
 END
@@ -1391,7 +1375,7 @@ BEGIN
         RETURN keys;   -- (a source dropped since: its keys as they are)
     END IF;
     name := CASE WHEN src.role = 'related' THEN (identity_sync._person_source()).name ELSE src.name END;
-    PERFORM identity_sync._link_new(name, keys);
+    PERFORM identity_sync._link_new(name, keys);   -- (the persons merges kept are among those returned)
     RETURN ARRAY(SELECT coalesce(l.person_key, CASE WHEN name = 'default' THEN k ELSE name || ':' || k END)
                    FROM unnest(keys) AS k
                    LEFT JOIN identity_sync._person_link l ON l.source = name AND l.source_key = k);
@@ -1774,7 +1758,7 @@ DECLARE
     sql text;
 BEGIN
     PERFORM identity_sync._require_person_source();
-    sql := format('FROM unnest($1::text[]) AS _k(person_key) CROSS JOIN LATERAL (SELECT $2::date AS today, $3::int AS iteration) AS _p '
+    sql := format('FROM unnest($1::text[], $4::text[]) AS _k(person_key, _links) CROSS JOIN LATERAL (SELECT $2::date AS today, $3::int AS iteration) AS _p '
                   'CROSS JOIN LATERAL (SELECT r.source, %2$s FROM (%1$s) AS r ORDER BY r.priority DESC, r.source, r._key LIMIT 1) AS person '
                   'CROSS JOIN LATERAL (SELECT jsonb_agg(jsonb_build_object(''source'', r.source) || r._record ORDER BY r.priority DESC, r.source, r._key) AS persons, '
                   'bool_or(r._always) AS _always FROM (%1$s) AS r) AS _ps ',

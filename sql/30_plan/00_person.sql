@@ -55,8 +55,8 @@ RETURNS text LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
             CASE WHEN opts->>'delete_after' IS NULL THEN 'NULL' ELSE quote_literal(opts->>'delete_after') END, also)
 $$;
 
--- The FROM clause with several person sources (15_sources.sql): the person keys $1 are
--- persons of the links passed in $4 (_links_of); person is the record of the highest-priority
+-- The FROM clause with several person sources (15_sources.sql): the person keys $1 with their
+-- links $4 (_links_of); person is the record of the highest-priority
 -- source (the sources' columns together, with source), persons every record (jsonb, highest
 -- priority first, each with its source), contracts every contract of every source (jsonb, each
 -- with its source), contract the primary one of them. A person one of whose records comes from
@@ -72,7 +72,7 @@ DECLARE
     sql text;
 BEGIN
     PERFORM identity_sync._require_person_source();
-    sql := format('FROM unnest($1::text[]) AS _k(person_key) CROSS JOIN LATERAL (SELECT $2::date AS today, $3::int AS iteration) AS _p '
+    sql := format('FROM unnest($1::text[], $4::text[]) AS _k(person_key, _links) CROSS JOIN LATERAL (SELECT $2::date AS today, $3::int AS iteration) AS _p '
                   'CROSS JOIN LATERAL (SELECT r.source, %2$s FROM (%1$s) AS r ORDER BY r.priority DESC, r.source, r._key LIMIT 1) AS person '
                   'CROSS JOIN LATERAL (SELECT jsonb_agg(jsonb_build_object(''source'', r.source) || r._record ORDER BY r.priority DESC, r.source, r._key) AS persons, '
                   'bool_or(r._always) AS _always FROM (%1$s) AS r) AS _ps ',
