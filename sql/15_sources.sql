@@ -274,6 +274,12 @@ BEGIN
                 DETAIL = condition,
                 HINT = 'Compare two records a and b of different person sources, e.g. a.national_id = b.national_id.';
         END IF;
+        -- It joins two records: no aggregate, window or set-returning function (PostgreSQL
+        -- refuses them in a join condition, where it runs).
+        q := 'SELECT 1 FROM (' || recs || ') AS a JOIN (' || recs || ') AS b ON (';
+        PERFORM identity_sync._use_user_search_path();
+        PERFORM identity_sync._check_expression(q || condition || E'\n) LIMIT 0', length(q) + 1, condition, 'person match');
+        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     END IF;
     PERFORM identity_sync._set_setting('set_person_match', 'person_match', condition);
     IF identity_sync._several_sources() THEN

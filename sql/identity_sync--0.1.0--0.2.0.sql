@@ -52,6 +52,9 @@ DROP FUNCTION identity_sync._reconcile_page(bigint,jsonb);   -- its result or ar
 DROP FUNCTION identity_sync._reconcile_groups(bigint,jsonb);   -- its result or argument names changed
 DROP FUNCTION identity_sync._end_hold(identity_sync.target,text,integer);   -- gone, or its arguments changed
 DROP FUNCTION identity_sync.release(text);   -- gone, or its arguments changed
+DROP FUNCTION identity_sync._add_source(regclass,text,text,name,name,name,text);   -- gone, or its arguments changed
+DROP FUNCTION identity_sync.add_person_source(regclass,text);   -- gone, or its arguments changed
+DROP FUNCTION identity_sync.add_contract_source(regclass,text,text,text);   -- gone, or its arguments changed
 
 -- ---------------------------------------------------------------------------------------------
 -- Tables (00_schema.sql, 48_reconcile.sql): rows stay; new columns come last with their defaults
@@ -141,6 +144,32 @@ CREATE INDEX ON identity_sync.plan_cause (change_id) WHERE change_id IS NOT NULL
 DROP INDEX identity_sync._remote_run_id_person_key_idx;
 ALTER TABLE identity_sync._remote SET (fillfactor = 50);
 
+-- Several sources (15_sources.sql): the sources of 0.1.0 are the default person source and its
+-- contract source; persons are linked only once another person source is registered.
+ALTER TABLE identity_sync._settings ADD COLUMN person_match text;
+ALTER TABLE identity_sync.source ADD COLUMN name text, ADD COLUMN priority int;
+UPDATE identity_sync.source SET name = 'default', priority = CASE WHEN role = 'person' THEN 100 END
+ WHERE role IN ('person', 'contract');
+CREATE UNIQUE INDEX source_name ON identity_sync.source (role, name) WHERE role IN ('person', 'contract');
+CREATE TABLE identity_sync._person_link (
+    source     text NOT NULL,
+    source_key text NOT NULL,
+    person_key text NOT NULL,
+    linked_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source, source_key)
+);
+CREATE INDEX ON identity_sync._person_link (person_key);
+CREATE TABLE identity_sync._merge_conflict (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    person_key  text NOT NULL,
+    merged_key  text NOT NULL,
+    targets     text[] NOT NULL,
+    detected_at timestamptz NOT NULL DEFAULT now(),
+    resolved_at timestamptz,
+    resolution  text CHECK (resolution IN ('retire', 'keep'))
+);
+CREATE UNIQUE INDEX merge_conflict_open ON identity_sync._merge_conflict (merged_key) WHERE resolved_at IS NULL;
+
 GRANT SELECT ON identity_sync.change_log, identity_sync.plan_cause TO identity_sync_reader;
 
 SELECT pg_catalog.pg_extension_config_dump('identity_sync._deferred', '');
@@ -149,11 +178,17 @@ SELECT pg_catalog.pg_extension_config_dump('identity_sync.plan_run', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync.plan_cause', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync._attempt', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync._delivery_stats', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._person_link', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._merge_conflict', '');
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.plan_run', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync._merge_conflict', 'id')::regclass, '');
 
 COMMENT ON TABLE identity_sync.plan_run IS 'One row per planner transaction: which persons it planned and how many events it wrote; caused_at: its earliest cause.';
 COMMENT ON TABLE identity_sync.plan_cause IS 'Why a plan planned whom: the captured changes it consumed (change_id) or another cause (op resync, reconcile, lifecycle, conflict), with the persons concerned.';
 COMMENT ON TABLE identity_sync.change_log IS 'Captured changes the planner has claimed from the outbox: source, operation, HR transaction (xid) and when it started and committed; kept as long as the plans that consumed them.';
+COMMENT ON TABLE identity_sync.source IS 'Registered HR sources: person sources, contract sources, related sources.';
+COMMENT ON COLUMN identity_sync.source.name IS 'Person source: its name (''default'' unless given); contract source: the name of the person source its contracts belong to.';
+COMMENT ON COLUMN identity_sync.source.priority IS 'Person source: with several, the record of the highest priority that has the person is person.';
 COMMENT ON COLUMN identity_sync.change_log.committed_at IS 'Commit time of the HR transaction: recorded by the capturing backend at commit, or from track_commit_timestamp; NULL when neither knows it.';
 
 -- ---------------------------------------------------------------------------------------------
@@ -1403,6 +1438,12 @@ BEGIN
                 DETAIL = condition,
                 HINT = 'Compare two records a and b of different person sources, e.g. a.national_id = b.national_id.';
         END IF;
+        -- It joins two records: no aggregate, window or set-returning function (PostgreSQL
+        -- refuses them in a join condition, where it runs).
+        q := 'SELECT 1 FROM (' || recs || ') AS a JOIN (' || recs || ') AS b ON (';
+        PERFORM identity_sync._use_user_search_path();
+        PERFORM identity_sync._check_expression(q || condition || E'\n) LIMIT 0', length(q) + 1, condition, 'person match');
+        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     END IF;
     PERFORM identity_sync._set_setting('set_person_match', 'person_match', condition);
     IF identity_sync._several_sources() THEN
@@ -4196,6 +4237,11 @@ GRANT EXECUTE ON FUNCTION identity_sync.worker_status() TO pg_monitor;
 GRANT EXECUTE ON FUNCTION identity_sync.person_ref(anyelement) TO identity_sync_evaluator;
 GRANT EXECUTE ON FUNCTION identity_sync.release(text,text) TO identity_sync_operator;
 GRANT EXECUTE ON FUNCTION identity_sync.sync_person(text,text) TO identity_sync_operator;
+GRANT EXECUTE ON FUNCTION identity_sync.add_person_source(regclass,text,text,integer) TO identity_sync_admin;
+GRANT EXECUTE ON FUNCTION identity_sync.add_contract_source(regclass,text,text,text,text) TO identity_sync_admin;
+GRANT EXECUTE ON FUNCTION identity_sync.set_person_match(text) TO identity_sync_admin;
+GRANT EXECUTE ON FUNCTION identity_sync.resolve_merge_conflict(text) TO identity_sync_operator;
+GRANT SELECT ON identity_sync.merge_conflicts TO identity_sync_reader;
 GRANT SELECT ON identity_sync.pending_changes TO identity_sync_reader;
 GRANT SELECT ON identity_sync.status TO identity_sync_reader;
 GRANT SELECT ON identity_sync.status TO pg_monitor;
@@ -4208,6 +4254,12 @@ GRANT SELECT ON identity_sync.metrics TO pg_monitor;
 -- ---------------------------------------------------------------------------------------------
 
 COMMENT ON FUNCTION identity_sync.release(text,text) IS 'Let the events held by a threshold go out: all, or those of the persons with a held event of one kind (create, disable, delete, ...), the others staying held.';
+COMMENT ON FUNCTION identity_sync.add_person_source(regclass,text,text,integer) IS 'Register a person source: one row per person, identified by key (primary key or unique column); several sources have names and priorities (the highest that has a person gives person).';
+COMMENT ON FUNCTION identity_sync.add_contract_source(regclass,text,text,text,text) IS 'Register the contract source of a person source (by its name, default ''default''): time-ranged rows (starts, inclusive ends; NULL = open) of a person.';
+COMMENT ON FUNCTION identity_sync.set_person_match(text) IS 'Several person sources: SQL over two records a and b of different sources that are the same person (e.g. a.national_id = b.national_id); NULL = none.';
+COMMENT ON FUNCTION identity_sync.resolve_merge_conflict(text) IS 'Resolve a merge conflict: the merged person''s accounts are retired (disabled, then deleted per delete_after).';
+COMMENT ON VIEW identity_sync.merge_conflicts IS 'Persons a match joined although both had accounts: person_key keeps its accounts, those of merged_key wait for resolve_merge_conflict.';
+COMMENT ON FUNCTION identity_sync.person(text) IS 'The person document: person row, contracts, primary contract, active today; with several sources also persons (every source''s record).';
 COMMENT ON FUNCTION identity_sync.sync_person(text,text) IS 'Provision one person now: plan it in one target (or every target) at once and return the events written; the worker sends them at commit.';
 COMMENT ON FUNCTION identity_sync.trace(text) IS 'The story of one person in time order: each plan''s causes (HR change with source, operation, transaction and commit time; date boundary, snapshot, resync, reconcile, self-service), the plan, its events, every delivery attempt and each result.';
 COMMENT ON VIEW identity_sync.pending_changes IS 'Persons changed in HR and not yet planned, one row each, with the source and time of the first change.';
