@@ -1370,7 +1370,9 @@ BEGIN
         IF cur IS NULL THEN
             INSERT INTO identity_sync._person_link (source, source_key, person_key)
             VALUES (name, k, CASE WHEN cardinality(found) > 0 THEN identity_sync._merge(found)
-                                  WHEN name = 'default' THEN k ELSE name || ':' || k END);
+                                  WHEN name = 'default' THEN k ELSE name || ':' || k END)
+            -- (linked meanwhile by another session: the worker's claim and a configuration call)
+            ON CONFLICT DO NOTHING;
         ELSIF cardinality(found) > 0 THEN
             kept := kept || identity_sync._merge(cur || found);
         END IF;
