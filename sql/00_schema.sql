@@ -37,7 +37,10 @@ CREATE TABLE identity_sync._settings (
     boundary_checked_on    date DEFAULT current_date, -- last day the date-boundary check covered
                                           -- (from installation on: a first check must not skip
                                           -- moments the clock was moved past before it ran)
-    search_path            text NOT NULL DEFAULT 'public'  -- for user expressions (set_search_path)
+    search_path            text NOT NULL DEFAULT 'public', -- for user expressions (set_search_path)
+    person_match           text           -- several person sources: SQL over a and b saying two
+                                          -- records of different sources are one person
+                                          -- (set_person_match); NULL: never
 );
 INSERT INTO identity_sync._settings DEFAULT VALUES;
 
@@ -49,7 +52,8 @@ BEGIN
     IF EXISTS (SELECT FROM identity_sync._settings) THEN
         UPDATE identity_sync._settings
            SET primary_contract_order = NEW.primary_contract_order, login_expression = NEW.login_expression,
-               clock = NEW.clock, boundary_checked_on = NEW.boundary_checked_on, search_path = NEW.search_path;
+               clock = NEW.clock, boundary_checked_on = NEW.boundary_checked_on, search_path = NEW.search_path,
+               person_match = NEW.person_match;
         RETURN NULL;
     END IF;
     RETURN NEW;
@@ -70,8 +74,41 @@ CREATE TABLE identity_sync.source (
     capture           text NOT NULL CHECK (capture IN ('trigger', 'snapshot')),
     snapshot_interval interval,    -- snapshot capture: how often
     snapshot_at       timestamptz, -- snapshot capture: last run
-    created_at        timestamptz NOT NULL DEFAULT now()
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    -- (Columns added since 0.2.0's first cut come last, where the upgrade script puts them.)
+    name              text,        -- person: the source's name; contract: its person source's; related: NULL
+    priority          int          -- person: the higher wins as the record `person` (several sources)
 );
+-- One person source per name, and one contract source per person source.
+CREATE UNIQUE INDEX source_name ON identity_sync.source (role, name) WHERE role IN ('person', 'contract');
+
+-- Several person sources (10_config.sql, "Several sources"): which person each source record
+-- is. Kept only while a person source other than the single one named 'default' is registered;
+-- the default source's records link to their own key, the others' to '<source>:<key>' unless a
+-- match (set_person_match) joined them to a person that existed before. A link never changes
+-- by itself: a person key stays when a source appears or a source's row goes away.
+CREATE TABLE identity_sync._person_link (
+    source     text NOT NULL,       -- the person source's name
+    source_key text NOT NULL,       -- the record's key in that source, as text
+    person_key text NOT NULL,
+    linked_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source, source_key)
+);
+CREATE INDEX ON identity_sync._person_link (person_key);
+
+-- Two persons a match joined although both had accounts: the kept person and the merged one,
+-- whose accounts wait (nothing is planned for it) until an operator resolves the case
+-- (resolve_merge_conflict).
+CREATE TABLE identity_sync._merge_conflict (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    person_key  text NOT NULL,      -- the person the records now belong to (it keeps its accounts)
+    merged_key  text NOT NULL,      -- the person merged into it, whose accounts are left alone
+    targets     text[] NOT NULL,    -- targets where both have an account
+    detected_at timestamptz NOT NULL DEFAULT now(),
+    resolved_at timestamptz,
+    resolution  text CHECK (resolution IN ('retire', 'keep'))
+);
+CREATE UNIQUE INDEX merge_conflict_open ON identity_sync._merge_conflict (merged_key) WHERE resolved_at IS NULL;
 
 -- Per-person hashes of snapshot-captured sources.
 CREATE TABLE identity_sync._snapshot (
@@ -570,6 +607,8 @@ SELECT pg_catalog.pg_extension_config_dump('identity_sync._attempt', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync._delivery_stats', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync.notification', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync.notice', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._person_link', '');
+SELECT pg_catalog.pg_extension_config_dump('identity_sync._merge_conflict', '');
 -- (one statement each: every call rewrites the pg_extension row)
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.source', 'id')::regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.target', 'id')::regclass, '');
@@ -582,9 +621,12 @@ SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.request', 'id')::regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.notification', 'id')::regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.notice', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync._merge_conflict', 'id')::regclass, '');
 
 COMMENT ON SCHEMA identity_sync IS 'identity_sync: HR tables as the source of truth for identities';
-COMMENT ON TABLE identity_sync.source IS 'Registered HR sources: the person source, the contract source, related sources.';
+COMMENT ON TABLE identity_sync.source IS 'Registered HR sources: person sources, contract sources, related sources.';
+COMMENT ON COLUMN identity_sync.source.name IS 'Person source: its name (''default'' unless given); contract source: the name of the person source its contracts belong to.';
+COMMENT ON COLUMN identity_sync.source.priority IS 'Person source: with several, the record of the highest priority that has the person is person.';
 COMMENT ON TABLE identity_sync.change IS 'The change outbox: one row per captured statement, holding the affected person keys.';
 COMMENT ON TABLE identity_sync.target IS 'Targets that get accounts: scim, webhook or table.';
 COMMENT ON TABLE identity_sync.mapping IS 'Per target: attribute <- SQL expression over person, contract, contracts, today, iteration.';

@@ -187,7 +187,6 @@ DECLARE
     capture text := (SELECT CASE WHEN c.relkind IN ('r', 'p') THEN 'trigger'
                                  WHEN c.relkind IN ('v', 'm', 'f') THEN 'snapshot' END
                        FROM pg_class c WHERE c.oid = rel);
-    registered regclass;
 BEGIN
     PERFORM identity_sync._not_null(rel, 'the relation');
     IF NOT has_table_privilege(session_user, rel, 'SELECT') THEN
@@ -211,14 +210,6 @@ BEGIN
             HINT = 'Sources are tables, partitioned tables, views, materialized views or foreign tables.';
     END IF;
     PERFORM identity_sync._check_run_as_reads(rel);
-    -- One person source and one contract source.
-    registered := (SELECT s.relation FROM identity_sync.source s WHERE s.role = _check_relation.role);
-    IF registered IS NOT NULL THEN
-        RAISE EXCEPTION 'a % source is already registered: %', role, registered
-            USING ERRCODE = 'duplicate_object',
-                  HINT = format('There is one %s source; drop it first with identity_sync.drop_source()%s.', role,
-                                CASE WHEN role = 'contract' THEN ', or register a view that unions your contract tables' ELSE '' END);
-    END IF;
     RETURN capture;
 END
 $$;
@@ -261,14 +252,44 @@ EXCEPTION WHEN undefined_function THEN
 END
 $$;
 
+-- The person source: with several (15_sources.sql), the one of the highest priority.
 CREATE FUNCTION identity_sync._person_source() RETURNS identity_sync.source
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT * FROM identity_sync.source WHERE role = 'person'
+    SELECT * FROM identity_sync.source WHERE role = 'person' ORDER BY priority DESC NULLS LAST, id LIMIT 1
 $$;
 
+-- The contract source: with several, the first registered, whose starts and ends columns name
+-- the dates of every contract in the person document.
 CREATE FUNCTION identity_sync._contract_source() RETURNS identity_sync.source
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT * FROM identity_sync.source WHERE role = 'contract'
+    SELECT * FROM identity_sync.source WHERE role = 'contract' ORDER BY id LIMIT 1
+$$;
+
+-- The person source named `name` (NULL when there is none).
+CREATE FUNCTION identity_sync._named_person_source(name text) RETURNS identity_sync.source
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM identity_sync.source s WHERE s.role = 'person' AND s.name = _named_person_source.name
+$$;
+
+-- The contract source of the person source named `name` (NULL when there is none).
+CREATE FUNCTION identity_sync._named_contract_source(name text) RETURNS identity_sync.source
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM identity_sync.source s WHERE s.role = 'contract' AND s.name = _named_contract_source.name
+$$;
+
+-- A source name given to add_person_source or add_contract_source: not empty, printable, and
+-- without ':' (a person first seen in source s gets the key 's:<key>', which must say which).
+CREATE FUNCTION identity_sync._check_source_name(name text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM identity_sync._check_name('source', name);
+    IF strpos(name, ':') > 0 THEN
+        RAISE EXCEPTION 'source name "%" contains a colon', name USING ERRCODE = 'invalid_parameter_value',
+            DETAIL = 'A person first seen in a source other than ''default'' gets the key <source>:<key>.',
+            HINT = 'Name it with letters, digits, _ or -, e.g. ''contractors''.';
+    END IF;
+    RETURN name;
+END
 $$;
 
 -- The person source, or an error: the person document (and self-service) needs one.
@@ -290,30 +311,47 @@ $$;
 -- is), and the audit log.
 CREATE FUNCTION identity_sync._add_source(relation regclass, role text, capture text, key_column name DEFAULT NULL,
                                           starts_column name DEFAULT NULL, ends_column name DEFAULT NULL,
-                                          affected text DEFAULT NULL)
+                                          affected text DEFAULT NULL, name text DEFAULT NULL, priority int DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     src identity_sync.source;
 BEGIN
-    INSERT INTO identity_sync.source (relation, role, key_column, starts_column, ends_column, affected, capture, snapshot_interval)
+    INSERT INTO identity_sync.source (relation, role, key_column, starts_column, ends_column, affected, capture, snapshot_interval,
+                                      name, priority)
     VALUES (relation, role, key_column, starts_column, ends_column, affected, capture,
-            CASE WHEN capture = 'snapshot' THEN interval '1 minute' END)
+            CASE WHEN capture = 'snapshot' THEN interval '1 minute' END, name, priority)
     RETURNING * INTO src;
     PERFORM identity_sync._install_capture(src.id);
     IF role <> 'related' THEN
+        -- Several person sources: their records are linked to persons (15_sources.sql) before
+        -- the person document, which reads the links, is compiled.
+        IF identity_sync._several_sources() THEN
+            PERFORM identity_sync._check_several_sources();
+            PERFORM identity_sync._link_all();
+        END IF;
         PERFORM identity_sync._recompile_all();
     END IF;
     PERFORM identity_sync._audit('add_' || role || '_source', relation::text, NULL, to_jsonb(src));
 END
 $$;
 
-CREATE FUNCTION identity_sync.add_person_source(relation regclass, key text)
+CREATE FUNCTION identity_sync.add_person_source(relation regclass, key text, source text DEFAULT 'default',
+                                                priority int DEFAULT 100)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     capture text := identity_sync._check_relation(relation, 'person');
+    other identity_sync.source := identity_sync._named_person_source(identity_sync._check_source_name(source));
 BEGIN
+    PERFORM identity_sync._not_null(priority, 'the priority');
+    IF other.id IS NOT NULL THEN
+        RAISE EXCEPTION 'a person source named "%" is already registered: %', source, other.relation
+            USING ERRCODE = 'duplicate_object',
+                  HINT = format('Give this one another name (source => ''...''), or drop that one first with identity_sync.drop_source(%L).',
+                                other.relation::text);
+    END IF;
     PERFORM identity_sync._column_type(relation, key, 'person key');
-    PERFORM identity_sync._check_key_types(relation, key, (identity_sync._contract_source()).relation, (identity_sync._contract_source()).key_column);
+    PERFORM identity_sync._check_key_types(relation, key, (identity_sync._named_contract_source(source)).relation,
+                                           (identity_sync._named_contract_source(source)).key_column);
     IF capture = 'trigger' AND NOT EXISTS (
         SELECT FROM pg_index i
          WHERE i.indrelid = relation AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL
@@ -324,19 +362,36 @@ BEGIN
                   DETAIL = 'Every person must be one row, found by its key.',
                   HINT = format('CREATE UNIQUE INDEX ON %s (%I);', relation, key);
     END IF;
-    PERFORM identity_sync._add_source(relation, 'person', capture, key_column => key);
+    PERFORM identity_sync._add_source(relation, 'person', capture, key_column => key, name => source, priority => priority);
 END
 $$;
 
-CREATE FUNCTION identity_sync.add_contract_source(relation regclass, person_key text, starts text, ends text)
+CREATE FUNCTION identity_sync.add_contract_source(relation regclass, person_key text, starts text, ends text,
+                                                  source text DEFAULT 'default')
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     capture text := identity_sync._check_relation(relation, 'contract');
+    other identity_sync.source := identity_sync._named_contract_source(identity_sync._not_null(source, 'the source name'));
+    p identity_sync.source := identity_sync._named_person_source(source);
     t regtype;
     col text;
 BEGIN
+    -- Contracts belong to a person source by name; the default one may come first, as before.
+    IF p.id IS NULL AND source <> 'default' THEN
+        RAISE EXCEPTION 'person source "%" does not exist', source USING ERRCODE = 'undefined_object',
+            DETAIL = 'A contract source names the person source whose persons its contracts belong to.',
+            HINT = coalesce('The person sources: ' || (SELECT string_agg(format('%s (%s)', s.name, s.relation), ', ' ORDER BY s.id)
+                                                       FROM identity_sync.source s WHERE s.role = 'person') || '.',
+                            'Register it first with identity_sync.add_person_source(relation, key, source => ...).');
+    END IF;
+    IF other.id IS NOT NULL THEN
+        RAISE EXCEPTION 'person source "%" already has a contract source: %', source, other.relation
+            USING ERRCODE = 'duplicate_object',
+                  HINT = format('There is one contract source per person source; drop it first with identity_sync.drop_source(%L), or register a view that unions your contract tables.',
+                                other.relation::text);
+    END IF;
     PERFORM identity_sync._column_type(relation, person_key, 'person key');
-    PERFORM identity_sync._check_key_types((identity_sync._person_source()).relation, (identity_sync._person_source()).key_column, relation, person_key);
+    PERFORM identity_sync._check_key_types(p.relation, p.key_column, relation, person_key);
     FOREACH t IN ARRAY ARRAY[identity_sync._column_type(relation, starts, 'starts'),
                              identity_sync._column_type(relation, ends, 'ends')] LOOP
         IF t NOT IN ('date'::regtype, 'timestamp'::regtype, 'timestamptz'::regtype) THEN
@@ -356,7 +411,7 @@ BEGIN
         END LOOP;
     END IF;
     PERFORM identity_sync._add_source(relation, 'contract', capture, key_column => person_key,
-                                      starts_column => starts, ends_column => ends);
+                                      starts_column => starts, ends_column => ends, name => source);
 END
 $$;
 
@@ -975,8 +1030,8 @@ $$;
 SELECT identity_sync._revoke_public_execute();
 
 -- Admins: configuration.
-GRANT EXECUTE ON FUNCTION identity_sync.add_person_source(regclass, text),
-                          identity_sync.add_contract_source(regclass, text, text, text),
+GRANT EXECUTE ON FUNCTION identity_sync.add_person_source(regclass, text, text, integer),
+                          identity_sync.add_contract_source(regclass, text, text, text, text),
                           identity_sync.add_related_source(regclass, text),
                           identity_sync.drop_source(regclass),
                           identity_sync.set_primary_contract(text),
@@ -1000,8 +1055,8 @@ GRANT EXECUTE ON FUNCTION identity_sync.normalize_diacritics(text), identity_syn
    TO identity_sync_reader, identity_sync_evaluator;
 GRANT EXECUTE ON FUNCTION identity_sync._at(int) TO identity_sync_evaluator;
 
-COMMENT ON FUNCTION identity_sync.add_person_source(regclass, text) IS 'Register the person source: one row per person, identified by key (primary key or unique column).';
-COMMENT ON FUNCTION identity_sync.add_contract_source(regclass, text, text, text) IS 'Register the contract source: time-ranged rows (starts, inclusive ends; NULL = open) of a person.';
+COMMENT ON FUNCTION identity_sync.add_person_source(regclass, text, text, integer) IS 'Register a person source: one row per person, identified by key (primary key or unique column); several sources have names and priorities (the highest that has a person gives person).';
+COMMENT ON FUNCTION identity_sync.add_contract_source(regclass, text, text, text, text) IS 'Register the contract source of a person source (by its name, default ''default''): time-ranged rows (starts, inclusive ends; NULL = open) of a person.';
 COMMENT ON FUNCTION identity_sync.add_related_source(regclass, text) IS 'Register a related table; affected is a query over the changed rows ("changed") returning person keys.';
 COMMENT ON FUNCTION identity_sync.drop_source(regclass) IS 'Unregister a source and remove its capture triggers.';
 COMMENT ON FUNCTION identity_sync.set_primary_contract(text) IS 'ORDER BY over contract (and today) choosing the primary contract; NULL restores the default (active first, latest end, latest start).';

@@ -91,6 +91,13 @@ BEGIN
     IF p.id IS NULL THEN
         RETURN ARRAY(SELECT DISTINCT person_key FROM identity_sync.account);
     END IF;
+    -- Several person sources (15_sources.sql): every linked person, and every holder of an
+    -- account but the merged persons of open merge conflicts, whose accounts wait.
+    IF identity_sync._several_sources() THEN
+        RETURN ARRAY(SELECT person_key FROM identity_sync._person_link
+                     UNION SELECT person_key FROM identity_sync.account
+                     EXCEPT SELECT merged_key FROM identity_sync._merge_conflict WHERE resolved_at IS NULL);
+    END IF;
     -- The person source as identity_sync.run_as (src/evaluate.rs): a view's functions run as
     -- that role, not as the owner of this function.
     keys := identity_sync._evaluate(format('SELECT ARRAY(SELECT %I::text FROM %s)', p.key_column, p.relation),
@@ -166,6 +173,7 @@ CREATE FUNCTION identity_sync._check_boundaries()
 RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     c identity_sync.source := identity_sync._contract_source();
+    n int := 0;
     today date := identity_sync._today();
     last date := (SELECT boundary_checked_on FROM identity_sync._settings);
     shifts interval[];
@@ -185,21 +193,25 @@ BEGIN
     end_shifts := ARRAY(SELECT DISTINCT coalesce((options->>x)::interval, '0')
                           FROM identity_sync.target, unnest(ARRAY['disable_after', 'delete_after']) AS x
                          UNION SELECT interval '0');
-    -- The contract source as identity_sync.run_as (src/evaluate.rs), like every read of a source.
-    keys := identity_sync._evaluate(format($q$
-        SELECT ARRAY(
-            SELECT DISTINCT c.%1$I::text FROM unnest(%5$L::interval[]) AS sh, %2$s AS c
-             WHERE c.%3$I > (%7$L::date - sh) AND c.%3$I <= (%8$L::date - sh)
-            UNION
-            SELECT DISTINCT c.%1$I::text FROM unnest(%6$L::interval[]) AS sh, %2$s AS c
-             WHERE c.%4$I > (%7$L::date - sh - interval '1 day') AND c.%4$I <= (%8$L::date - sh - interval '1 day')
-        ) $q$, c.key_column, c.relation, c.starts_column, c.ends_column, shifts, end_shifts, last, today),
-        NULL::text[], ARRAY[format('contract source %s', c.relation)]);
-    IF cardinality(keys) > 0 THEN
-        INSERT INTO identity_sync.change (source_id, op, keys) VALUES (c.id, 'boundary', keys);
-    END IF;
+    -- Each contract source as identity_sync.run_as (src/evaluate.rs), like every read of a
+    -- source (several with several person sources: their keys become person keys when claimed).
+    FOR c IN SELECT * FROM identity_sync.source WHERE role = 'contract' ORDER BY id LOOP
+        keys := identity_sync._evaluate(format($q$
+            SELECT ARRAY(
+                SELECT DISTINCT c.%1$I::text FROM unnest(%5$L::interval[]) AS sh, %2$s AS c
+                 WHERE c.%3$I > (%7$L::date - sh) AND c.%3$I <= (%8$L::date - sh)
+                UNION
+                SELECT DISTINCT c.%1$I::text FROM unnest(%6$L::interval[]) AS sh, %2$s AS c
+                 WHERE c.%4$I > (%7$L::date - sh - interval '1 day') AND c.%4$I <= (%8$L::date - sh - interval '1 day')
+            ) $q$, c.key_column, c.relation, c.starts_column, c.ends_column, shifts, end_shifts, last, today),
+            NULL::text[], ARRAY[format('contract source %s', c.relation)]);
+        IF cardinality(keys) > 0 THEN
+            INSERT INTO identity_sync.change (source_id, op, keys) VALUES (c.id, 'boundary', keys);
+        END IF;
+        n := n + coalesce(cardinality(keys), 0);
+    END LOOP;
     UPDATE identity_sync._settings SET boundary_checked_on = today;
-    RETURN coalesce(cardinality(keys), 0);
+    RETURN n;
 END
 $$;
 

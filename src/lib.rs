@@ -35,6 +35,7 @@ pgrx::extension_sql_file!("../sql/00_schema.sql", name = "schema", bootstrap);
 sql_in_load_order! {
     "schema";
     "../sql/10_config.sql" as "config" requires [normalize_diacritics, slug, name_variants, "expression_marker"];
+    "../sql/15_sources.sql" as "sources";
     "../sql/20_capture.sql" as "capture" requires [_capture];
     "../sql/30_plan/00_person.sql" as "plan_person";
     "../sql/30_plan/10_compile.sql" as "plan_compile";

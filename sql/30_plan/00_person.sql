@@ -37,8 +37,64 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       FROM identity_sync._contract_source() AS c
 $$;
 
+-- SQL text of the aggregates over a person's contracts `c` (from `rel`, dates in the columns
+-- starts and ends) that the lifecycle reads, for a target's intervals `opts`: contracts (as
+-- `contracts_expr`), _exists, _enabled and _creatable (each also true when `also` is).
+CREATE FUNCTION identity_sync._contract_aggregates(opts jsonb, contracts_expr text, starts name, ends name, also text)
+RETURNS text LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format(
+            'SELECT %1$s AS contracts, '
+            || '(coalesce(bool_or(c.%2$I::date - %4$s::interval <= today AND (%7$s::interval IS NULL OR c.%3$I IS NULL OR today <= c.%3$I::date + %7$s::interval)), false) OR %8$s) AS _exists, '
+            || '(coalesce(bool_or(c.%2$I::date - %5$s::interval <= today AND (c.%3$I IS NULL OR today <= c.%3$I::date + %6$s::interval)), false) OR %8$s) AS _enabled, '
+            -- A new account only for a person who is (about to be) working: not for a leaver of
+            -- years ago whom a first sync meets.
+            || '(coalesce(bool_or(c.%2$I::date - %4$s::interval <= today AND (c.%3$I IS NULL OR today <= c.%3$I::date + %6$s::interval)), false) OR %8$s) AS _creatable ',
+            contracts_expr, starts, ends,
+            quote_literal(coalesce(opts->>'create_before', '0')), quote_literal(coalesce(opts->>'enable_before', '0')),
+            quote_literal(coalesce(opts->>'disable_after', '0')),
+            CASE WHEN opts->>'delete_after' IS NULL THEN 'NULL' ELSE quote_literal(opts->>'delete_after') END, also)
+$$;
+
+-- The FROM clause with several person sources (15_sources.sql): the person keys $1 with their
+-- links $4 (_links_of); person is the record of the highest-priority
+-- source (the sources' columns together, with source), persons every record (jsonb, highest
+-- priority first, each with its source), contracts every contract of every source (jsonb, each
+-- with its source), contract the primary one of them. A person one of whose records comes from
+-- a source without contract source counts as working while that record is there.
+CREATE FUNCTION identity_sync._from_clause_several(opts jsonb)
+RETURNS text LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c identity_sync.source := identity_sync._contract_source();
+    recs text := identity_sync._records_sql('person', true);
+    crecs text := identity_sync._records_sql('contract', true);
+    pcols text := (SELECT string_agg(format('r.%I', u.col), ', ' ORDER BY u.n) FROM identity_sync._union_columns('person') AS u);
+    ccols text := (SELECT string_agg(format('contract.%I', u.col), ', ' ORDER BY u.n) FROM identity_sync._union_columns('contract') AS u);
+    sql text;
+BEGIN
+    PERFORM identity_sync._require_person_source();
+    sql := format('FROM unnest($1::text[], $4::text[]) AS _k(person_key, _links) CROSS JOIN LATERAL (SELECT $2::date AS today, $3::int AS iteration) AS _p '
+                  'CROSS JOIN LATERAL (SELECT r.source, %2$s FROM (%1$s) AS r ORDER BY r.priority DESC, r.source, r._key LIMIT 1) AS person '
+                  'CROSS JOIN LATERAL (SELECT jsonb_agg(jsonb_build_object(''source'', r.source) || r._record ORDER BY r.priority DESC, r.source, r._key) AS persons, '
+                  'bool_or(r._always) AS _always FROM (%1$s) AS r) AS _ps ',
+                  recs, pcols);
+    IF c.id IS NULL THEN
+        sql := sql || 'CROSS JOIN LATERAL (SELECT NULL::record AS contract, ''[]''::jsonb AS contracts, true AS _exists, true AS _enabled, true AS _creatable) AS _c ';
+    ELSE
+        sql := sql || format('CROSS JOIN LATERAL (%s FROM (%s) AS c) AS _cs ',
+                             identity_sync._contract_aggregates(opts,
+                                 format('coalesce(jsonb_agg(jsonb_build_object(''source'', c.source) || c._record ORDER BY c.%1$I, c.%2$I, c.source), ''[]'')',
+                                        c.starts_column, c.ends_column),
+                                 c.starts_column, c.ends_column, 'coalesce(_ps._always, false)'), crecs)
+            || format('LEFT JOIN LATERAL (SELECT contract.source, %s FROM (%s) AS contract ORDER BY %s LIMIT 1) AS contract ON true ',
+                      ccols, crecs, identity_sync._primary_contract_order());
+    END IF;
+    RETURN sql || 'WHERE true';
+END
+$$;
+
 -- SQL text of the FROM clause that binds the names person, contract, contracts, today and
--- iteration for one target (NULL: neutral lifecycle). $1 = keys (text[]), $2 = day, $3 = iteration.
+-- iteration for one target (NULL: neutral lifecycle). $1 = keys (text[]), $2 = day, $3 = iteration;
+-- with several person sources (_from_clause_several) also persons, and $4 = the links.
 CREATE FUNCTION identity_sync._from_clause(opts jsonb DEFAULT '{}')
 RETURNS text LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -50,6 +106,9 @@ DECLARE
     delete_after  text := CASE WHEN opts->>'delete_after' IS NULL THEN 'NULL' ELSE quote_literal(opts->>'delete_after') END;
     sql text;
 BEGIN
+    IF identity_sync._several_sources() THEN
+        RETURN identity_sync._from_clause_several(opts);
+    END IF;
     sql := format('FROM %s AS person CROSS JOIN LATERAL (SELECT $2::date AS today, $3::int AS iteration) AS _p ', p.relation);
     IF c.id IS NULL THEN
         sql := sql || 'CROSS JOIN LATERAL (SELECT NULL::record AS contract, NULL::record[] AS contracts, true AS _exists, true AS _enabled, true AS _creatable) AS _c ';
@@ -72,7 +131,8 @@ $$;
 
 CREATE FUNCTION identity_sync._person_key_expr() RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT format('person.%I::text', (identity_sync._person_source()).key_column)
+    SELECT CASE WHEN identity_sync._several_sources() THEN '_k.person_key'
+                ELSE format('person.%I::text', (identity_sync._person_source()).key_column) END
 $$;
 
 -- A person key given by a user (person(), preview()): not null, and of the person key column's
@@ -84,8 +144,8 @@ DECLARE
     keytype regtype;
 BEGIN
     PERFORM identity_sync._not_null(person_key, 'the person key');
-    IF p.id IS NULL THEN
-        RETURN;   -- _from_clause says what is missing
+    IF p.id IS NULL OR identity_sync._several_sources() THEN
+        RETURN;   -- _from_clause says what is missing; with several sources keys are text
     END IF;
     keytype := identity_sync._column_type(p.relation, p.key_column, 'person key');
     BEGIN
@@ -102,12 +162,14 @@ RETURNS jsonb LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_cata
 DECLARE
     doc jsonb;
     has_contracts boolean := (identity_sync._contract_source()).id IS NOT NULL;
+    several boolean := identity_sync._several_sources();
     q text;
 BEGIN
     PERFORM identity_sync._check_person_key(person_key);
-    q := format('SELECT jsonb_build_object(''person_key'', %s, ''person'', to_jsonb(person), '
+    q := format('SELECT jsonb_build_object(''person_key'', %s, ''person'', to_jsonb(person), %s'
                    '''contract'', %s, ''contracts'', %s, ''active'', %s, ''today'', today) %s',
                    identity_sync._person_key_expr(),
+                   CASE WHEN several THEN '''persons'', persons, ' ELSE '' END,
                    CASE WHEN has_contracts THEN 'CASE WHEN contract IS NULL THEN NULL ELSE to_jsonb(contract) END' ELSE 'NULL::jsonb' END,
                    CASE WHEN has_contracts THEN 'coalesce(to_jsonb(contracts), ''[]'')' ELSE '''[]''::jsonb' END,
                    CASE WHEN has_contracts THEN '_enabled' ELSE 'true' END,
@@ -115,7 +177,8 @@ BEGIN
     PERFORM identity_sync._use_user_search_path();
     -- As identity_sync.run_as, read-only (src/evaluate.rs): the sources may be views, and the
     -- primary contract order is user SQL.
-    doc := identity_sync._evaluate(q, NULL::jsonb, ARRAY['person document'], ARRAY[person_key], identity_sync._today(), 0);
+    doc := identity_sync._evaluate(q, NULL::jsonb, ARRAY['person document'], ARRAY[person_key], identity_sync._today(), 0,
+                                   identity_sync._links_of(ARRAY[person_key]));
     RETURN doc;
 END
 $$;
@@ -125,4 +188,4 @@ SELECT identity_sync._revoke_public_execute();
 
 GRANT EXECUTE ON FUNCTION identity_sync.person(text) TO identity_sync_operator;
 
-COMMENT ON FUNCTION identity_sync.person(text) IS 'The person document: person row, contracts, primary contract, active today.';
+COMMENT ON FUNCTION identity_sync.person(text) IS 'The person document: person row, contracts, primary contract, active today; with several sources also persons (every source''s record).';

@@ -106,6 +106,7 @@ BEGIN
         format('SELECT coalesce(array_agg(ROW(%1$s)::identity_sync._desired_row), ''{}'') FROM (%2$s) AS q',
                identity_sync._compiled_columns(), t.compiled),
         NULL::identity_sync._desired_row[], identity_sync._compiled_names(t.id), keys, today, iteration,
+        identity_sync._links_of(keys),
         timeout_ms => identity_sync._statement_timeout_ms(t.options),
         setting => identity_sync._statement_timeout_setting(t));
 END

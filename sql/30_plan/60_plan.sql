@@ -14,7 +14,8 @@ $$;
 -- Move outbox rows into the deduplicated dirty set. The outbox is append-only on the HR write
 -- path; this is where duplicates collapse. Each outbox row goes to change_log (what it was,
 -- which transaction, when it committed) and each person remembers which changes made it dirty
--- (up to 50), for plan_cause and trace().
+-- (up to 50), for plan_cause and trace(). With several person sources (15_sources.sql) the
+-- outbox holds each source's own keys: _link_keys turns them into person keys here.
 CREATE FUNCTION identity_sync._claim_changes(max_rows int)
 RETURNS int LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     WITH c AS (
@@ -28,7 +29,9 @@ RETURNS int LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
           FROM c),
     k AS (
         SELECT DISTINCT ON (key) key, source_id, op, at, array_agg(id) OVER (PARTITION BY key) AS ids
-          FROM c, unnest(c.keys) AS key
+          FROM c, unnest(CASE WHEN (SELECT identity_sync._several_sources()) AND c.source_id IS NOT NULL
+                                   AND c.op NOT IN ('truncate', 'affected_timeout')
+                              THEN identity_sync._link_keys(c.source_id, c.keys) ELSE c.keys END) AS key
          WHERE key IS NOT NULL
          ORDER BY key, at, id),
     ins AS (

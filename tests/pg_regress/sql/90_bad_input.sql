@@ -94,6 +94,37 @@ SELECT identity_sync.add_person_source('hr.other', 'id');
 \echo SQLSTATE :SQLSTATE
 SELECT identity_sync.add_contract_source('hr.other', 'id', 'id', 'id');
 \echo SQLSTATE :SQLSTATE
+-- several sources: names, priorities, the match rule, merge conflicts
+SELECT identity_sync.add_person_source('hr.other', 'id', source => 'default', priority => 50);
+\echo SQLSTATE :SQLSTATE
+SELECT identity_sync.add_person_source('hr.other', 'id', source => '');
+\echo SQLSTATE :SQLSTATE
+SELECT identity_sync.add_person_source('hr.other', 'id', source => 'vendor:x');
+\echo SQLSTATE :SQLSTATE
+SELECT identity_sync.add_person_source('hr.other', 'id', source => E'ven\ndor');
+\echo SQLSTATE :SQLSTATE
+SELECT identity_sync.add_person_source('hr.other', 'id', source => 'vendor', priority => NULL);
+\echo SQLSTATE :SQLSTATE
+SELECT identity_sync.add_contract_source('hr.contract_text', 'person_id', 'starts', 'ends', source => 'vendor');
+\echo SQLSTATE :SQLSTATE
+SELECT identity_sync.add_contract_source('hr.contract_text', 'person_id', 'starts', 'ends', source => NULL);
+\echo SQLSTATE :SQLSTATE
+SELECT identity_sync.set_person_match('a.email');
+\echo SQLSTATE :SQLSTATE
+SELECT identity_sync.set_person_match('a.id + b.id');
+\echo SQLSTATE :SQLSTATE
+SELECT identity_sync.set_person_match('a.national_id = b.national_id');
+\echo SQLSTATE :SQLSTATE
+SELECT identity_sync.set_person_match('a.id = b.id; DROP TABLE hr.person');
+\echo SQLSTATE :SQLSTATE
+SELECT identity_sync.set_person_match('a.id = b.id) OR (true');
+\echo SQLSTATE :SQLSTATE
+SELECT identity_sync.set_person_match('count(*) > 0');
+\echo SQLSTATE :SQLSTATE
+SELECT identity_sync.resolve_merge_conflict('1');
+\echo SQLSTATE :SQLSTATE
+SELECT identity_sync.resolve_merge_conflict(NULL);
+\echo SQLSTATE :SQLSTATE
 SELECT identity_sync.add_related_source('hr.dept', 'SELECT 1');
 \echo SQLSTATE :SQLSTATE
 SELECT identity_sync.add_related_source('hr.seq', 'SELECT 1');
