@@ -5,8 +5,8 @@
 -- sample to 100,000 and then 1,000,000 (copies 10 to 99) between its measurements.
 INSERT INTO employee (emp_no, birth_date, first_name, last_name, gender, hire_date)
 SELECT e.emp_no + k * 10000, e.birth_date,
-       f.a[1 + ((e.emp_no::bigint * 7919 + k * 104729) % cardinality(f.a))],
-       l.a[1 + ((e.emp_no::bigint * 15485863 + k * 32452843) % cardinality(l.a))],
+       f.a[1 + ((e.emp_no::bigint * 7919 + k::bigint * 104729) % cardinality(f.a))],
+       l.a[1 + ((e.emp_no::bigint * 15485863 + k::bigint * 32452843) % cardinality(l.a))],
        e.gender, e.hire_date
   FROM employee e, generate_series(:first, :last) AS k,
        (SELECT array_agg(DISTINCT first_name) AS a FROM employee) AS f,

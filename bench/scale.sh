@@ -38,7 +38,7 @@ SELECT round(extract(epoch FROM clock_timestamp() - '$t0'::timestamptz)::numeric
         echo
         echo "identity_sync scale benchmark — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, PostgreSQL $(q "SHOW server_version" | cut -d' ' -f1); one dry-run target"
         echo
-        printf '%-10s %-10s %-10s %-14s %-10s %s\n' persons seconds events "persons/s" "× 10k" "load (1 min)"
+        printf '%-10s %-10s %-10s %-14s %-10s %s\n' persons seconds events "persons/s" "÷ 10,000s" "load (1 min)"
         local first_rate="" r
         for r in "${rows[@]}"; do
             set -- $r
