@@ -523,11 +523,21 @@ fn a_request_tells_each_owner_and_the_decision_tells_the_requester() {
 }
 
 /// Issue 16: a mass termination held by max_disables makes one target_held mail to the
-/// operator list; release makes none extra.
+/// operator list (and one signed, Slack-compatible post to their chat webhook); release makes
+/// none extra.
 #[test]
 fn a_held_mass_termination_tells_the_operators_once() {
     let (_cleanup, mut c) = fresh(&[]);
     let sink = SmtpSink::start();
+    let chat = WebhookReceiver::start();
+    const KEY: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let key_file =
+        std::env::temp_dir().join(format!("identity_sync-ntf-key-{}", std::process::id()));
+    std::fs::write(&key_file, KEY).expect("write the signing key");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
     exec(
         &mut c,
         &format!(
@@ -538,8 +548,14 @@ fn a_held_mass_termination_tells_the_operators_once() {
                     body => $$format(E'%s %s events planned within the hour; %s allows %s.\\nDecide: SELECT identity_sync.release(%L); or discard(%L);',
                                      event->>'planned', event->>'kind', event->>'threshold', event->>'allowed',
                                      target->>'name', target->>'name')$$,
-                    options => '{{\"smtp_url\": \"{url}\"}}');",
-            url = sink.url()
+                    options => '{{\"smtp_url\": \"{url}\"}}');
+             SELECT identity_sync.add_notification('operators in chat', 'target_held', $$'#identity-ops'$$,
+                    $$'target ' || (target->>'name') || ' is held'$$,
+                    $$format('%s %s events wait', event->>'planned', event->>'kind')$$,
+                    channel => 'webhook', options => '{{\"url\": \"{hook}\", \"secret_file\": \"{key}\"}}');",
+            url = sink.url(),
+            hook = chat.url("/slack"),
+            key = key_file.display()
         ),
     );
     let leavers = count(
@@ -563,8 +579,8 @@ fn a_held_mass_termination_tells_the_operators_once() {
         wait_until(PATIENCE, || count(
             &mut c,
             "SELECT count(*) FROM identity_sync.notice WHERE state = 'sent'"
-        ) == 1),
-        "the target_held notice is sent:\n{}",
+        ) == 2),
+        "the target_held notices are sent:\n{}",
         notices(&mut c)
     );
     let mails = sink.wait_for(1);
@@ -585,6 +601,29 @@ fn a_held_mass_termination_tells_the_operators_once() {
         "{}",
         mails[0].text
     );
+    assert!(chat.wait_for(1, PATIENCE));
+    let post = &chat.requests()[0];
+    let json = post.json();
+    assert_eq!(json["recipient"], "#identity-ops");
+    let text = json["text"].as_str().unwrap_or_default();
+    assert!(text.starts_with("*target app is held*\n"), "{text}");
+    assert!(text.ends_with("disable events wait"), "{text}");
+    let key = identity_sync_core::webhook_sign::SigningKey::from_secret(KEY).unwrap();
+    let ts: i64 = post
+        .header("webhook-timestamp")
+        .unwrap_or_default()
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        key.verify(
+            post.header("webhook-id").unwrap_or_default(),
+            ts,
+            &post.body,
+            post.header("webhook-signature").unwrap_or_default()
+        ),
+        "the post is signed with the key of secret_file: {:?}",
+        post.headers
+    );
 
     let released: i32 = one(&mut c, "SELECT identity_sync.release('app')");
     assert!(i64::from(released) >= leavers, "{released} < {leavers}");
@@ -597,11 +636,13 @@ fn a_held_mass_termination_tells_the_operators_once() {
     wait_notices_settled(&mut c);
     assert_eq!(
         count(&mut c, "SELECT count(*) FROM identity_sync.notice"),
-        1,
+        2,
         "{}",
         notices(&mut c)
     );
     assert_eq!(sink.mails().len(), 1, "release makes no mail");
+    assert_eq!(chat.count(), 1, "release makes no post");
+    let _ = std::fs::remove_file(&key_file);
 }
 
 /// Issue 16, bad input: an unknown event name, recipients that are not text or text[], a subject
