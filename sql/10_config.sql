@@ -315,6 +315,10 @@ CREATE FUNCTION identity_sync._add_source(relation regclass, role text, capture 
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     src identity_sync.source;
+    t record;
+    msg text;
+    det text;
+    code text;
 BEGIN
     INSERT INTO identity_sync.source (relation, role, key_column, starts_column, ends_column, affected, capture, snapshot_interval,
                                       name, priority)
@@ -328,6 +332,21 @@ BEGIN
         IF identity_sync._several_sources() THEN
             PERFORM identity_sync._check_several_sources();
             PERFORM identity_sync._link_all();
+            -- The person document changed shape: say which target it breaks, and how.
+            FOR t IN SELECT x.id, x.name FROM identity_sync.target x ORDER BY x.id LOOP
+                BEGIN
+                    PERFORM identity_sync._compile(t.id);
+                EXCEPTION WHEN OTHERS THEN
+                    GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL, code = RETURNED_SQLSTATE;
+                    RAISE EXCEPTION '% of target "%" does not compile with several person sources: %',
+                                    coalesce(identity_sync._blame((SELECT x FROM identity_sync.target x WHERE x.id = t.id)), 'the mappings and rules'),
+                                    t.name, msg
+                        USING ERRCODE = code,
+                              DETAIL = coalesce(nullif(det, ''), format('Source %s makes several person sources.', relation)),
+                              HINT = 'With several person sources, persons and contracts are jsonb arrays of records, each with its source '
+                                     '(README, Several sources): e.g. jsonb_array_elements(contracts) AS c ... c->>''dept_no'' instead of unnest(contracts).';
+                END;
+            END LOOP;
         END IF;
         PERFORM identity_sync._recompile_all();
     END IF;

@@ -363,6 +363,27 @@ fn a_later_match_merges_persons_without_duplicate_accounts() {
         ),
         0
     );
+
+    // HR corrects a national id so that two records match now: captured like any change, the
+    // claim merges them (C-1005 had no account: no conflict).
+    exec(
+        &mut c,
+        "UPDATE employee SET national_id = 'DE-330918741' WHERE emp_no = 10004",
+    );
+    wait_idle(&mut c, 60);
+    let doc = json(&mut c, "SELECT identity_sync.person('10004')");
+    assert_eq!(doc["persons"][1]["contractor_id"], "C-1005", "{doc}");
+    assert_eq!(
+        one::<String>(
+            &mut c,
+            "SELECT person_key FROM identity_sync._person_link WHERE source = 'contractors' AND source_key = 'C-1005'"
+        ),
+        "10004"
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM identity_sync.merge_conflicts"),
+        1
+    );
 }
 
 /// Issue 15, item 5: the contractor register lives in another PostgreSQL cluster, reached

@@ -82,6 +82,30 @@ SELECT * FROM identity_sync.name_variants('Jan', 'van der Berg');
 -- who did what
 SELECT action, object, actor = current_user AS by_me FROM identity_sync.audit_log ORDER BY id;
 
+-- several sources: a board register kept in a spreadsheet, loaded into a table
+CREATE TABLE hr.board (member_no text PRIMARY KEY, given text NOT NULL, family text NOT NULL, email text, seat text);
+CREATE TABLE hr.board_link (member_no text NOT NULL, person_id int NOT NULL);   -- who is also staff
+CREATE TABLE hr.vendor (id text PRIMARY KEY, given text, source text);
+GRANT SELECT ON hr.board, hr.board_link, hr.vendor TO identity_sync_evaluator;
+INSERT INTO hr.board VALUES ('B1', 'Jan', 'van der Berg', 'jan@board.example', 'chair'), ('B2', 'Ada', 'Byron', NULL, 'member');
+INSERT INTO hr.board_link VALUES ('B1', 3);
+-- the rule engineers reads contracts as rows: with several sources they are jsonb records
+SELECT identity_sync.add_person_source('hr.board', 'member_no', source => 'board', priority => 10);
+SELECT identity_sync.drop_rule('crm', 'engineers');
+SELECT identity_sync.add_person_source('hr.board', 'member_no', source => 'board', priority => 10);
+SELECT identity_sync.add_rule('crm', 'engineers', $$EXISTS (SELECT 1 FROM jsonb_array_elements(contracts) c WHERE c->>'dept' = 'E')$$, '{Engineering}');
+SELECT relation, role, name, priority FROM identity_sync.source WHERE role <> 'related' ORDER BY id;
+-- every record carries its source's name as "source": a column of that name is refused
+SELECT identity_sync.add_person_source('hr.vendor', 'id', source => 'vendor');
+-- persons are their own until a match rule (here an explicit link table) joins them
+SELECT source, source_key, person_key FROM identity_sync._person_link ORDER BY 1, 2;
+SELECT identity_sync.person('board:B1');
+SELECT identity_sync.set_person_match($$EXISTS (SELECT FROM hr.board_link l WHERE l.person_id = a.id AND l.member_no = b.member_no)$$);
+SELECT source, source_key, person_key FROM identity_sync._person_link ORDER BY 1, 2;
+SELECT identity_sync.person('3');
+SELECT identity_sync.person('board:B2');
+SELECT * FROM identity_sync.merge_conflicts;
+
 SET client_min_messages = warning;
 DROP EXTENSION identity_sync CASCADE;
 DROP SCHEMA hr CASCADE;
