@@ -530,6 +530,15 @@ mod tests {
         }
     }
 
+    /// A mail channel through the relay at `smtp_url`, without a password.
+    fn mail_via(smtp_url: &str) -> Channel {
+        Channel::Mail {
+            smtp_url: smtp_url.into(),
+            from: "idsync@example.com".into(),
+            password: None,
+        }
+    }
+
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -584,11 +593,7 @@ mod tests {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let port = listener.local_addr().unwrap().port();
             let server = tokio::spawn(smtp_once(listener, "250 ok\r\n"));
-            let n = notice(Channel::Mail {
-                smtp_url: format!("smtp://127.0.0.1:{port}"),
-                from: "idsync@example.com".into(),
-                password: None,
-            });
+            let n = notice(mail_via(&format!("smtp://127.0.0.1:{port}")));
             assert_eq!(send_mail(&n).await, NoticeOutcome::Sent { id: 7 });
             let data = server.await.unwrap();
             assert!(data.contains("Subject: New hire"), "{data}");
@@ -603,11 +608,7 @@ mod tests {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let port = listener.local_addr().unwrap().port();
             let server = tokio::spawn(smtp_once(listener, "250 ok\r\n"));
-            let mut n = notice(Channel::Mail {
-                smtp_url: format!("smtp://127.0.0.1:{port}"),
-                from: "idsync@example.com".into(),
-                password: None,
-            });
+            let mut n = notice(mail_via(&format!("smtp://127.0.0.1:{port}")));
             n.recipient = "ops@example.com, Oncall <oncall@example.com>".into();
             assert_eq!(send_mail(&n).await, NoticeOutcome::Sent { id: 7 });
             let data = server.await.unwrap();
@@ -624,11 +625,7 @@ mod tests {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let port = listener.local_addr().unwrap().port();
             tokio::spawn(smtp_once(listener, "550 no such user\r\n"));
-            let n = notice(Channel::Mail {
-                smtp_url: format!("smtp://127.0.0.1:{port}"),
-                from: "idsync@example.com".into(),
-                password: None,
-            });
+            let n = notice(mail_via(&format!("smtp://127.0.0.1:{port}")));
             match send_mail(&n).await {
                 NoticeOutcome::Failed {
                     transient, error, ..
@@ -642,11 +639,7 @@ mod tests {
             let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let port = closed.local_addr().unwrap().port();
             drop(closed);
-            let n = notice(Channel::Mail {
-                smtp_url: format!("smtp://127.0.0.1:{port}"),
-                from: "idsync@example.com".into(),
-                password: None,
-            });
+            let n = notice(mail_via(&format!("smtp://127.0.0.1:{port}")));
             assert!(matches!(
                 send_mail(&n).await,
                 NoticeOutcome::Failed {
@@ -660,11 +653,7 @@ mod tests {
     #[test]
     fn plain_smtp_goes_to_loopback_only_and_bad_addresses_are_permanent() {
         rt().block_on(async {
-            let n = notice(Channel::Mail {
-                smtp_url: "smtp://relay.example.com:25".into(),
-                from: "idsync@example.com".into(),
-                password: None,
-            });
+            let n = notice(mail_via("smtp://relay.example.com:25"));
             match send_mail(&n).await {
                 NoticeOutcome::Failed {
                     transient, error, ..
@@ -674,11 +663,7 @@ mod tests {
                 }
                 other => panic!("{other:?}"),
             }
-            let mut n = notice(Channel::Mail {
-                smtp_url: "smtp://127.0.0.1:1".into(),
-                from: "idsync@example.com".into(),
-                password: None,
-            });
+            let mut n = notice(mail_via("smtp://127.0.0.1:1"));
             n.recipient = "not an address".into();
             assert!(matches!(
                 send_mail(&n).await,
@@ -783,11 +768,7 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let server = rt.spawn(smtp_once(listener, "250 ok\r\n"));
         let notifier = Notifier::start(Arc::new(|| {})).unwrap();
-        notifier.submit(vec![notice(Channel::Mail {
-            smtp_url: format!("smtp://127.0.0.1:{port}"),
-            from: "idsync@example.com".into(),
-            password: None,
-        })]);
+        notifier.submit(vec![notice(mail_via(&format!("smtp://127.0.0.1:{port}")))]);
         let data = rt.block_on(server).unwrap();
         assert!(data.contains("Subject: New hire"));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
