@@ -6,22 +6,19 @@
 -- between versions.
 
 DO $roles$
+DECLARE
+    r text;
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'identity_sync_reader') THEN
-        CREATE ROLE identity_sync_reader NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'identity_sync_operator') THEN
-        CREATE ROLE identity_sync_operator NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'identity_sync_admin') THEN
-        CREATE ROLE identity_sync_admin NOLOGIN;
-    END IF;
-    -- The role user SQL runs as (the default of the setting identity_sync.run_as,
-    -- src/evaluate.rs): it can log in nowhere and holds nothing but what the extension's files
-    -- grant it (its helper functions) and the administrator grants it (SELECT on HR tables).
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'identity_sync_evaluator') THEN
-        CREATE ROLE identity_sync_evaluator NOLOGIN;
-    END IF;
+    -- identity_sync_evaluator is the role user SQL runs as (the default of the setting
+    -- identity_sync.run_as, src/evaluate.rs): it can log in nowhere and holds nothing but what
+    -- the extension's files grant it (its helper functions) and the administrator grants it
+    -- (SELECT on HR tables).
+    FOREACH r IN ARRAY ARRAY['identity_sync_reader', 'identity_sync_operator', 'identity_sync_admin',
+                             'identity_sync_evaluator'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = r) THEN
+            EXECUTE format('CREATE ROLE %I NOLOGIN', r);
+        END IF;
+    END LOOP;
 END
 $roles$;
 GRANT identity_sync_reader TO identity_sync_operator;
