@@ -18,18 +18,6 @@ SOAK_RATE="${SOAK_RATE:-200}"
 SOAK_RETENTION="${SOAK_RETENTION:-5}"
 SOAK_LOG="$OUT/soak.tsv"
 
-# Wait until identity_sync is idle, polling from here: one short transaction per look. (A
-# long `SELECT identity_sync.wait_idle('30 min')` holds its snapshot while it waits, so no dead
-# row of the queue can be cleaned up meanwhile, and every claim walks the rows delivered since
-# it began: the initial sync ran at 70 events/s that way.)
-soak_wait_idle() {   # $1 = seconds
-    local deadline=$((SECONDS + $1))
-    until [ "$(q "SELECT identity_sync.wait_idle('0 s')")" = t ]; do
-        [ "$SECONDS" -lt "$deadline" ] || die "not idle after $1 s"
-        sleep 0.2
-    done
-}
-
 soak_setup() {
     psql -X -q -v ON_ERROR_STOP=1 -d "$DB" -f bench/soak.sql >/dev/null
     q "ALTER SYSTEM SET identity_sync.event_retention = '${SOAK_RETENTION}min'" >/dev/null
@@ -53,7 +41,7 @@ soak_setup() {
     say "soak: initial sync of both targets (everybody working today)"
     local t0=$EPOCHREALTIME
     q "SELECT identity_sync.resync('hook'), identity_sync.resync('scim')" >/dev/null
-    soak_wait_idle 1800
+    idle 1800
     say "  $(q "SELECT count(*) FROM identity_sync.accounts WHERE state = 'active'") active accounts in $(calc "$EPOCHREALTIME - $t0" 1) s"
     q "VACUUM ANALYZE" >/dev/null
 }
@@ -108,7 +96,7 @@ PGB
         soak_sample "$m"
     done
     wait "$bench_pid" || die "pgbench failed (log: $OUT/soak-pgbench.log)"
-    soak_wait_idle 600
+    idle 600
     local failed lag
     failed=$(q "SELECT count(*) FROM identity_sync.events WHERE state IN ('failed', 'retry')")
     lag=$(q "SELECT count(*) FROM identity_sync.events WHERE state <> 'done'")
