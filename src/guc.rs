@@ -10,7 +10,7 @@ pub static DATABASE: GucSetting<Option<CString>> =
 /// Longest sleep of the worker between ticks when nothing wakes it, in milliseconds.
 pub static NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// Persons planned per planner transaction.
-pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(4000);
 /// Default requests in flight per HTTP target (a target's `max_concurrency` overrides it).
 pub static MAX_CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(16);
 /// Default per-request timeout in milliseconds (a target's `timeout` overrides it).
@@ -65,7 +65,7 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"identity_sync.batch_size",
-        c"Persons planned, and events claimed, per worker transaction.",
+        c"Dirty (person, target) pairs planned, and events claimed at the most, per worker transaction.",
         c"Larger batches plan faster; smaller ones keep transactions shorter.",
         &BATCH_SIZE,
         1,

@@ -43,8 +43,9 @@ CREATE FUNCTION identity_sync._compile(target_id int)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     t identity_sync.target;
-    rules text := '''{}''::text[]';
-    groups text := '''{}''::text[]';
+    conditions text[] := '{}';
+    rules text[] := '{}';
+    groups text := '';
     attrs text := '''{}''::jsonb';
     r record;
     pairs text[] := '{}';
@@ -55,14 +56,16 @@ BEGIN
         UPDATE identity_sync.target SET compiled = NULL WHERE id = target_id;
         RETURN;
     END IF;
-    -- Each expression is preceded by its marker, so that an error or a timeout names it; a
-    -- rule's condition is evaluated for its name and for its groups.
+    -- Each expression is preceded by its marker, so that an error or a timeout names it. A
+    -- rule's condition is evaluated once per person (into _q._r), then read for its name and
+    -- for its groups: written out for each, an EXISTS ran twice, and the planner chose a hash
+    -- of the whole table for one of the two copies (bench/run: 12 ms of a 33 ms batch).
     FOR r IN SELECT * FROM identity_sync._compiled_expressions(t.id) ORDER BY n LOOP
         IF r.kind = 'rule' THEN
-            rules := rules || format(' || CASE WHEN NOT identity_sync._at(%s) THEN NULL WHEN (%s%s) THEN %L::text END',
-                                     r.n, r.expression, E'\n', r.name);
-            groups := groups || format(' || CASE WHEN NOT identity_sync._at(%s) THEN NULL WHEN (%s%s) THEN %L::text[] END',
-                                       r.n, r.expression, E'\n', r.groups);
+            conditions := conditions || format('CASE WHEN identity_sync._at(%s) THEN (%s%s) END',
+                                               r.n, r.expression, E'\n');
+            rules := rules || format('CASE WHEN _q._r[%s] THEN %L::text END', cardinality(conditions), r.name);
+            groups := groups || format(' || CASE WHEN _q._r[%s] THEN %L::text[] END', cardinality(conditions), r.groups);
         ELSE
             pairs := pairs || format('%L, CASE WHEN identity_sync._at(%s) THEN to_jsonb((%s%s)) END',
                                      r.name, r.n, r.expression, E'\n');
@@ -75,14 +78,18 @@ BEGIN
     IF cardinality(pairs) > 0 THEN
         attrs := attrs || ' || jsonb_build_object(' || array_to_string(pairs, ', ') || ')';
     END IF;
-    -- (The last column marks the row's expressions done: what runs until the next row's first
-    -- expression is the person document.)
-    sql := format('SELECT %s AS person_key, array_remove(%s, NULL) AS rules, '
-                  'ARRAY(SELECT DISTINCT g FROM unnest(%s) AS g WHERE g IS NOT NULL ORDER BY g) AS groups, '
-                  '%s AS attributes, _exists AS exists_now, _enabled AS enabled_now, '
-                  'CASE WHEN identity_sync._at(0) THEN _creatable END AS creatable_now ',
-                  identity_sync._person_key_expr(), rules, groups, attrs)
-           || identity_sync._from_clause(t.options);
+    -- The inner query evaluates every expression once per person (OFFSET 0: not pulled up,
+    -- which would copy each condition into every place that reads it); its last column marks
+    -- the row's expressions done (what runs until the next row's first expression is the
+    -- person document).
+    sql := format('SELECT _q.person_key, array_remove(ARRAY[%s]::text[], NULL) AS rules, '
+                  'ARRAY(SELECT DISTINCT g FROM unnest(''{}''::text[]%s) AS g WHERE g IS NOT NULL ORDER BY g) AS groups, '
+                  '_q.attributes, _q.exists_now, _q.enabled_now, _q.creatable_now '
+                  'FROM (SELECT %s AS person_key, ARRAY[%s]::boolean[] AS _r, %s AS attributes, _exists AS exists_now, '
+                  '_enabled AS enabled_now, CASE WHEN identity_sync._at(0) THEN _creatable END AS creatable_now ',
+                  array_to_string(rules, ', '), groups,
+                  identity_sync._person_key_expr(), array_to_string(conditions, ', '), attrs)
+           || identity_sync._from_clause(t.options) || ' OFFSET 0) AS _q';
     -- Parse and plan it once now, as the worker will run it (_evaluate_compiled), so a broken
     -- configuration never reaches the worker.
     t.compiled := sql;

@@ -349,7 +349,7 @@ $$;
 -- marked failing and its persons deferred (_plan_failed), and the others are planned as if it
 -- were not there. It is tried again with backoff, or at once after a configuration change
 -- (_compile) or retry(target).
-CREATE FUNCTION identity_sync._plan(batch_size int DEFAULT 1000)
+CREATE FUNCTION identity_sync._plan(batch_size int DEFAULT 4000)
 RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     claimed int;
