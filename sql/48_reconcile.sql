@@ -647,8 +647,7 @@ BEGIN
     IF t.adopting IS NULL OR (correlate IS NULL AND t.kind <> 'table') THEN
         RETURN 0;
     END IF;
-    CREATE TEMP TABLE IF NOT EXISTS _is_adopt (person_key text, remote_id text) ON COMMIT DELETE ROWS;
-    DELETE FROM pg_temp._is_adopt;
+    PERFORM identity_sync._scratch('_is_adopt', 'person_key text, remote_id text');
     INSERT INTO pg_temp._is_adopt
     SELECT DISTINCT ON (m.person_key) m.person_key, m.remote_id
       FROM (SELECT DISTINCT ON (x.remote_id) d.person_key, x.remote_id

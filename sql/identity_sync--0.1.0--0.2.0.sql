@@ -355,6 +355,21 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION identity_sync._scratch(name text, columns text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel regclass := to_regclass('pg_temp.' || quote_ident(name));
+BEGIN
+    IF rel IS NULL THEN
+        EXECUTE format('CREATE TEMP TABLE %I (%s)', name, columns);
+    ELSIF pg_catalog.pg_relation_size(rel) > 1048576 THEN
+        EXECUTE format('TRUNCATE %s', rel);
+    ELSE
+        EXECUTE format('DELETE FROM %s', rel);
+    END IF;
+END
+$$;
+
 -- sql/10_config.sql
 
 CREATE OR REPLACE FUNCTION identity_sync._check_single_expression(what text, expr text) RETURNS void
@@ -2111,13 +2126,9 @@ DECLARE
     ins text := format('INSERT INTO pg_temp._is_desired (%1$s) SELECT %1$s FROM unnest($1) AS q',
                        identity_sync._compiled_columns());
 BEGIN
-    IF to_regclass('pg_temp._is_desired') IS NULL THEN
-        CREATE TEMP TABLE _is_desired (
-        person_key text PRIMARY KEY, rules text[], groups text[], attributes jsonb,
-        exists_now boolean, enabled_now boolean, creatable_now boolean, iteration int NOT NULL DEFAULT 0, error text
-    ) ON COMMIT DELETE ROWS;
-    END IF;
-    DELETE FROM pg_temp._is_desired;
+    PERFORM identity_sync._scratch('_is_desired',
+        'person_key text PRIMARY KEY, rules text[], groups text[], attributes jsonb, '
+        'exists_now boolean, enabled_now boolean, creatable_now boolean, iteration int NOT NULL DEFAULT 0, error text');
     IF t.compiled IS NULL THEN
         RETURN;
     END IF;
@@ -2235,15 +2246,11 @@ DECLARE
     -- (default), kept as it is (no event at all until a rule matches again), or deleted.
     out_of_scope text := coalesce(t.options->>'out_of_scope', 'disable');
 BEGIN
-    IF to_regclass('pg_temp._is_plan') IS NULL THEN
-        CREATE TEMP TABLE _is_plan (
-        person_key text PRIMARY KEY, in_scope boolean, rules text[], has_account boolean,
-        planned_state text, want_state text, attributes jsonb, changed jsonb, previous jsonb,
-        groups text[], to_grant text[], to_revoke text[], seq bigint, events jsonb,
-        n_events int, has_update boolean
-    ) ON COMMIT DELETE ROWS;
-    END IF;
-    DELETE FROM pg_temp._is_plan;
+    PERFORM identity_sync._scratch('_is_plan',
+        'person_key text PRIMARY KEY, in_scope boolean, rules text[], has_account boolean, '
+        'planned_state text, want_state text, attributes jsonb, changed jsonb, previous jsonb, '
+        'groups text[], to_grant text[], to_revoke text[], seq bigint, events jsonb, '
+        'n_events int, has_update boolean');
 
     INSERT INTO pg_temp._is_plan
     SELECT k.person_key, s.in_scope, s.rules, s.has_account, s.planned_state, s.want_state,
@@ -2345,10 +2352,7 @@ DECLARE
     n int;
     created record;
 BEGIN
-    IF to_regclass('pg_temp._is_done') IS NULL THEN
-        CREATE TEMP TABLE _is_done (LIKE identity_sync.event, new_remote_id text) ON COMMIT DELETE ROWS;
-    END IF;
-    DELETE FROM pg_temp._is_done;
+    PERFORM identity_sync._scratch('_is_done', 'LIKE identity_sync.event, new_remote_id text');
     WITH o AS (SELECT * FROM unnest(ids, remote_ids, statuses) AS o(id, remote_id, status)),
     d AS (
         UPDATE identity_sync.event e
@@ -2418,7 +2422,10 @@ LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 CREATE OR REPLACE FUNCTION identity_sync._claim_changes(max_rows int)
-RETURNS int LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n int;
+BEGIN
     WITH c AS (
         DELETE FROM identity_sync.change
          WHERE ctid = ANY (ARRAY(SELECT ctid FROM identity_sync.change LIMIT max_rows FOR UPDATE SKIP LOCKED))
@@ -2454,7 +2461,9 @@ RETURNS int LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
          CROSS JOIN LATERAL (SELECT unnest(identity_sync._all_person_keys()) AS key WHERE e.at IS NOT NULL) AS x
         ON CONFLICT DO NOTHING
         RETURNING 1)
-    SELECT (SELECT count(*) FROM k)::int + (SELECT count(*) FROM all_ins)::int
+    SELECT (SELECT count(*) FROM k)::int + (SELECT count(*) FROM all_ins)::int INTO n;
+    RETURN n;
+END
 $$;
 
 CREATE OR REPLACE FUNCTION identity_sync._record_causes(plan_id bigint) RETURNS void
@@ -2737,18 +2746,17 @@ DECLARE
     bitmapscan text := current_setting('enable_bitmapscan');
     sort text := current_setting('enable_sort');
 BEGIN
-    -- Plans made for each execution: cached generic plans would be the ones made while the
-    -- registry was small (a new target, the first batches of a resync), a sequential scan that
-    -- is right for a hundred accounts and ruinous for a hundred thousand (bench/run saw batches
-    -- go from 0.2 s to 18 s). For this transaction only: delivery keeps its cached plans.
-    PERFORM pg_catalog.set_config('plan_cache_mode', 'force_custom_plan', true);
+    -- (its plan cached: the outbox has no index to choose, and the dirty set takes its key)
     PERFORM identity_sync._claim_changes(greatest(batch_size / 10, 10));
+    -- From here on plans are made for each execution: cached generic plans would be the ones
+    -- made while the registry was small (a new target, the first batches of a resync), a
+    -- sequential scan that is right for a hundred accounts and ruinous for a hundred thousand
+    -- (bench/run saw batches go from 0.2 s to 18 s). For this transaction only: delivery keeps
+    -- its cached plans.
+    PERFORM pg_catalog.set_config('plan_cache_mode', 'force_custom_plan', true);
     PERFORM identity_sync._undefer(batch_size);
-    IF to_regclass('pg_temp._is_batch') IS NULL THEN
-        CREATE TEMP TABLE _is_batch (person_key text, target_id int, source_id int, op text, first_at timestamptz,
-                                     change_ids bigint[]) ON COMMIT DELETE ROWS;
-    END IF;
-    DELETE FROM pg_temp._is_batch;
+    PERFORM identity_sync._scratch('_is_batch', 'person_key text, target_id int, source_id int, op text, '
+                                                'first_at timestamptz, change_ids bigint[]');
     IF mark ? 'at' AND full_at > clock_timestamp() - interval '1 second' THEN
         from_at := (mark->>'at')::timestamptz;
         from_key := mark->>'key';
@@ -3254,7 +3262,7 @@ $$;
 -- sql/45_housekeeping.sql
 
 CREATE OR REPLACE FUNCTION identity_sync._next_due_ms() RETURNS bigint
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp SET enable_seqscan = off AS $$
 BEGIN
     RETURN greatest(0, (extract(epoch FROM (least(
                -- per target, so that the event_due index answers, from where this session's
@@ -3705,8 +3713,7 @@ BEGIN
     IF t.adopting IS NULL OR (correlate IS NULL AND t.kind <> 'table') THEN
         RETURN 0;
     END IF;
-    CREATE TEMP TABLE IF NOT EXISTS _is_adopt (person_key text, remote_id text) ON COMMIT DELETE ROWS;
-    DELETE FROM pg_temp._is_adopt;
+    PERFORM identity_sync._scratch('_is_adopt', 'person_key text, remote_id text');
     INSERT INTO pg_temp._is_adopt
     SELECT DISTINCT ON (m.person_key) m.person_key, m.remote_id
       FROM (SELECT DISTINCT ON (x.remote_id) d.person_key, x.remote_id

@@ -19,13 +19,9 @@ DECLARE
     ins text := format('INSERT INTO pg_temp._is_desired (%1$s) SELECT %1$s FROM unnest($1) AS q',
                        identity_sync._compiled_columns());
 BEGIN
-    IF to_regclass('pg_temp._is_desired') IS NULL THEN
-        CREATE TEMP TABLE _is_desired (
-        person_key text PRIMARY KEY, rules text[], groups text[], attributes jsonb,
-        exists_now boolean, enabled_now boolean, creatable_now boolean, iteration int NOT NULL DEFAULT 0, error text
-    ) ON COMMIT DELETE ROWS;
-    END IF;
-    DELETE FROM pg_temp._is_desired;
+    PERFORM identity_sync._scratch('_is_desired',
+        'person_key text PRIMARY KEY, rules text[], groups text[], attributes jsonb, '
+        'exists_now boolean, enabled_now boolean, creatable_now boolean, iteration int NOT NULL DEFAULT 0, error text');
     IF t.compiled IS NULL THEN
         RETURN;
     END IF;

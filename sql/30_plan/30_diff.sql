@@ -10,15 +10,11 @@ DECLARE
     -- (default), kept as it is (no event at all until a rule matches again), or deleted.
     out_of_scope text := coalesce(t.options->>'out_of_scope', 'disable');
 BEGIN
-    IF to_regclass('pg_temp._is_plan') IS NULL THEN
-        CREATE TEMP TABLE _is_plan (
-        person_key text PRIMARY KEY, in_scope boolean, rules text[], has_account boolean,
-        planned_state text, want_state text, attributes jsonb, changed jsonb, previous jsonb,
-        groups text[], to_grant text[], to_revoke text[], seq bigint, events jsonb,
-        n_events int, has_update boolean
-    ) ON COMMIT DELETE ROWS;
-    END IF;
-    DELETE FROM pg_temp._is_plan;
+    PERFORM identity_sync._scratch('_is_plan',
+        'person_key text PRIMARY KEY, in_scope boolean, rules text[], has_account boolean, '
+        'planned_state text, want_state text, attributes jsonb, changed jsonb, previous jsonb, '
+        'groups text[], to_grant text[], to_revoke text[], seq bigint, events jsonb, '
+        'n_events int, has_update boolean');
 
     INSERT INTO pg_temp._is_plan
     SELECT k.person_key, s.in_scope, s.rules, s.has_account, s.planned_state, s.want_state,

@@ -58,10 +58,7 @@ DECLARE
     n int;
     created record;
 BEGIN
-    IF to_regclass('pg_temp._is_done') IS NULL THEN
-        CREATE TEMP TABLE _is_done (LIKE identity_sync.event, new_remote_id text) ON COMMIT DELETE ROWS;
-    END IF;
-    DELETE FROM pg_temp._is_done;
+    PERFORM identity_sync._scratch('_is_done', 'LIKE identity_sync.event, new_remote_id text');
     WITH o AS (SELECT * FROM unnest(ids, remote_ids, statuses) AS o(id, remote_id, status)),
     d AS (
         UPDATE identity_sync.event e

@@ -16,8 +16,13 @@ $$;
 -- which transaction, when it committed) and each person remembers which changes made it dirty
 -- (up to 50), for plan_cause and trace(). With several person sources (15_sources.sql) the
 -- outbox holds each source's own keys: _link_keys turns them into person keys here.
+-- (PL/pgSQL, not SQL: a SQL function's statement is parsed and planned at every call, which
+-- was 0.4 ms of each of the worker's planning transactions; this one's plan is cached.)
 CREATE FUNCTION identity_sync._claim_changes(max_rows int)
-RETURNS int LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n int;
+BEGIN
     WITH c AS (
         DELETE FROM identity_sync.change
          WHERE ctid = ANY (ARRAY(SELECT ctid FROM identity_sync.change LIMIT max_rows FOR UPDATE SKIP LOCKED))
@@ -53,7 +58,9 @@ RETURNS int LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
          CROSS JOIN LATERAL (SELECT unnest(identity_sync._all_person_keys()) AS key WHERE e.at IS NOT NULL) AS x
         ON CONFLICT DO NOTHING
         RETURNING 1)
-    SELECT (SELECT count(*) FROM k)::int + (SELECT count(*) FROM all_ins)::int
+    SELECT (SELECT count(*) FROM k)::int + (SELECT count(*) FROM all_ins)::int INTO n;
+    RETURN n;
+END
 $$;
 
 -- The causes of the batch a plan claimed (pg_temp._is_batch, _plan): per captured change, the
@@ -375,18 +382,17 @@ DECLARE
     bitmapscan text := current_setting('enable_bitmapscan');
     sort text := current_setting('enable_sort');
 BEGIN
-    -- Plans made for each execution: cached generic plans would be the ones made while the
-    -- registry was small (a new target, the first batches of a resync), a sequential scan that
-    -- is right for a hundred accounts and ruinous for a hundred thousand (bench/run saw batches
-    -- go from 0.2 s to 18 s). For this transaction only: delivery keeps its cached plans.
-    PERFORM pg_catalog.set_config('plan_cache_mode', 'force_custom_plan', true);
+    -- (its plan cached: the outbox has no index to choose, and the dirty set takes its key)
     PERFORM identity_sync._claim_changes(greatest(batch_size / 10, 10));
+    -- From here on plans are made for each execution: cached generic plans would be the ones
+    -- made while the registry was small (a new target, the first batches of a resync), a
+    -- sequential scan that is right for a hundred accounts and ruinous for a hundred thousand
+    -- (bench/run saw batches go from 0.2 s to 18 s). For this transaction only: delivery keeps
+    -- its cached plans.
+    PERFORM pg_catalog.set_config('plan_cache_mode', 'force_custom_plan', true);
     PERFORM identity_sync._undefer(batch_size);
-    IF to_regclass('pg_temp._is_batch') IS NULL THEN
-        CREATE TEMP TABLE _is_batch (person_key text, target_id int, source_id int, op text, first_at timestamptz,
-                                     change_ids bigint[]) ON COMMIT DELETE ROWS;
-    END IF;
-    DELETE FROM pg_temp._is_batch;
+    PERFORM identity_sync._scratch('_is_batch', 'person_key text, target_id int, source_id int, op text, '
+                                                'first_at timestamptz, change_ids bigint[]');
     IF mark ? 'at' AND full_at > clock_timestamp() - interval '1 second' THEN
         from_at := (mark->>'at')::timestamptz;
         from_key := mark->>'key';
