@@ -545,8 +545,12 @@ $$;
 -- touched any temporary table, indexes rebuilt and files truncated, so that each transaction of
 -- the worker's planning and delivery truncated all of them (perf at 100 HR changes/s: a quarter
 -- of the worker's CPU). Emptied by DELETE while small, and by TRUNCATE once its file holds more
--- than a megabyte: the space of deleted rows is reused only after a VACUUM, which autovacuum
--- never gives temporary tables. Every reader fills the table first in the same transaction.
+-- than 8 pages: the space of deleted rows is reused only after a VACUUM, which autovacuum never
+-- gives temporary tables, and the planner counts dead rows in its estimate of a table never
+-- analyzed (a few thousand of them turned _apply_done's probe of the registry by key into a
+-- scan of it: README, "Table targets delivered one event at a time"); an emptied table was 0
+-- pages, which the planner takes for 10. Every reader fills the table first in the same
+-- transaction.
 CREATE FUNCTION identity_sync._scratch(name text, columns text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -554,7 +558,7 @@ DECLARE
 BEGIN
     IF rel IS NULL THEN
         EXECUTE format('CREATE TEMP TABLE %I (%s)', name, columns);
-    ELSIF pg_catalog.pg_relation_size(rel) > 1048576 THEN
+    ELSIF pg_catalog.pg_relation_size(rel) > 8 * current_setting('block_size')::int THEN
         EXECUTE format('TRUNCATE %s', rel);
     ELSE
         EXECUTE format('DELETE FROM %s', rel);

@@ -362,7 +362,7 @@ DECLARE
 BEGIN
     IF rel IS NULL THEN
         EXECUTE format('CREATE TEMP TABLE %I (%s)', name, columns);
-    ELSIF pg_catalog.pg_relation_size(rel) > 1048576 THEN
+    ELSIF pg_catalog.pg_relation_size(rel) > 8 * current_setting('block_size')::int THEN
         EXECUTE format('TRUNCATE %s', rel);
     ELSE
         EXECUTE format('DELETE FROM %s', rel);
