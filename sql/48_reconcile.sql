@@ -611,12 +611,13 @@ BEGIN
         RETURN 0;
     END IF;
     PERFORM pg_catalog.set_config('plan_cache_mode', 'force_custom_plan', true);
+    -- (deleted by ctid, never by a join planned on stale statistics: _plan, 60_plan.sql)
     WITH b AS (
-        SELECT d.person_key FROM identity_sync._dirty d
-         WHERE d.held_by = run_id ORDER BY d.person_key LIMIT batch_size FOR UPDATE SKIP LOCKED),
+        SELECT d.ctid FROM identity_sync._dirty d
+         WHERE d.held_by = run_id AND d.target_id = r.target_id
+         ORDER BY d.person_key LIMIT batch_size FOR UPDATE SKIP LOCKED),
     x AS (
-        DELETE FROM identity_sync._dirty d USING b
-         WHERE d.person_key = b.person_key AND d.target_id = r.target_id AND d.held_by = run_id
+        DELETE FROM identity_sync._dirty d WHERE d.ctid = ANY (ARRAY(SELECT b.ctid FROM b))
         RETURNING d.person_key)
     SELECT array_agg(person_key) INTO keys FROM x;
     IF keys IS NULL THEN

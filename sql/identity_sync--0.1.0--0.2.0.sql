@@ -55,6 +55,7 @@ DROP FUNCTION identity_sync.release(text);   -- gone, or its arguments changed
 DROP FUNCTION identity_sync._add_source(regclass,text,text,name,name,name,text);   -- gone, or its arguments changed
 DROP FUNCTION identity_sync.add_person_source(regclass,text);   -- gone, or its arguments changed
 DROP FUNCTION identity_sync.add_contract_source(regclass,text,text,text);   -- gone, or its arguments changed
+DROP FUNCTION identity_sync._plan(integer);   -- its argument's default is gone (identity_sync.batch_size has the one)
 
 -- ---------------------------------------------------------------------------------------------
 -- Tables (00_schema.sql, 48_reconcile.sql): rows stay; new columns come last with their defaults
@@ -2720,7 +2721,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION identity_sync._plan(batch_size int DEFAULT 4000)
+CREATE OR REPLACE FUNCTION identity_sync._plan(batch_size int)
 RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     claimed int;
@@ -2769,14 +2770,18 @@ BEGIN
     PERFORM pg_catalog.set_config('enable_seqscan', 'off', true), pg_catalog.set_config('enable_bitmapscan', 'off', true),
             pg_catalog.set_config('enable_sort', 'off', true);
     LOOP
+        -- The rows claimed are deleted by their ctid (they are locked, so it holds), never by a
+        -- join: planned on statistics from when _dirty was empty (analyzed after a stream of
+        -- HR changes had drained), the join of the claim with a resync's 200,000 dirty rows
+        -- became a nested loop over all of them for each claimed row: 800 million comparisons,
+        -- 104 s for one batch (auto_explain in bench/run, after its capture_oltp phase).
         WITH b AS (
-            SELECT person_key, target_id FROM identity_sync._dirty
+            SELECT ctid FROM identity_sync._dirty
              WHERE held_by IS NULL   -- a reconcile run plans those itself (48_reconcile.sql)
                AND (first_at, person_key, target_id) > (from_at, from_key, from_target)
              ORDER BY first_at, person_key, target_id LIMIT batch_size - claimed FOR UPDATE SKIP LOCKED),
         d AS (
-            DELETE FROM identity_sync._dirty x USING b
-             WHERE x.person_key = b.person_key AND x.target_id = b.target_id
+            DELETE FROM identity_sync._dirty x WHERE x.ctid = ANY (ARRAY(SELECT b.ctid FROM b))
             RETURNING x.person_key, x.target_id, x.source_id, x.op, x.first_at, x.change_ids)
         INSERT INTO pg_temp._is_batch SELECT * FROM d;
         GET DIAGNOSTICS more = ROW_COUNT;
@@ -3681,12 +3686,13 @@ BEGIN
         RETURN 0;
     END IF;
     PERFORM pg_catalog.set_config('plan_cache_mode', 'force_custom_plan', true);
+    -- (deleted by ctid, never by a join planned on stale statistics: _plan, 60_plan.sql)
     WITH b AS (
-        SELECT d.person_key FROM identity_sync._dirty d
-         WHERE d.held_by = run_id ORDER BY d.person_key LIMIT batch_size FOR UPDATE SKIP LOCKED),
+        SELECT d.ctid FROM identity_sync._dirty d
+         WHERE d.held_by = run_id AND d.target_id = r.target_id
+         ORDER BY d.person_key LIMIT batch_size FOR UPDATE SKIP LOCKED),
     x AS (
-        DELETE FROM identity_sync._dirty d USING b
-         WHERE d.person_key = b.person_key AND d.target_id = r.target_id AND d.held_by = run_id
+        DELETE FROM identity_sync._dirty d WHERE d.ctid = ANY (ARRAY(SELECT b.ctid FROM b))
         RETURNING d.person_key)
     SELECT array_agg(person_key) INTO keys FROM x;
     IF keys IS NULL THEN

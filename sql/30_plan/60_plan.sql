@@ -356,7 +356,7 @@ $$;
 -- marked failing and its persons deferred (_plan_failed), and the others are planned as if it
 -- were not there. It is tried again with backoff, or at once after a configuration change
 -- (_compile) or retry(target).
-CREATE FUNCTION identity_sync._plan(batch_size int DEFAULT 4000)
+CREATE FUNCTION identity_sync._plan(batch_size int)
 RETURNS int LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     claimed int;
@@ -405,14 +405,18 @@ BEGIN
     PERFORM pg_catalog.set_config('enable_seqscan', 'off', true), pg_catalog.set_config('enable_bitmapscan', 'off', true),
             pg_catalog.set_config('enable_sort', 'off', true);
     LOOP
+        -- The rows claimed are deleted by their ctid (they are locked, so it holds), never by a
+        -- join: planned on statistics from when _dirty was empty (analyzed after a stream of
+        -- HR changes had drained), the join of the claim with a resync's 200,000 dirty rows
+        -- became a nested loop over all of them for each claimed row: 800 million comparisons,
+        -- 104 s for one batch (auto_explain in bench/run, after its capture_oltp phase).
         WITH b AS (
-            SELECT person_key, target_id FROM identity_sync._dirty
+            SELECT ctid FROM identity_sync._dirty
              WHERE held_by IS NULL   -- a reconcile run plans those itself (48_reconcile.sql)
                AND (first_at, person_key, target_id) > (from_at, from_key, from_target)
              ORDER BY first_at, person_key, target_id LIMIT batch_size - claimed FOR UPDATE SKIP LOCKED),
         d AS (
-            DELETE FROM identity_sync._dirty x USING b
-             WHERE x.person_key = b.person_key AND x.target_id = b.target_id
+            DELETE FROM identity_sync._dirty x WHERE x.ctid = ANY (ARRAY(SELECT b.ctid FROM b))
             RETURNING x.person_key, x.target_id, x.source_id, x.op, x.first_at, x.change_ids)
         INSERT INTO pg_temp._is_batch SELECT * FROM d;
         GET DIAGNOSTICS more = ROW_COUNT;
