@@ -2902,7 +2902,7 @@ $$;
 CREATE OR REPLACE FUNCTION identity_sync._claim(kinds text[], max_events int)
 RETURNS TABLE (event_id bigint, target_id int, person_key text, kind text, payload jsonb,
                remote_id text, attempts int, created_at timestamptz)
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET enable_bitmapscan = off AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     share int;
     eligible int[];
