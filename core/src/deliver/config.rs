@@ -71,8 +71,8 @@ pub enum TargetKind {
     Webhook,
 }
 
-/// How requests authenticate. `Debug` shows the kind and non-secret fields only.
-#[derive(Clone, PartialEq, Eq, Default)]
+/// How requests authenticate. `Debug` shows no secret (`Secret` hides its value).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Auth {
     /// No `Authorization` header.
     #[default]
@@ -104,34 +104,8 @@ pub enum Auth {
     },
 }
 
-impl fmt::Debug for Auth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Auth::None => f.write_str("None"),
-            Auth::Bearer { token } => f.debug_struct("Bearer").field("token", token).finish(),
-            Auth::Basic { username, password } => f
-                .debug_struct("Basic")
-                .field("username", username)
-                .field("password", password)
-                .finish(),
-            Auth::OAuth2 {
-                token_url,
-                client_id,
-                client_secret,
-                scope,
-            } => f
-                .debug_struct("OAuth2")
-                .field("token_url", token_url)
-                .field("client_id", client_id)
-                .field("client_secret", client_secret)
-                .field("scope", scope)
-                .finish(),
-        }
-    }
-}
-
-/// One target as the delivery thread needs it.
-#[derive(Clone, PartialEq, Default)]
+/// One target as the delivery thread needs it. `Debug` shows no secret value (see `Secret`).
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct TargetConfig {
     /// The target's id in `identity_sync`.
     pub id: i32,
@@ -175,24 +149,4 @@ pub fn is_loopback_url(url: &str) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|a| a.is_loopback())
-}
-
-impl fmt::Debug for TargetConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TargetConfig")
-            .field("id", &self.id)
-            .field("name", &self.name)
-            .field("kind", &self.kind)
-            .field("url", &self.url)
-            .field("auth", &self.auth)
-            .field("signing_secret", &self.signing_secret)
-            .field("timeout", &self.timeout)
-            .field("max_concurrency", &self.max_concurrency)
-            .field("correlate_on", &self.correlate_on)
-            .field("create_groups", &self.create_groups)
-            .field("ca_file", &self.ca_file)
-            .field("allow_insecure_http", &self.allow_insecure_http)
-            .field("max_response_bytes", &self.max_response_bytes)
-            .finish()
-    }
 }
