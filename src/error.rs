@@ -167,35 +167,44 @@ impl Error {
         }
     }
 
+    /// The DETAIL and HINT the variant carries as fields (whoever raised it wrote them).
+    fn carried(&self) -> (Option<&str>, Option<&str>) {
+        match self {
+            Error::NoWorker { detail, hint }
+            | Error::AffectedQuery { detail, hint, .. }
+            | Error::CaptureMisinstalled { detail, hint, .. }
+            | Error::SourceNotRegistered { detail, hint, .. }
+            | Error::SourceMismatch { detail, hint, .. }
+            | Error::KeyColumnMissing { detail, hint, .. }
+            | Error::OutboxMissing { detail, hint }
+            | Error::OutboxChanged { detail, hint } => (Some(detail), Some(hint)),
+            Error::InUserSql { detail, hint, .. } => (Some(detail), hint.as_deref()),
+            Error::WritesData { detail, .. } => (Some(detail), None),
+            Error::InvalidPath { .. }
+            | Error::Busy(_)
+            | Error::TimedOut { .. }
+            | Error::NotOneStatement { .. }
+            | Error::RunAs { .. }
+            | Error::Spi(_)
+            | Error::Internal(_) => (None, None),
+        }
+    }
+
     /// The DETAIL of this error, if it has one.
     pub fn detail(&self) -> Option<Cow<'_, str>> {
-        let own = match self {
-            Error::TimedOut { setting, .. } => {
-                Some(format!("Each evaluation is bounded by {setting}."))
-            }
-            Error::NotOneStatement { statements, .. } => {
-                Some(format!("It holds {statements} statements."))
-            }
-            _ => None,
-        };
-        if let Some(d) = own {
-            return Some(Cow::Owned(d));
-        }
         match self {
-            Error::NoWorker { detail, .. }
-            | Error::InUserSql { detail, .. }
-            | Error::AffectedQuery { detail, .. }
-            | Error::CaptureMisinstalled { detail, .. }
-            | Error::SourceNotRegistered { detail, .. }
-            | Error::SourceMismatch { detail, .. }
-            | Error::KeyColumnMissing { detail, .. }
-            | Error::OutboxMissing { detail, .. }
-            | Error::OutboxChanged { detail, .. }
-            | Error::WritesData { detail, .. } => Some(detail),
-            _ => None,
+            Error::TimedOut { setting, .. } => Some(Cow::Owned(format!(
+                "Each evaluation is bounded by {setting}."
+            ))),
+            Error::NotOneStatement { statements, .. } => {
+                Some(Cow::Owned(format!("It holds {statements} statements.")))
+            }
+            _ => self
+                .carried()
+                .0
+                .filter(|d| !d.is_empty())
+                .map(Cow::Borrowed),
         }
-        .filter(|d| !d.is_empty())
-        .map(|d| Cow::Borrowed(d.as_str()))
     }
 
     /// The HINT of this error, if it has one.
@@ -206,15 +215,6 @@ impl Error {
             )));
         }
         match self {
-            Error::NoWorker { hint, .. }
-            | Error::AffectedQuery { hint, .. }
-            | Error::CaptureMisinstalled { hint, .. }
-            | Error::SourceNotRegistered { hint, .. }
-            | Error::SourceMismatch { hint, .. }
-            | Error::KeyColumnMissing { hint, .. }
-            | Error::OutboxMissing { hint, .. }
-            | Error::OutboxChanged { hint, .. } => Some(hint.as_str()),
-            Error::InUserSql { hint, .. } => hint.as_deref(),
             Error::Busy(_) => Some("Wait for the running reconciles, then try again."),
             Error::WritesData { .. } => Some(
                 "identity_sync evaluates user SQL read-only: write a query or expression that only reads.",
@@ -226,7 +226,7 @@ impl Error {
             Error::InvalidPath { .. } => Some(
                 "A SCIM attribute path is a name, a name with one sub-attribute, or a multi-valued element selected with eq: userName, name.givenName, emails[type eq \"work\"].value, urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:department.",
             ),
-            Error::TimedOut { .. } | Error::Spi(_) | Error::Internal(_) => None,
+            _ => self.carried().1,
         }
         .filter(|h| !h.is_empty())
         .map(Cow::Borrowed)
