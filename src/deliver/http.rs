@@ -11,7 +11,6 @@ use super::{ledger, targets};
 use identity_sync_core::deliver::{Dispatcher, Outcome};
 use pgrx::prelude::*;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Events handed to the delivery thread per request a target may have in flight: the target's
@@ -42,22 +41,10 @@ pub struct Http {
 }
 
 impl Http {
-    /// Start the delivery thread. Its notify callback raises SIGUSR1 on our own process, whose
-    /// PostgreSQL handler sets our latch (async-signal-safe, and the only PostgreSQL code that
-    /// runs, in our main thread, since the delivery threads block all signals).
+    /// Start the delivery thread (see `super::start_thread`).
     pub fn start() -> Self {
-        let notify: Arc<dyn Fn() + Send + Sync> = Arc::new(|| unsafe {
-            libc::kill(libc::getpid(), libc::SIGUSR1);
-        });
-        let dispatcher = match Dispatcher::start(notify) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                log!("identity_sync: cannot start the delivery thread: {e}; HTTP targets wait");
-                None
-            }
-        };
         Http {
-            dispatcher,
+            dispatcher: super::start_thread(Dispatcher::start, "delivery", "HTTP targets wait"),
             loaded: None,
             attempts: HashMap::new(),
             unrecorded: Vec::new(),

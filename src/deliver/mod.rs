@@ -19,3 +19,27 @@ pub mod notify;
 pub mod targets;
 pub mod txn;
 pub mod worker;
+
+use pgrx::prelude::*;
+use std::sync::Arc;
+
+/// Starts a thread of `identity_sync_core` with `start`, handing it a callback that raises
+/// SIGUSR1 on our own process, whose PostgreSQL handler sets our latch (async-signal-safe, and
+/// the only PostgreSQL code that runs, in our main thread, since those threads block all
+/// signals). None, logged, when the `thread` cannot start: its work then waits (`waiting`).
+fn start_thread<T>(
+    start: impl FnOnce(Arc<dyn Fn() + Send + Sync>) -> std::io::Result<T>,
+    thread: &str,
+    waiting: &str,
+) -> Option<T> {
+    let notify: Arc<dyn Fn() + Send + Sync> = Arc::new(|| unsafe {
+        libc::kill(libc::getpid(), libc::SIGUSR1);
+    });
+    match start(notify) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            log!("identity_sync: cannot start the {thread} thread: {e}; {waiting}");
+            None
+        }
+    }
+}

@@ -13,7 +13,6 @@ use identity_sync_core::notify::{secret_file, Channel, Notice, NoticeOutcome, No
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Notices in flight at most (the batch claimed per tick is what is left of it).
@@ -29,20 +28,10 @@ pub struct Notify {
 }
 
 impl Notify {
-    /// Start the sending thread; its outcomes set our latch (as `http::Http::start` does).
+    /// Start the sending thread (see `super::start_thread`).
     pub fn start() -> Self {
-        let notify: Arc<dyn Fn() + Send + Sync> = Arc::new(|| unsafe {
-            libc::kill(libc::getpid(), libc::SIGUSR1);
-        });
-        let notifier = match Notifier::start(notify) {
-            Ok(n) => Some(n),
-            Err(e) => {
-                log!("identity_sync: cannot start the notification thread: {e}; notices wait");
-                None
-            }
-        };
         Notify {
-            notifier,
+            notifier: super::start_thread(Notifier::start, "notification", "notices wait"),
             unrecorded: Vec::new(),
             stale: HashSet::new(),
             in_flight: HashSet::new(),

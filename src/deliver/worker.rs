@@ -148,6 +148,17 @@ pub extern "C-unwind" fn identity_sync_worker_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
+/// One step of the tick that handles at most `batch` items: `query` (`$1` is the batch size) in
+/// a transaction of its own. Returns how many it handled; 0 when it failed (logged) or the
+/// worker stepped aside.
+fn batch_step(what: &str, query: &str, batch: i32) -> i32 {
+    in_transaction(what, || {
+        Spi::get_one_with_args::<i32>(query, &[batch.into()])
+    })
+    .and_then(|r| r.ok().flatten())
+    .unwrap_or(0)
+}
+
 /// One round of work; returns how long to sleep unless woken.
 fn tick(
     http: &mut super::http::Http,
@@ -240,11 +251,7 @@ fn tick(
     let mut planned_any = false;
     let planning_until = std::time::Instant::now() + PLANNING_BUDGET;
     while std::time::Instant::now() < planning_until {
-        let n = in_transaction("planning", || {
-            Spi::get_one_with_args::<i32>("SELECT identity_sync._plan($1)", &[batch.into()])
-        })
-        .and_then(|r| r.ok().flatten())
-        .unwrap_or(0);
+        let n = batch_step("planning", "SELECT identity_sync._plan($1)", batch);
         if txn::stepped_aside() {
             return STEP_ASIDE_PAUSE;
         }
@@ -266,11 +273,11 @@ fn tick(
     }
 
     // Table targets are delivered by SQL in our own transactions.
-    let local = in_transaction("delivering to table targets", || {
-        Spi::get_one_with_args::<i32>("SELECT identity_sync._deliver_tables($1)", &[batch.into()])
-    })
-    .and_then(|r| r.ok().flatten())
-    .unwrap_or(0);
+    let local = batch_step(
+        "delivering to table targets",
+        "SELECT identity_sync._deliver_tables($1)",
+        batch,
+    );
 
     if txn::stepped_aside() {
         return STEP_ASIDE_PAUSE;
