@@ -144,16 +144,28 @@ fn redact_url(url: &str) -> String {
     }
 }
 
-/// Sends one mail.
-pub async fn send_mail(notice: &Notice) -> NoticeOutcome {
-    let Channel::Mail {
-        smtp_url,
-        from,
-        password,
-    } = &notice.channel
-    else {
-        return NoticeOutcome::failed(notice.id, "not a mail notice", false);
-    };
+/// Sends one notice by its channel (`client` posts webhooks).
+pub async fn send(client: &reqwest::Client, notice: &Notice) -> NoticeOutcome {
+    match &notice.channel {
+        Channel::Mail {
+            smtp_url,
+            from,
+            password,
+        } => send_mail(notice, smtp_url, from, password.as_ref()).await,
+        Channel::Webhook {
+            url,
+            signing_secret,
+        } => send_webhook(client, notice, url, signing_secret.as_ref()).await,
+    }
+}
+
+/// Sends one mail through the relay `smtp_url`.
+async fn send_mail(
+    notice: &Notice,
+    smtp_url: &str,
+    from: &str,
+    password: Option<&Secret>,
+) -> NoticeOutcome {
     let id = notice.id;
     if smtp_url.trim().is_empty() {
         return NoticeOutcome::failed(
@@ -288,15 +300,13 @@ pub fn webhook_payload(notice: &Notice) -> serde_json::Value {
     })
 }
 
-/// Posts one webhook notice.
-pub async fn send_webhook(client: &reqwest::Client, notice: &Notice) -> NoticeOutcome {
-    let Channel::Webhook {
-        url,
-        signing_secret,
-    } = &notice.channel
-    else {
-        return NoticeOutcome::failed(notice.id, "not a webhook notice", false);
-    };
+/// Posts one webhook notice to `url`.
+async fn send_webhook(
+    client: &reqwest::Client,
+    notice: &Notice,
+    url: &str,
+    signing_secret: Option<&Secret>,
+) -> NoticeOutcome {
     let id = notice.id;
     if url
         .get(..7)
@@ -496,10 +506,7 @@ async fn run(
         let client = client.clone();
         tokio::spawn(async move {
             let outcome = match limit.acquire_owned().await {
-                Ok(_permit) => match notice.channel {
-                    Channel::Mail { .. } => send_mail(&notice).await,
-                    Channel::Webhook { .. } => send_webhook(&client, &notice).await,
-                },
+                Ok(_permit) => send(&client, &notice).await,
                 Err(_) => NoticeOutcome::failed(notice.id, "the notification thread stops", true),
             };
             shared.push(outcome);
@@ -587,14 +594,35 @@ mod tests {
         data
     }
 
+    /// An SMTP relay on a loopback port for one mail (`smtp_once`): its URL and the server.
+    async fn relay(reply_rcpt: &'static str) -> (String, tokio::task::JoinHandle<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(smtp_once(listener, reply_rcpt));
+        (format!("smtp://127.0.0.1:{port}"), server)
+    }
+
+    /// Sends a mail notice.
+    async fn mail(n: &Notice) -> NoticeOutcome {
+        send(&reqwest::Client::new(), n).await
+    }
+
+    /// A failed outcome's `transient` and `error`; panics on any other.
+    fn failure(outcome: NoticeOutcome) -> (bool, String) {
+        match outcome {
+            NoticeOutcome::Failed {
+                transient, error, ..
+            } => (transient, error),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn a_mail_reaches_the_relay() {
         rt().block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let port = listener.local_addr().unwrap().port();
-            let server = tokio::spawn(smtp_once(listener, "250 ok\r\n"));
-            let n = notice(mail_via(&format!("smtp://127.0.0.1:{port}")));
-            assert_eq!(send_mail(&n).await, NoticeOutcome::Sent { id: 7 });
+            let (url, server) = relay("250 ok\r\n").await;
+            let n = notice(mail_via(&url));
+            assert_eq!(mail(&n).await, NoticeOutcome::Sent { id: 7 });
             let data = server.await.unwrap();
             assert!(data.contains("Subject: New hire"), "{data}");
             assert!(data.contains("To: boss@example.com"), "{data}");
@@ -605,12 +633,10 @@ mod tests {
     #[test]
     fn one_recipient_may_name_several_addresses() {
         rt().block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let port = listener.local_addr().unwrap().port();
-            let server = tokio::spawn(smtp_once(listener, "250 ok\r\n"));
-            let mut n = notice(mail_via(&format!("smtp://127.0.0.1:{port}")));
+            let (url, server) = relay("250 ok\r\n").await;
+            let mut n = notice(mail_via(&url));
             n.recipient = "ops@example.com, Oncall <oncall@example.com>".into();
-            assert_eq!(send_mail(&n).await, NoticeOutcome::Sent { id: 7 });
+            assert_eq!(mail(&n).await, NoticeOutcome::Sent { id: 7 });
             let data = server.await.unwrap();
             assert!(
                 data.contains("To: ops@example.com, Oncall <oncall@example.com>"),
@@ -622,56 +648,29 @@ mod tests {
     #[test]
     fn a_refused_recipient_is_permanent_and_a_closed_port_transient() {
         rt().block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let port = listener.local_addr().unwrap().port();
-            tokio::spawn(smtp_once(listener, "550 no such user\r\n"));
-            let n = notice(mail_via(&format!("smtp://127.0.0.1:{port}")));
-            match send_mail(&n).await {
-                NoticeOutcome::Failed {
-                    transient, error, ..
-                } => {
-                    assert!(!transient, "{error}");
-                    assert!(error.contains("no such user"), "{error}");
-                }
-                other => panic!("{other:?}"),
-            }
+            let (url, _server) = relay("550 no such user\r\n").await;
+            let (transient, error) = failure(mail(&notice(mail_via(&url))).await);
+            assert!(!transient, "{error}");
+            assert!(error.contains("no such user"), "{error}");
             // nothing listens there any more
             let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let port = closed.local_addr().unwrap().port();
             drop(closed);
             let n = notice(mail_via(&format!("smtp://127.0.0.1:{port}")));
-            assert!(matches!(
-                send_mail(&n).await,
-                NoticeOutcome::Failed {
-                    transient: true,
-                    ..
-                }
-            ));
+            assert!(failure(mail(&n).await).0);
         });
     }
 
     #[test]
     fn plain_smtp_goes_to_loopback_only_and_bad_addresses_are_permanent() {
         rt().block_on(async {
-            let n = notice(mail_via("smtp://relay.example.com:25"));
-            match send_mail(&n).await {
-                NoticeOutcome::Failed {
-                    transient, error, ..
-                } => {
-                    assert!(!transient);
-                    assert!(error.contains("loopback"), "{error}");
-                }
-                other => panic!("{other:?}"),
-            }
+            let (transient, error) =
+                failure(mail(&notice(mail_via("smtp://relay.example.com:25"))).await);
+            assert!(!transient);
+            assert!(error.contains("loopback"), "{error}");
             let mut n = notice(mail_via("smtp://127.0.0.1:1"));
             n.recipient = "not an address".into();
-            assert!(matches!(
-                send_mail(&n).await,
-                NoticeOutcome::Failed {
-                    transient: false,
-                    ..
-                }
-            ));
+            assert!(!failure(mail(&n).await).0);
         });
     }
 
@@ -731,10 +730,7 @@ mod tests {
                 signing_secret: Some(secret_file(key.to_str().unwrap())),
             });
             let client = reqwest::Client::new();
-            assert_eq!(
-                send_webhook(&client, &n).await,
-                NoticeOutcome::Sent { id: 7 }
-            );
+            assert_eq!(send(&client, &n).await, NoticeOutcome::Sent { id: 7 });
             let request = server.await.unwrap();
             let _ = std::fs::remove_dir_all(&dir);
             assert!(request.contains("webhook-signature: v1,"), "{request}");
