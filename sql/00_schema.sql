@@ -633,19 +633,20 @@ SELECT pg_catalog.pg_extension_config_dump('identity_sync.notification', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync.notice', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync._person_link', '');
 SELECT pg_catalog.pg_extension_config_dump('identity_sync._merge_conflict', '');
--- (one statement each: every call rewrites the pg_extension row)
-SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.source', 'id')::regclass, '');
-SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.target', 'id')::regclass, '');
-SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.mapping', 'position')::regclass, '');
-SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.change', 'id')::regclass, '');
-SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.event', 'id')::regclass, '');
-SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync._audit', 'id')::regclass, '');
-SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.plan_run', 'id')::regclass, '');
-SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.product', 'id')::regclass, '');
-SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.request', 'id')::regclass, '');
-SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.notification', 'id')::regclass, '');
-SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync.notice', 'id')::regclass, '');
-SELECT pg_catalog.pg_extension_config_dump(pg_get_serial_sequence('identity_sync._merge_conflict', 'id')::regclass, '');
+-- Their serial columns' sequences (table.column), one statement each: every call rewrites the
+-- pg_extension row.
+DO $dump$
+DECLARE
+    col text;
+BEGIN
+    FOREACH col IN ARRAY ARRAY['source.id', 'target.id', 'mapping.position', 'change.id', 'event.id', '_audit.id',
+                               'plan_run.id', 'product.id', 'request.id', 'notification.id', 'notice.id',
+                               '_merge_conflict.id'] LOOP
+        PERFORM pg_catalog.pg_extension_config_dump(
+            pg_get_serial_sequence('identity_sync.' || split_part(col, '.', 1), split_part(col, '.', 2))::regclass, '');
+    END LOOP;
+END
+$dump$;
 
 COMMENT ON SCHEMA identity_sync IS 'identity_sync: HR tables as the source of truth for identities';
 COMMENT ON TABLE identity_sync.source IS 'Registered HR sources: person sources, contract sources, related sources.';
