@@ -42,16 +42,14 @@ $$;
 CREATE FUNCTION identity_sync._uninstall_capture(source_id int)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    src identity_sync.source;
+    rel regclass := (SELECT s.relation FROM identity_sync.source s WHERE s.id = source_id AND s.capture = 'trigger');
     op text;
 BEGIN
-    SELECT * INTO src FROM identity_sync.source WHERE id = source_id;
-    IF src.capture <> 'trigger' THEN
-        RETURN;
+    IF rel IS NOT NULL THEN
+        FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'identity_sync_capture_' || op, rel);
+        END LOOP;
     END IF;
-    FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
-        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'identity_sync_capture_' || op, src.relation);
-    END LOOP;
 END
 $$;
 
@@ -310,6 +308,19 @@ BEGIN
 END
 $$;
 
+-- Refuse a schema change that `breaks` something registered (_follow_source_ddl): the error it
+-- caused (`msg`, `det`, `hnt`, from GET STACKED DIAGNOSTICS) raised again, its hint followed by
+-- `fix`.
+CREATE FUNCTION identity_sync._refuse_breaking_change(breaks text, msg text, det text, hnt text, fix text)
+RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RAISE EXCEPTION 'this change breaks %', breaks
+        USING ERRCODE = 'dependent_objects_still_exist',
+              DETAIL = msg || CASE WHEN det <> '' THEN E'\n' || det ELSE '' END,
+              HINT = CASE WHEN hnt <> '' THEN hnt || E'\n' ELSE '' END || fix;
+END
+$$;
+
 -- ddl_command_end: follow renames of registered columns and tables, and refuse a change that
 -- leaves a target or a related source's affected query broken.
 CREATE FUNCTION identity_sync._follow_source_ddl() RETURNS event_trigger
@@ -398,12 +409,9 @@ BEGIN
                 NULL;
             WHEN OTHERS THEN
                 GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
-                RAISE EXCEPTION 'this change breaks the mappings or rules of target "%"', t.name
-                    USING ERRCODE = 'dependent_objects_still_exist',
-                          DETAIL = msg || CASE WHEN det <> '' THEN E'\n' || det ELSE '' END,
-                          HINT = CASE WHEN hnt <> '' THEN hnt || E'\n' ELSE '' END
-                              || 'Change the mappings and rules that use it in the same transaction as the schema change '
-                              || '(identity_sync.unmap and map, drop_rule and add_rule), or undo the change.';
+                PERFORM identity_sync._refuse_breaking_change(format('the mappings or rules of target "%s"', t.name), msg, det, hnt,
+                    'Change the mappings and rules that use it in the same transaction as the schema change '
+                    '(identity_sync.unmap and map, drop_rule and add_rule), or undo the change.');
             END;
         END LOOP;
         -- So is self-service: the login expression and the products' owners conditions.
@@ -427,11 +435,8 @@ BEGIN
             NULL;   -- (grants, not this change: see above)
         WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
-            RAISE EXCEPTION 'this change breaks %', what
-                USING ERRCODE = 'dependent_objects_still_exist',
-                      DETAIL = msg || CASE WHEN det <> '' THEN E'\n' || det ELSE '' END,
-                      HINT = CASE WHEN hnt <> '' THEN hnt || E'\n' ELSE '' END
-                          || 'Change it in the same transaction as the schema change (identity_sync.set_login, alter_product), or undo the change.';
+            PERFORM identity_sync._refuse_breaking_change(what, msg, det, hnt,
+                'Change it in the same transaction as the schema change (identity_sync.set_login, alter_product), or undo the change.');
         END;
     END IF;
 
@@ -448,13 +453,10 @@ BEGIN
             NULL;   -- (grants, not this change: see above)
         WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
-            RAISE EXCEPTION 'this change breaks the affected query of related source %', src.relation
-                USING ERRCODE = 'dependent_objects_still_exist',
-                      DETAIL = msg || CASE WHEN det <> '' THEN E'\n' || det ELSE '' END,
-                      HINT = CASE WHEN hnt <> '' THEN hnt || E'\n' ELSE '' END
-                          || format('Register the source again with a query that works, in the same transaction as the schema change '
-                                    '(SELECT identity_sync.drop_source(%L); SELECT identity_sync.add_related_source(%L, <affected query>);), '
-                                    'or undo the change.', src.relation::text, src.relation::text);
+            PERFORM identity_sync._refuse_breaking_change(format('the affected query of related source %s', src.relation), msg, det, hnt,
+                format('Register the source again with a query that works, in the same transaction as the schema change '
+                       '(SELECT identity_sync.drop_source(%L); SELECT identity_sync.add_related_source(%L, <affected query>);), '
+                       'or undo the change.', src.relation::text, src.relation::text));
         END;
     END LOOP;
 END
