@@ -32,33 +32,23 @@ BEGIN
     WHILE i <= n LOOP
         start := i;
         ch := substr(expr, i, 1);
-        IF ch = '''' THEN
-            -- a string literal: '' is a quote inside it, and so is \' in an E'' string
+        IF ch IN ('''', '"') THEN
+            -- a string literal or a quoted identifier: its quote doubled is a quote inside it,
+            -- and so is \' in an E'' string
             j := i + 1;
             WHILE j <= n LOOP
-                IF substr(expr, j, 1) = E'\\' AND i > 1 AND lower(substr(expr, i - 1, 1)) = 'e' THEN
+                IF ch = '''' AND substr(expr, j, 1) = E'\\' AND i > 1 AND lower(substr(expr, i - 1, 1)) = 'e' THEN
                     j := j + 2;
-                ELSIF substr(expr, j, 2) = '''''' THEN
+                ELSIF substr(expr, j, 2) = ch || ch THEN
                     j := j + 2;
-                ELSIF substr(expr, j, 1) = '''' THEN
+                ELSIF substr(expr, j, 1) = ch THEN
                     EXIT;
                 ELSE
                     j := j + 1;
                 END IF;
             END LOOP;
             IF j > n THEN
-                unterminated := 'string literal';
-                EXIT;
-            END IF;
-            i := j + 1;
-        ELSIF ch = '"' THEN
-            -- a quoted identifier: "" is a quote inside it
-            j := i + 1;
-            WHILE j <= n AND (substr(expr, j, 1) <> '"' OR substr(expr, j, 2) = '""') LOOP
-                j := j + CASE WHEN substr(expr, j, 2) = '""' THEN 2 ELSE 1 END;
-            END LOOP;
-            IF j > n THEN
-                unterminated := 'quoted identifier';
+                unterminated := CASE ch WHEN '''' THEN 'string literal' ELSE 'quoted identifier' END;
                 EXIT;
             END IF;
             i := j + 1;
@@ -128,6 +118,21 @@ BEGIN
 END
 $$;
 
+-- User SQL (`what`) that must be given, and be one expression or query
+-- (_check_single_expression): the first check of every expression and condition an admin
+-- writes. `empty_hint`, if given, is the HINT when it is empty (an example).
+CREATE FUNCTION identity_sync._check_user_text(what text, expr text, empty_hint text DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF (expr IS NULL OR btrim(expr) = '') AND empty_hint IS NULL THEN
+        RAISE EXCEPTION '% is empty', what USING ERRCODE = 'invalid_parameter_value';
+    ELSIF expr IS NULL OR btrim(expr) = '' THEN
+        RAISE EXCEPTION '% is empty', what USING ERRCODE = 'invalid_parameter_value', HINT = empty_hint;
+    END IF;
+    PERFORM identity_sync._check_single_expression(what, expr);
+END
+$$;
+
 -- An argument that must be given: NULL is an error naming it (a NULL would otherwise show up
 -- as "<NULL>" in a message about something else).
 CREATE FUNCTION identity_sync._not_null(value anyelement, what text) RETURNS anyelement
@@ -140,10 +145,12 @@ BEGIN
 END
 $$;
 
--- A name a user gives to a target, rule or product: not empty, and printable (a newline in a
--- name would forge lines wherever it is logged). Names are values, never pasted into SQL.
-CREATE FUNCTION identity_sync._check_name(what text, name text) RETURNS text
-LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+-- A name a user gives to a source, target, rule, notification or product: not empty, and
+-- printable (a newline in a name would forge lines wherever it is logged); for a new name, not
+-- `taken` by another of its kind (`hint` then says what to do). Names are values, never pasted
+-- into SQL.
+CREATE FUNCTION identity_sync._check_name(what text, name text, taken boolean DEFAULT false, hint text DEFAULT NULL)
+RETURNS text LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF name IS NULL OR btrim(name) = '' THEN
         RAISE EXCEPTION '% name is empty', what USING ERRCODE = 'invalid_parameter_value';
@@ -152,6 +159,9 @@ BEGIN
         RAISE EXCEPTION '% name contains a control character', what USING ERRCODE = 'invalid_parameter_value',
             DETAIL = format('The name is %s.', to_jsonb(name)),
             HINT = 'Names are one line of printable characters.';
+    END IF;
+    IF taken THEN
+        RAISE EXCEPTION '% "%" already exists', what, name USING ERRCODE = 'duplicate_object', HINT = hint;
     END IF;
     RETURN name;
 END
@@ -785,11 +795,8 @@ RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_
 DECLARE
     t identity_sync.target;
 BEGIN
-    PERFORM identity_sync._check_name('target', name);
-    IF EXISTS (SELECT FROM identity_sync.target WHERE target.name = add_target.name) THEN
-        RAISE EXCEPTION 'target "%" already exists', name USING ERRCODE = 'duplicate_object',
-            HINT = 'Change it with identity_sync.alter_target(), or drop it first.';
-    END IF;
+    PERFORM identity_sync._check_name('target', name, EXISTS (SELECT FROM identity_sync.target WHERE target.name = add_target.name),
+                                      'Change it with identity_sync.alter_target(), or drop it first.');
     INSERT INTO identity_sync.target (name, kind, url, options)
     VALUES (name, kind, url, identity_sync._validate_options(kind, url, coalesce(options, '{}')))
     RETURNING * INTO t;
@@ -809,11 +816,8 @@ DECLARE
     n identity_sync.target;
 BEGIN
     IF new_name IS NOT NULL THEN
-        PERFORM identity_sync._check_name('target', new_name);
-        IF EXISTS (SELECT FROM identity_sync.target WHERE target.name = new_name AND target.id <> t.id) THEN
-            RAISE EXCEPTION 'target "%" already exists', new_name USING ERRCODE = 'duplicate_object',
-                HINT = 'Choose another name, or drop that target first.';
-        END IF;
+        PERFORM identity_sync._check_name('target', new_name, EXISTS (SELECT FROM identity_sync.target WHERE target.name = new_name AND target.id <> t.id),
+                                          'Choose another name, or drop that target first.');
     END IF;
     IF options IS NOT NULL THEN
         merged := jsonb_strip_nulls(t.options || options);
@@ -920,24 +924,32 @@ EXCEPTION WHEN grouping_error OR windowing_error OR feature_not_supported THEN
 END
 $$;
 
--- Check one user expression (`what`: mapping expression, rule condition) in the context of a
--- target, as identity_sync.run_as and read-only; returns its type. Errors carry the position inside the expression (see
--- _check_expression in src/config/).
-CREATE FUNCTION identity_sync._check_user_expression(t identity_sync.target, expr text, what text DEFAULT 'expression')
+-- Probe a user expression (`what`, checked by _check_user_text) over the FROM clause `from_clause`
+-- as identity_sync.run_as, read-only, in the user's search_path: its type, with the position
+-- of any error inside the expression (_check_expression in src/config/), and one value each
+-- time (_check_one_value: `from_clause` || `joiner` takes the expression as a condition,
+-- ' WHERE', or ' AND' after a WHERE of its own). Build `from_clause` before (names are then
+-- qualified). The one probe of mapping expressions, rule conditions, owners conditions and
+-- notification expressions.
+CREATE FUNCTION identity_sync._probe_user_expression(what text, expr text, from_clause text, joiner text)
 RETURNS regtype LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    q text;
     typ regtype;
 BEGIN
-    IF expr IS NULL OR btrim(expr) = '' THEN
-        RAISE EXCEPTION '% is empty', what USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    PERFORM identity_sync._check_single_expression(what, expr);
-    q := 'SELECT (' || expr || E'\n) AS v ' || identity_sync._from_clause(t.options) || ' LIMIT 0';
     PERFORM identity_sync._use_user_search_path();
-    typ := identity_sync._check_expression(q, 8, expr, what);
-    PERFORM identity_sync._check_one_value(what, 'SELECT 1 ' || identity_sync._from_clause(t.options) || ' AND', expr);
+    typ := identity_sync._check_expression('SELECT (' || expr || E'\n) AS v ' || from_clause || ' LIMIT 0', 8, expr, what);
+    PERFORM identity_sync._check_one_value(what, 'SELECT 1 ' || from_clause || joiner, expr);
     RETURN typ;
+END
+$$;
+
+-- Check one user expression (`what`: mapping expression, rule condition) in the context of a
+-- target; returns its type.
+CREATE FUNCTION identity_sync._check_user_expression(t identity_sync.target, expr text, what text DEFAULT 'expression')
+RETURNS regtype LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM identity_sync._check_user_text(what, expr);
+    RETURN identity_sync._probe_user_expression(what, expr, identity_sync._from_clause(t.options), ' AND');
 END
 $$;
 

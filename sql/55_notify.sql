@@ -152,17 +152,10 @@ CREATE FUNCTION identity_sync._check_notice_expression(on_event text, expr text,
 RETURNS regtype LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     f text := identity_sync._notice_from(on_event);
-    typ regtype;
 BEGIN
-    IF expr IS NULL OR btrim(expr) = '' THEN
-        RAISE EXCEPTION '% is empty', what USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    PERFORM identity_sync._check_single_expression(what, expr);
-    PERFORM identity_sync._use_user_search_path();
-    typ := identity_sync._check_expression('SELECT (' || expr || E'\n) AS v ' || f || ' LIMIT 0', 8, expr, what);
-    PERFORM identity_sync._check_one_value(what, 'SELECT 1 ' || f || CASE WHEN (SELECT e.about_person FROM identity_sync._notification_events() e
-                                                                             WHERE e.name = on_event) THEN ' AND' ELSE ' WHERE' END, expr);
-    RETURN typ;
+    PERFORM identity_sync._check_user_text(what, expr);
+    RETURN identity_sync._probe_user_expression(what, expr, f, CASE WHEN (SELECT e.about_person FROM identity_sync._notification_events() e
+                                                                          WHERE e.name = on_event) THEN ' AND' ELSE ' WHERE' END);
 END
 $$;
 
@@ -189,11 +182,8 @@ DECLARE
     typ regtype;
     ev text := lower(btrim(on_event));
 BEGIN
-    PERFORM identity_sync._check_name('notification', name);
-    IF EXISTS (SELECT FROM identity_sync.notification x WHERE x.name = add_notification.name) THEN
-        RAISE EXCEPTION 'notification "%" already exists', name USING ERRCODE = 'duplicate_object',
-            HINT = 'Drop it first with identity_sync.drop_notification().';
-    END IF;
+    PERFORM identity_sync._check_name('notification', name, EXISTS (SELECT FROM identity_sync.notification x WHERE x.name = add_notification.name),
+                                      'Drop it first with identity_sync.drop_notification().');
     IF ev = 'target_failing' THEN
         ev := 'target_quarantined';
     END IF;

@@ -389,33 +389,23 @@ BEGIN
     WHILE i <= n LOOP
         start := i;
         ch := substr(expr, i, 1);
-        IF ch = '''' THEN
-            -- a string literal: '' is a quote inside it, and so is \' in an E'' string
+        IF ch IN ('''', '"') THEN
+            -- a string literal or a quoted identifier: its quote doubled is a quote inside it,
+            -- and so is \' in an E'' string
             j := i + 1;
             WHILE j <= n LOOP
-                IF substr(expr, j, 1) = E'\\' AND i > 1 AND lower(substr(expr, i - 1, 1)) = 'e' THEN
+                IF ch = '''' AND substr(expr, j, 1) = E'\\' AND i > 1 AND lower(substr(expr, i - 1, 1)) = 'e' THEN
                     j := j + 2;
-                ELSIF substr(expr, j, 2) = '''''' THEN
+                ELSIF substr(expr, j, 2) = ch || ch THEN
                     j := j + 2;
-                ELSIF substr(expr, j, 1) = '''' THEN
+                ELSIF substr(expr, j, 1) = ch THEN
                     EXIT;
                 ELSE
                     j := j + 1;
                 END IF;
             END LOOP;
             IF j > n THEN
-                unterminated := 'string literal';
-                EXIT;
-            END IF;
-            i := j + 1;
-        ELSIF ch = '"' THEN
-            -- a quoted identifier: "" is a quote inside it
-            j := i + 1;
-            WHILE j <= n AND (substr(expr, j, 1) <> '"' OR substr(expr, j, 2) = '""') LOOP
-                j := j + CASE WHEN substr(expr, j, 2) = '""' THEN 2 ELSE 1 END;
-            END LOOP;
-            IF j > n THEN
-                unterminated := 'quoted identifier';
+                unterminated := CASE ch WHEN '''' THEN 'string literal' ELSE 'quoted identifier' END;
                 EXIT;
             END IF;
             i := j + 1;
@@ -485,6 +475,18 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION identity_sync._check_user_text(what text, expr text, empty_hint text DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF (expr IS NULL OR btrim(expr) = '') AND empty_hint IS NULL THEN
+        RAISE EXCEPTION '% is empty', what USING ERRCODE = 'invalid_parameter_value';
+    ELSIF expr IS NULL OR btrim(expr) = '' THEN
+        RAISE EXCEPTION '% is empty', what USING ERRCODE = 'invalid_parameter_value', HINT = empty_hint;
+    END IF;
+    PERFORM identity_sync._check_single_expression(what, expr);
+END
+$$;
+
 CREATE OR REPLACE FUNCTION identity_sync._not_null(value anyelement, what text) RETURNS anyelement
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -495,8 +497,8 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION identity_sync._check_name(what text, name text) RETURNS text
-LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+CREATE OR REPLACE FUNCTION identity_sync._check_name(what text, name text, taken boolean DEFAULT false, hint text DEFAULT NULL)
+RETURNS text LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF name IS NULL OR btrim(name) = '' THEN
         RAISE EXCEPTION '% name is empty', what USING ERRCODE = 'invalid_parameter_value';
@@ -505,6 +507,9 @@ BEGIN
         RAISE EXCEPTION '% name contains a control character', what USING ERRCODE = 'invalid_parameter_value',
             DETAIL = format('The name is %s.', to_jsonb(name)),
             HINT = 'Names are one line of printable characters.';
+    END IF;
+    IF taken THEN
+        RAISE EXCEPTION '% "%" already exists', what, name USING ERRCODE = 'duplicate_object', HINT = hint;
     END IF;
     RETURN name;
 END
@@ -1074,11 +1079,8 @@ RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_
 DECLARE
     t identity_sync.target;
 BEGIN
-    PERFORM identity_sync._check_name('target', name);
-    IF EXISTS (SELECT FROM identity_sync.target WHERE target.name = add_target.name) THEN
-        RAISE EXCEPTION 'target "%" already exists', name USING ERRCODE = 'duplicate_object',
-            HINT = 'Change it with identity_sync.alter_target(), or drop it first.';
-    END IF;
+    PERFORM identity_sync._check_name('target', name, EXISTS (SELECT FROM identity_sync.target WHERE target.name = add_target.name),
+                                      'Change it with identity_sync.alter_target(), or drop it first.');
     INSERT INTO identity_sync.target (name, kind, url, options)
     VALUES (name, kind, url, identity_sync._validate_options(kind, url, coalesce(options, '{}')))
     RETURNING * INTO t;
@@ -1097,11 +1099,8 @@ DECLARE
     n identity_sync.target;
 BEGIN
     IF new_name IS NOT NULL THEN
-        PERFORM identity_sync._check_name('target', new_name);
-        IF EXISTS (SELECT FROM identity_sync.target WHERE target.name = new_name AND target.id <> t.id) THEN
-            RAISE EXCEPTION 'target "%" already exists', new_name USING ERRCODE = 'duplicate_object',
-                HINT = 'Choose another name, or drop that target first.';
-        END IF;
+        PERFORM identity_sync._check_name('target', new_name, EXISTS (SELECT FROM identity_sync.target WHERE target.name = new_name AND target.id <> t.id),
+                                          'Choose another name, or drop that target first.');
     END IF;
     IF options IS NOT NULL THEN
         merged := jsonb_strip_nulls(t.options || options);
@@ -1182,21 +1181,23 @@ EXCEPTION WHEN grouping_error OR windowing_error OR feature_not_supported THEN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION identity_sync._check_user_expression(t identity_sync.target, expr text, what text DEFAULT 'expression')
+CREATE OR REPLACE FUNCTION identity_sync._probe_user_expression(what text, expr text, from_clause text, joiner text)
 RETURNS regtype LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    q text;
     typ regtype;
 BEGIN
-    IF expr IS NULL OR btrim(expr) = '' THEN
-        RAISE EXCEPTION '% is empty', what USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    PERFORM identity_sync._check_single_expression(what, expr);
-    q := 'SELECT (' || expr || E'\n) AS v ' || identity_sync._from_clause(t.options) || ' LIMIT 0';
     PERFORM identity_sync._use_user_search_path();
-    typ := identity_sync._check_expression(q, 8, expr, what);
-    PERFORM identity_sync._check_one_value(what, 'SELECT 1 ' || identity_sync._from_clause(t.options) || ' AND', expr);
+    typ := identity_sync._check_expression('SELECT (' || expr || E'\n) AS v ' || from_clause || ' LIMIT 0', 8, expr, what);
+    PERFORM identity_sync._check_one_value(what, 'SELECT 1 ' || from_clause || joiner, expr);
     RETURN typ;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION identity_sync._check_user_expression(t identity_sync.target, expr text, what text DEFAULT 'expression')
+RETURNS regtype LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM identity_sync._check_user_text(what, expr);
+    RETURN identity_sync._probe_user_expression(what, expr, identity_sync._from_clause(t.options), ' AND');
 END
 $$;
 
@@ -1571,6 +1572,20 @@ $$;
 
 -- sql/20_capture.sql
 
+CREATE OR REPLACE FUNCTION identity_sync._uninstall_capture(source_id int)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rel regclass := (SELECT s.relation FROM identity_sync.source s WHERE s.id = source_id AND s.capture = 'trigger');
+    op text;
+BEGIN
+    IF rel IS NOT NULL THEN
+        FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'identity_sync_capture_' || op, rel);
+        END LOOP;
+    END IF;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION identity_sync._all_person_keys() RETURNS text[]
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -1715,6 +1730,16 @@ SELECT person_key,
           LEFT JOIN identity_sync.source s ON s.id = d.source_id) AS q
  GROUP BY person_key;
 
+CREATE OR REPLACE FUNCTION identity_sync._refuse_breaking_change(breaks text, msg text, det text, hnt text, fix text)
+RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RAISE EXCEPTION 'this change breaks %', breaks
+        USING ERRCODE = 'dependent_objects_still_exist',
+              DETAIL = msg || CASE WHEN det <> '' THEN E'\n' || det ELSE '' END,
+              HINT = CASE WHEN hnt <> '' THEN hnt || E'\n' ELSE '' END || fix;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION identity_sync._follow_source_ddl() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -1801,12 +1826,9 @@ BEGIN
                 NULL;
             WHEN OTHERS THEN
                 GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
-                RAISE EXCEPTION 'this change breaks the mappings or rules of target "%"', t.name
-                    USING ERRCODE = 'dependent_objects_still_exist',
-                          DETAIL = msg || CASE WHEN det <> '' THEN E'\n' || det ELSE '' END,
-                          HINT = CASE WHEN hnt <> '' THEN hnt || E'\n' ELSE '' END
-                              || 'Change the mappings and rules that use it in the same transaction as the schema change '
-                              || '(identity_sync.unmap and map, drop_rule and add_rule), or undo the change.';
+                PERFORM identity_sync._refuse_breaking_change(format('the mappings or rules of target "%s"', t.name), msg, det, hnt,
+                    'Change the mappings and rules that use it in the same transaction as the schema change '
+                    '(identity_sync.unmap and map, drop_rule and add_rule), or undo the change.');
             END;
         END LOOP;
         -- So is self-service: the login expression and the products' owners conditions.
@@ -1830,11 +1852,8 @@ BEGIN
             NULL;   -- (grants, not this change: see above)
         WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
-            RAISE EXCEPTION 'this change breaks %', what
-                USING ERRCODE = 'dependent_objects_still_exist',
-                      DETAIL = msg || CASE WHEN det <> '' THEN E'\n' || det ELSE '' END,
-                      HINT = CASE WHEN hnt <> '' THEN hnt || E'\n' ELSE '' END
-                          || 'Change it in the same transaction as the schema change (identity_sync.set_login, alter_product), or undo the change.';
+            PERFORM identity_sync._refuse_breaking_change(what, msg, det, hnt,
+                'Change it in the same transaction as the schema change (identity_sync.set_login, alter_product), or undo the change.');
         END;
     END IF;
 
@@ -1851,13 +1870,10 @@ BEGIN
             NULL;   -- (grants, not this change: see above)
         WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
-            RAISE EXCEPTION 'this change breaks the affected query of related source %', src.relation
-                USING ERRCODE = 'dependent_objects_still_exist',
-                      DETAIL = msg || CASE WHEN det <> '' THEN E'\n' || det ELSE '' END,
-                      HINT = CASE WHEN hnt <> '' THEN hnt || E'\n' ELSE '' END
-                          || format('Register the source again with a query that works, in the same transaction as the schema change '
-                                    '(SELECT identity_sync.drop_source(%L); SELECT identity_sync.add_related_source(%L, <affected query>);), '
-                                    'or undo the change.', src.relation::text, src.relation::text);
+            PERFORM identity_sync._refuse_breaking_change(format('the affected query of related source %s', src.relation), msg, det, hnt,
+                format('Register the source again with a query that works, in the same transaction as the schema change '
+                       '(SELECT identity_sync.drop_source(%L); SELECT identity_sync.add_related_source(%L, <affected query>);), '
+                       'or undo the change.', src.relation::text, src.relation::text));
         END;
     END LOOP;
 END
@@ -4320,17 +4336,10 @@ CREATE OR REPLACE FUNCTION identity_sync._check_notice_expression(on_event text,
 RETURNS regtype LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     f text := identity_sync._notice_from(on_event);
-    typ regtype;
 BEGIN
-    IF expr IS NULL OR btrim(expr) = '' THEN
-        RAISE EXCEPTION '% is empty', what USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    PERFORM identity_sync._check_single_expression(what, expr);
-    PERFORM identity_sync._use_user_search_path();
-    typ := identity_sync._check_expression('SELECT (' || expr || E'\n) AS v ' || f || ' LIMIT 0', 8, expr, what);
-    PERFORM identity_sync._check_one_value(what, 'SELECT 1 ' || f || CASE WHEN (SELECT e.about_person FROM identity_sync._notification_events() e
-                                                                             WHERE e.name = on_event) THEN ' AND' ELSE ' WHERE' END, expr);
-    RETURN typ;
+    PERFORM identity_sync._check_user_text(what, expr);
+    RETURN identity_sync._probe_user_expression(what, expr, f, CASE WHEN (SELECT e.about_person FROM identity_sync._notification_events() e
+                                                                          WHERE e.name = on_event) THEN ' AND' ELSE ' WHERE' END);
 END
 $$;
 
@@ -4354,11 +4363,8 @@ DECLARE
     typ regtype;
     ev text := lower(btrim(on_event));
 BEGIN
-    PERFORM identity_sync._check_name('notification', name);
-    IF EXISTS (SELECT FROM identity_sync.notification x WHERE x.name = add_notification.name) THEN
-        RAISE EXCEPTION 'notification "%" already exists', name USING ERRCODE = 'duplicate_object',
-            HINT = 'Drop it first with identity_sync.drop_notification().';
-    END IF;
+    PERFORM identity_sync._check_name('notification', name, EXISTS (SELECT FROM identity_sync.notification x WHERE x.name = add_notification.name),
+                                      'Drop it first with identity_sync.drop_notification().');
     IF ev = 'target_failing' THEN
         ev := 'target_quarantined';
     END IF;
@@ -4830,20 +4836,9 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     typ regtype;
 BEGIN
-    IF owners IS NULL OR btrim(owners) = '' THEN
-        RAISE EXCEPTION 'owners condition is empty' USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'For example: EXISTS (SELECT FROM dept_manager m WHERE m.emp_no = owner.emp_no AND m.dept_no = requester_contract.dept_no AND today BETWEEN m.from_date AND m.to_date)';
-    END IF;
-    PERFORM identity_sync._check_single_expression('owners condition', owners);
-    -- Build the probe before switching to the user search_path (names are then qualified).
-    DECLARE
-        q text := 'SELECT (' || owners || E'\n) AS v ' || identity_sync._owners_from(true) || ' LIMIT 0';
-    BEGIN
-        PERFORM identity_sync._use_user_search_path();
-        typ := identity_sync._check_expression(q, 8, owners, 'owners condition');
-        PERFORM identity_sync._check_one_value('owners condition', 'SELECT 1 ' || identity_sync._owners_from(true) || ' WHERE', owners);
-        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-    END;
+    PERFORM identity_sync._check_user_text('owners condition', owners,
+        'For example: EXISTS (SELECT FROM dept_manager m WHERE m.emp_no = owner.emp_no AND m.dept_no = requester_contract.dept_no AND today BETWEEN m.from_date AND m.to_date)');
+    typ := identity_sync._probe_user_expression('owners condition', owners, identity_sync._owners_from(true), ' WHERE');
     IF typ <> 'boolean'::regtype THEN
         RAISE EXCEPTION 'owners condition must be boolean, not %', typ USING ERRCODE = 'datatype_mismatch',
             DETAIL = owners;
@@ -4891,11 +4886,8 @@ DECLARE
     g text[] := identity_sync._check_product(groups, approval, valid_for);
     p identity_sync.product;
 BEGIN
-    PERFORM identity_sync._check_name('product', name);
-    IF EXISTS (SELECT FROM identity_sync.product WHERE product.name = add_product.name) THEN
-        RAISE EXCEPTION 'product "%" already exists', name USING ERRCODE = 'duplicate_object',
-            HINT = 'Change it with identity_sync.alter_product(), or drop it first with identity_sync.drop_product().';
-    END IF;
+    PERFORM identity_sync._check_name('product', name, EXISTS (SELECT FROM identity_sync.product WHERE product.name = add_product.name),
+                                      'Change it with identity_sync.alter_product(), or drop it first with identity_sync.drop_product().');
     PERFORM identity_sync._check_owners(owners);
     INSERT INTO identity_sync.product (name, target_id, groups, owners, approval, valid_for, description)
     VALUES (name, t.id, g, owners, approval, valid_for, description)
@@ -4919,10 +4911,9 @@ BEGIN
     IF owners IS NOT NULL THEN
         PERFORM identity_sync._check_owners(owners);
     END IF;
-    IF new_name IS NOT NULL AND identity_sync._check_name('product', new_name) IS NOT NULL
-       AND EXISTS (SELECT FROM identity_sync.product WHERE product.name = new_name AND product.id <> old.id) THEN
-        RAISE EXCEPTION 'product "%" already exists', new_name USING ERRCODE = 'duplicate_object',
-            HINT = 'Choose another name, or drop that product first.';
+    IF new_name IS NOT NULL THEN
+        PERFORM identity_sync._check_name('product', new_name, EXISTS (SELECT FROM identity_sync.product WHERE product.name = new_name AND product.id <> old.id),
+                                          'Choose another name, or drop that product first.');
     END IF;
     UPDATE identity_sync.product
        SET groups = identity_sync._check_product(coalesce(alter_product.groups, product.groups),

@@ -29,20 +29,9 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     typ regtype;
 BEGIN
-    IF owners IS NULL OR btrim(owners) = '' THEN
-        RAISE EXCEPTION 'owners condition is empty' USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'For example: EXISTS (SELECT FROM dept_manager m WHERE m.emp_no = owner.emp_no AND m.dept_no = requester_contract.dept_no AND today BETWEEN m.from_date AND m.to_date)';
-    END IF;
-    PERFORM identity_sync._check_single_expression('owners condition', owners);
-    -- Build the probe before switching to the user search_path (names are then qualified).
-    DECLARE
-        q text := 'SELECT (' || owners || E'\n) AS v ' || identity_sync._owners_from(true) || ' LIMIT 0';
-    BEGIN
-        PERFORM identity_sync._use_user_search_path();
-        typ := identity_sync._check_expression(q, 8, owners, 'owners condition');
-        PERFORM identity_sync._check_one_value('owners condition', 'SELECT 1 ' || identity_sync._owners_from(true) || ' WHERE', owners);
-        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-    END;
+    PERFORM identity_sync._check_user_text('owners condition', owners,
+        'For example: EXISTS (SELECT FROM dept_manager m WHERE m.emp_no = owner.emp_no AND m.dept_no = requester_contract.dept_no AND today BETWEEN m.from_date AND m.to_date)');
+    typ := identity_sync._probe_user_expression('owners condition', owners, identity_sync._owners_from(true), ' WHERE');
     IF typ <> 'boolean'::regtype THEN
         RAISE EXCEPTION 'owners condition must be boolean, not %', typ USING ERRCODE = 'datatype_mismatch',
             DETAIL = owners;
@@ -142,11 +131,8 @@ DECLARE
     g text[] := identity_sync._check_product(groups, approval, valid_for);
     p identity_sync.product;
 BEGIN
-    PERFORM identity_sync._check_name('product', name);
-    IF EXISTS (SELECT FROM identity_sync.product WHERE product.name = add_product.name) THEN
-        RAISE EXCEPTION 'product "%" already exists', name USING ERRCODE = 'duplicate_object',
-            HINT = 'Change it with identity_sync.alter_product(), or drop it first with identity_sync.drop_product().';
-    END IF;
+    PERFORM identity_sync._check_name('product', name, EXISTS (SELECT FROM identity_sync.product WHERE product.name = add_product.name),
+                                      'Change it with identity_sync.alter_product(), or drop it first with identity_sync.drop_product().');
     PERFORM identity_sync._check_owners(owners);
     INSERT INTO identity_sync.product (name, target_id, groups, owners, approval, valid_for, description)
     VALUES (name, t.id, g, owners, approval, valid_for, description)
@@ -172,10 +158,9 @@ BEGIN
     IF owners IS NOT NULL THEN
         PERFORM identity_sync._check_owners(owners);
     END IF;
-    IF new_name IS NOT NULL AND identity_sync._check_name('product', new_name) IS NOT NULL
-       AND EXISTS (SELECT FROM identity_sync.product WHERE product.name = new_name AND product.id <> old.id) THEN
-        RAISE EXCEPTION 'product "%" already exists', new_name USING ERRCODE = 'duplicate_object',
-            HINT = 'Choose another name, or drop that product first.';
+    IF new_name IS NOT NULL THEN
+        PERFORM identity_sync._check_name('product', new_name, EXISTS (SELECT FROM identity_sync.product WHERE product.name = new_name AND product.id <> old.id),
+                                          'Choose another name, or drop that product first.');
     END IF;
     UPDATE identity_sync.product
        SET groups = identity_sync._check_product(coalesce(alter_product.groups, product.groups),
