@@ -423,11 +423,6 @@ impl Notifier {
             notify,
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .max_blocking_threads(2)
-            .thread_name("identity_sync notify blocking")
-            .build()?;
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
@@ -435,14 +430,12 @@ impl Notifier {
             .build()
             .map_err(io::Error::other)?;
         let thread_shared = Arc::clone(&shared);
-        let thread = crate::deliver::with_signals_blocked(|| {
-            std::thread::Builder::new()
-                .name("identity_sync notify".to_string())
-                .spawn(move || {
-                    runtime.block_on(run(thread_shared, client, rx));
-                    runtime.shutdown_background();
-                })
-        })?;
+        let thread = crate::deliver::spawn_runtime_thread(
+            "identity_sync notify",
+            2,
+            move || run(thread_shared, client, rx),
+            || {},
+        )?;
         Ok(Notifier {
             shared,
             tx: Some(tx),

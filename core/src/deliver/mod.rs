@@ -120,23 +120,16 @@ impl Dispatcher {
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let (done_tx, done) = std::sync::mpsc::channel();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .max_blocking_threads(4)
-            .thread_name("identity_sync http blocking")
-            .build()?;
         let thread_shared = Arc::clone(&shared);
-        let thread = with_signals_blocked(|| {
-            std::thread::Builder::new()
-                .name("identity_sync http".to_string())
-                .spawn(move || {
-                    runtime.block_on(run(thread_shared, rx));
-                    // Requests still running were aborted by `run`; don't wait for blocking
-                    // resolver threads either.
-                    runtime.shutdown_background();
-                    let _ = done_tx.send(());
-                })
-        })?;
+        // (requests still running when `run` ends were aborted by it)
+        let thread = spawn_runtime_thread(
+            "identity_sync http",
+            4,
+            move || run(thread_shared, rx),
+            move || {
+                let _ = done_tx.send(());
+            },
+        )?;
         Ok(Dispatcher {
             shared,
             tx,
@@ -229,6 +222,36 @@ impl Drop for Dispatcher {
             let _ = self.tx.send(Command::Shutdown(Instant::now()));
         }
     }
+}
+
+/// Starts thread `name`, which runs the future `work()` makes on a current-thread tokio runtime
+/// of its own (at most `max_blocking` threads for blocking work, such as the resolver's), with
+/// every signal blocked in it and in the threads it starts (see [`Dispatcher::start`]). When
+/// that future ends, the runtime's blocking threads are not waited for; then `finished` runs.
+pub(crate) fn spawn_runtime_thread<W, F>(
+    name: &str,
+    max_blocking: usize,
+    work: W,
+    finished: impl FnOnce() + Send + 'static,
+) -> io::Result<JoinHandle<()>>
+where
+    W: FnOnce() -> F + Send + 'static,
+    F: std::future::Future<Output = ()>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(max_blocking)
+        .thread_name(format!("{name} blocking"))
+        .build()?;
+    with_signals_blocked(|| {
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                runtime.block_on(work());
+                runtime.shutdown_background();
+                finished();
+            })
+    })
 }
 
 /// Runs `f` with every signal blocked in the calling thread, so that threads it spawns
