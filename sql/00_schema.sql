@@ -489,6 +489,19 @@ RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     INSERT INTO identity_sync._audit (action, object, old, new) VALUES ($1, $2, $3, $4)
 $$;
 
+-- Mark persons for planning (`op` says why: their self-service grants changed, persons were
+-- merged). Through the outbox, like any change, so the planner never misses one committed
+-- while it runs.
+CREATE FUNCTION identity_sync._replan(keys text[], op text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF cardinality(keys) > 0 THEN
+        INSERT INTO identity_sync.change (source_id, op, keys) VALUES (NULL, op, keys);
+        PERFORM identity_sync._wake_at_commit();
+    END IF;
+END
+$$;
+
 -- The row of a named object (a target, a product) by its name, or an error listing the names
 -- there are. `r` is a NULL of the row type wanted (NULL::identity_sync.target), which picks the
 -- table; `otherwise` is the hint when the table is empty.

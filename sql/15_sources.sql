@@ -223,14 +223,9 @@ BEGIN
     FOR s IN SELECT * FROM identity_sync.source WHERE role = 'person' ORDER BY priority DESC NULLS LAST, id LOOP
         kept := kept || identity_sync._link_new(s.name, NULL);
     END LOOP;
-    IF cardinality(kept) > 0 THEN
-        -- (a key kept by one merge and merged into another since has no links left)
-        INSERT INTO identity_sync.change (source_id, op, keys)
-        SELECT NULL, 'merge', array_agg(DISTINCT l.person_key)
-          FROM identity_sync._person_link l WHERE l.person_key = ANY (kept)
-        HAVING count(*) > 0;
-        PERFORM identity_sync._wake_at_commit();
-    END IF;
+    -- (a key kept by one merge and merged into another since has no links left)
+    PERFORM identity_sync._replan(ARRAY(SELECT DISTINCT l.person_key FROM identity_sync._person_link l
+                                         WHERE l.person_key = ANY (kept) ORDER BY 1), 'merge');
 END
 $$;
 
@@ -312,8 +307,7 @@ BEGIN
                                                      FROM identity_sync._merge_conflict m WHERE m.resolved_at IS NULL) || '.',
                             'There is none (SELECT * FROM identity_sync.merge_conflicts;).');
     END IF;
-    INSERT INTO identity_sync.change (source_id, op, keys) VALUES (NULL, 'merge_resolved', ARRAY[merged_key]);
-    PERFORM identity_sync._wake_at_commit();
+    PERFORM identity_sync._replan(ARRAY[merged_key], 'merge_resolved');
     PERFORM identity_sync._audit('resolve_merge_conflict', merged_key, NULL, to_jsonb(c));
 END
 $$;

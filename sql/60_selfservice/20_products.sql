@@ -110,18 +110,6 @@ BEGIN
 END
 $$;
 
--- Mark persons for planning (their self-service grants changed). Through the outbox, like any
--- change, so the planner never misses a grant committed while it runs.
-CREATE FUNCTION identity_sync._replan(keys text[], op text) RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF cardinality(keys) > 0 THEN
-        INSERT INTO identity_sync.change (source_id, op, keys) VALUES (NULL, op, keys);
-        PERFORM identity_sync._wake_at_commit();
-    END IF;
-END
-$$;
-
 CREATE FUNCTION identity_sync.add_product(name text, target text, groups text[], owners text,
                                           approval text DEFAULT 'any', valid_for interval DEFAULT NULL,
                                           description text DEFAULT NULL)
