@@ -4825,6 +4825,17 @@ $$;
 
 -- sql/60_selfservice/20_products.sql
 
+CREATE OR REPLACE FUNCTION identity_sync._owners_from(with_owner_contract boolean)
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format('FROM %1$s AS owner CROSS JOIN LATERAL (SELECT $2::date AS today) AS _p JOIN %1$s AS requester ON ',
+                  (identity_sync._require_person_source()).relation) || identity_sync._person_key_in('requester', 1) || ' '
+        || CASE WHEN (identity_sync._contract_source()).id IS NULL
+                THEN 'CROSS JOIN LATERAL (SELECT NULL::record AS requester_contract, NULL::record AS owner_contract) AS _c '
+                ELSE identity_sync._primary_contract_join('requester', 'requester_contract')
+                     || CASE WHEN with_owner_contract THEN identity_sync._primary_contract_join('owner', 'owner_contract') ELSE '' END
+           END
+$$;
+
 CREATE OR REPLACE FUNCTION identity_sync._check_owners(owners text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE

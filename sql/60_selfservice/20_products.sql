@@ -3,23 +3,14 @@
 -- FROM clause binding owner (every person), requester (the person with key $1[1]),
 -- requester_contract and owner_contract (their primary contracts) and today ($2).
 CREATE FUNCTION identity_sync._owners_from(with_owner_contract boolean)
-RETURNS text LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    p identity_sync.source := identity_sync._require_person_source();
-    sql text;
-BEGIN
-    sql := format('FROM %1$s AS owner CROSS JOIN LATERAL (SELECT $2::date AS today) AS _p JOIN %1$s AS requester ON ',
-                  p.relation) || identity_sync._person_key_in('requester', 1) || ' ';
-    IF (identity_sync._contract_source()).id IS NULL THEN
-        sql := sql || 'CROSS JOIN LATERAL (SELECT NULL::record AS requester_contract, NULL::record AS owner_contract) AS _c ';
-    ELSE
-        sql := sql || identity_sync._primary_contract_join('requester', 'requester_contract');
-        IF with_owner_contract THEN
-            sql := sql || identity_sync._primary_contract_join('owner', 'owner_contract');
-        END IF;
-    END IF;
-    RETURN sql;
-END
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format('FROM %1$s AS owner CROSS JOIN LATERAL (SELECT $2::date AS today) AS _p JOIN %1$s AS requester ON ',
+                  (identity_sync._require_person_source()).relation) || identity_sync._person_key_in('requester', 1) || ' '
+        || CASE WHEN (identity_sync._contract_source()).id IS NULL
+                THEN 'CROSS JOIN LATERAL (SELECT NULL::record AS requester_contract, NULL::record AS owner_contract) AS _c '
+                ELSE identity_sync._primary_contract_join('requester', 'requester_contract')
+                     || CASE WHEN with_owner_contract THEN identity_sync._primary_contract_join('owner', 'owner_contract') ELSE '' END
+           END
 $$;
 
 -- Check an owners condition: a boolean over owner, requester, requester_contract,
