@@ -147,81 +147,34 @@ UPDATE identity_sync.source SET name = 'default', priority = CASE WHEN role = 'p
 -- @include CREATE TYPE identity_sync._notice_row
 
 -- ---------------------------------------------------------------------------------------------
--- Functions written in Rust (src/, MODULE_PATHNAME) that are new or changed, by hand: the SQL
--- pgrx generates for them, as pg_get_functiondef shows it after a fresh install
+-- Functions written in Rust (src/, MODULE_PATHNAME) that are new or changed, by hand: what
+-- pgrx generates for them (cargo pgrx schema), one line each
 -- ---------------------------------------------------------------------------------------------
 
-CREATE OR REPLACE FUNCTION identity_sync._at(n integer)
- RETURNS boolean
- LANGUAGE c
- PARALLEL RESTRICTED STRICT
-AS 'MODULE_PATHNAME', $function$identity_sync_at$function$;
+CREATE OR REPLACE FUNCTION identity_sync._at(n integer) RETURNS boolean LANGUAGE c PARALLEL RESTRICTED STRICT AS 'MODULE_PATHNAME', 'identity_sync_at';
 
-CREATE OR REPLACE FUNCTION identity_sync._check_expression(query text, "offset" integer, expression text, what text DEFAULT 'expression'::text)
- RETURNS oid
- LANGUAGE c
- STRICT
-AS 'MODULE_PATHNAME', $function$check_expression_wrapper$function$;
+CREATE OR REPLACE FUNCTION identity_sync._check_expression(query text, "offset" integer, expression text, what text DEFAULT 'expression'::text) RETURNS oid LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'check_expression_wrapper';
 
-CREATE OR REPLACE FUNCTION identity_sync._check_query(query text, "offset" integer, user_query text, what text DEFAULT 'query'::text)
- RETURNS integer
- LANGUAGE c
- STRICT
-AS 'MODULE_PATHNAME', $function$check_query_wrapper$function$;
+CREATE OR REPLACE FUNCTION identity_sync._check_query(query text, "offset" integer, user_query text, what text DEFAULT 'query'::text) RETURNS integer LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'check_query_wrapper';
 
-CREATE OR REPLACE FUNCTION identity_sync._commit_time(xid bigint)
- RETURNS timestamp with time zone
- LANGUAGE c
- PARALLEL SAFE STRICT
-AS 'MODULE_PATHNAME', $function$commit_time_wrapper$function$;
+CREATE OR REPLACE FUNCTION identity_sync._commit_time(xid bigint) RETURNS timestamp with time zone LANGUAGE c PARALLEL SAFE STRICT AS 'MODULE_PATHNAME', 'commit_time_wrapper';
 
-CREATE OR REPLACE FUNCTION identity_sync._evaluate(query text, result anyelement, names text[] DEFAULT NULL::text[], a1 text[] DEFAULT NULL::text[], a2 date DEFAULT NULL::date, a3 integer DEFAULT NULL::integer, a4 text[] DEFAULT NULL::text[], timeout_ms integer DEFAULT NULL::integer, setting text DEFAULT NULL::text)
- RETURNS anyelement
- LANGUAGE c
-AS 'MODULE_PATHNAME', $function$evaluate_wrapper$function$;
+CREATE OR REPLACE FUNCTION identity_sync._evaluate(query text, result anyelement, names text[] DEFAULT NULL::text[], a1 text[] DEFAULT NULL::text[], a2 date DEFAULT NULL::date, a3 integer DEFAULT NULL::integer, a4 text[] DEFAULT NULL::text[], timeout_ms integer DEFAULT NULL::integer, setting text DEFAULT NULL::text) RETURNS anyelement LANGUAGE c AS 'MODULE_PATHNAME', 'evaluate_wrapper';
 
-CREATE OR REPLACE FUNCTION identity_sync._exclude_worker()
- RETURNS void
- LANGUAGE c
- STRICT
-AS 'MODULE_PATHNAME', $function$exclude_worker_wrapper$function$;
+CREATE OR REPLACE FUNCTION identity_sync._exclude_worker() RETURNS void LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'exclude_worker_wrapper';
 
-CREATE OR REPLACE FUNCTION identity_sync._failed_at()
- RETURNS integer
- LANGUAGE c
- STRICT
-AS 'MODULE_PATHNAME', $function$failed_at_wrapper$function$;
+CREATE OR REPLACE FUNCTION identity_sync._failed_at() RETURNS integer LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'failed_at_wrapper';
 
-CREATE OR REPLACE FUNCTION identity_sync._raise(sqlstate text, message text, detail text, hint text)
- RETURNS void
- LANGUAGE c
- PARALLEL SAFE
-AS 'MODULE_PATHNAME', $function$raise_wrapper$function$;
+CREATE OR REPLACE FUNCTION identity_sync._raise(sqlstate text, message text, detail text, hint text) RETURNS void LANGUAGE c PARALLEL SAFE AS 'MODULE_PATHNAME', 'raise_wrapper';
 
-CREATE OR REPLACE FUNCTION identity_sync._run_as()
- RETURNS text
- LANGUAGE c
- STABLE PARALLEL SAFE STRICT
-AS 'MODULE_PATHNAME', $function$run_as_sql_wrapper$function$;
+CREATE OR REPLACE FUNCTION identity_sync._run_as() RETURNS text LANGUAGE c STABLE PARALLEL SAFE STRICT AS 'MODULE_PATHNAME', 'run_as_sql_wrapper';
 
-CREATE OR REPLACE FUNCTION identity_sync._statement_timeout()
- RETURNS interval
- LANGUAGE c
- STABLE PARALLEL SAFE STRICT
-AS 'MODULE_PATHNAME', $function$statement_timeout_wrapper$function$;
+CREATE OR REPLACE FUNCTION identity_sync._statement_timeout() RETURNS interval LANGUAGE c STABLE PARALLEL SAFE STRICT AS 'MODULE_PATHNAME', 'statement_timeout_wrapper';
 
-CREATE OR REPLACE FUNCTION identity_sync._timed_out()
- RETURNS boolean
- LANGUAGE c
- STRICT
-AS 'MODULE_PATHNAME', $function$timed_out_wrapper$function$;
+CREATE OR REPLACE FUNCTION identity_sync._timed_out() RETURNS boolean LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'timed_out_wrapper';
 
-CREATE OR REPLACE FUNCTION identity_sync._capture()
- RETURNS trigger
- LANGUAGE c
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS 'MODULE_PATHNAME', $function$_capture_wrapper$function$;
+CREATE OR REPLACE FUNCTION identity_sync._capture() RETURNS trigger LANGUAGE c SECURITY DEFINER SET search_path TO 'pg_catalog', 'pg_temp'
+    AS 'MODULE_PATHNAME', '_capture_wrapper';
 
 -- ---------------------------------------------------------------------------------------------
 -- Every function and view of sql/ as CREATE OR REPLACE, in the order the fresh script creates
