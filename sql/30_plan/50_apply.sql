@@ -39,11 +39,15 @@ RETURNS identity_sync._applied LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 $$;
 
 -- Several events of one account in a row (ORDER BY their seq): the aggregate of _apply_event,
--- starting from the applied state `initial`.
+-- starting from the applied state `initial`. (PL/pgSQL: an aggregate calls its step function
+-- through fmgr for every event, and a SQL function is executed there, not inlined: 13.5 µs an
+-- event; PL/pgSQL evaluates the inlined _apply_event as a simple expression: 4.4 µs.)
 CREATE FUNCTION identity_sync._apply_event_step(s identity_sync._applied, initial identity_sync._applied,
                                                 kind text, payload jsonb, remote_id text)
-RETURNS identity_sync._applied LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT identity_sync._apply_event(coalesce(s, initial), kind, payload, remote_id)
+RETURNS identity_sync._applied LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN identity_sync._apply_event(coalesce(s, initial), kind, payload, remote_id);
+END
 $$;
 CREATE AGGREGATE identity_sync._apply_events(identity_sync._applied, text, jsonb, text) (
     SFUNC = identity_sync._apply_event_step,
