@@ -253,7 +253,10 @@ mod tests {
         statements(SQL)
             .expect("split")
             .into_iter()
-            .map(|text| Statement { file: "sql/x.sql", text })
+            .map(|text| Statement {
+                file: "sql/x.sql",
+                text,
+            })
             .collect()
     }
 
@@ -280,9 +283,17 @@ mod tests {
 
     #[test]
     fn include_takes_exactly_one_statement() {
-        let out = assemble("-- @include CREATE TABLE   identity_sync.t\n-- @code\n", &sql());
-        assert!(out.expect("one match").contains("CREATE TABLE identity_sync.t (a text"));
-        let none = assemble("-- @include CREATE TABLE identity_sync.tt\n-- @code\n", &sql());
+        let out = assemble(
+            "-- @include CREATE TABLE   identity_sync.t\n-- @code\n",
+            &sql(),
+        );
+        assert!(out
+            .expect("one match")
+            .contains("CREATE TABLE identity_sync.t (a text"));
+        let none = assemble(
+            "-- @include CREATE TABLE identity_sync.tt\n-- @code\n",
+            &sql(),
+        );
         assert!(none.is_err_and(|e| e.contains("no statement")));
         let prefix = assemble("-- @include CREATE\n-- @code\n", &sql());
         assert!(prefix.is_err_and(|e| e.contains("statements of sql/ start so")));
