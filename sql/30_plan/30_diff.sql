@@ -79,31 +79,34 @@ BEGIN
                AND a.planned_attributes IS DISTINCT FROM d.attributes  -- fast path
                AND e.key <> ALL (create_only)
                AND a.planned_attributes->e.key IS DISTINCT FROM e.value) AS ch ON true OFFSET 0) AS s
-     -- The events, in the order they must be delivered.
+     -- The events, in the order they must be delivered: delete, create, enable, update, grants
+     -- and revokes (each by group name), disable. (Concatenated, not a UNION ALL aggregated and
+     -- sorted per person: that was a quarter of the diff's time.)
      CROSS JOIN LATERAL (
-        SELECT coalesce(jsonb_agg(jsonb_build_object('kind', e.kind, 'payload', e.payload) ORDER BY e.ord, e.sub), '[]') AS events
-          FROM (
-            SELECT 1 AS ord, '' AS sub, 'delete' AS kind, '{}'::jsonb AS payload
-             WHERE s.has_account AND s.want_state = 'deleted'
-            UNION ALL
-            SELECT 2, '', 'create', jsonb_build_object('attributes', s.attributes, 'active', s.want_state = 'active', 'groups', s.groups)
-             WHERE NOT s.has_account AND s.want_state IN ('active', 'disabled')
-            UNION ALL
-            SELECT 3, '', 'enable', jsonb_build_object('active', true)
-             WHERE s.has_account AND s.planned_state = 'disabled' AND s.want_state = 'active'
-            UNION ALL
-            SELECT 4, '', 'update', jsonb_build_object('changed', s.changed, 'previous', s.previous, 'attributes', s.attributes)
-             WHERE s.has_account AND s.want_state <> 'deleted' AND s.changed <> '{}'
-            UNION ALL
-            SELECT 5, g, 'grant', jsonb_build_object('group', g)
-              FROM unnest(s.to_grant) AS g WHERE s.want_state IN ('active', 'disabled')
-            UNION ALL
-            SELECT 6, g, 'revoke', jsonb_build_object('group', g)
-              FROM unnest(s.to_revoke) AS g WHERE s.want_state IN ('active', 'disabled')
-            UNION ALL
-            SELECT 7, '', 'disable', jsonb_build_object('active', false)
-             WHERE s.has_account AND s.planned_state = 'active' AND s.want_state = 'disabled'
-          ) AS e) AS ev
+        SELECT CASE WHEN s.has_account AND s.want_state = 'deleted'
+                    THEN '[{"kind": "delete", "payload": {}}]'::jsonb ELSE '[]' END
+            || CASE WHEN NOT s.has_account AND s.want_state IN ('active', 'disabled')
+                    THEN jsonb_build_array(jsonb_build_object('kind', 'create', 'payload',
+                             jsonb_build_object('attributes', s.attributes, 'active', s.want_state = 'active', 'groups', s.groups)))
+                    ELSE '[]' END
+            || CASE WHEN s.has_account AND s.planned_state = 'disabled' AND s.want_state = 'active'
+                    THEN '[{"kind": "enable", "payload": {"active": true}}]'::jsonb ELSE '[]' END
+            || CASE WHEN s.has_account AND s.want_state <> 'deleted' AND s.changed <> '{}'
+                    THEN jsonb_build_array(jsonb_build_object('kind', 'update', 'payload',
+                             jsonb_build_object('changed', s.changed, 'previous', s.previous, 'attributes', s.attributes)))
+                    ELSE '[]' END
+            || CASE WHEN s.want_state IN ('active', 'disabled') AND s.to_grant <> '{}'
+                    THEN (SELECT jsonb_agg(jsonb_build_object('kind', 'grant', 'payload', jsonb_build_object('group', g)) ORDER BY g)
+                            FROM unnest(s.to_grant) AS g)
+                    ELSE '[]' END
+            || CASE WHEN s.want_state IN ('active', 'disabled') AND s.to_revoke <> '{}'
+                    THEN (SELECT jsonb_agg(jsonb_build_object('kind', 'revoke', 'payload', jsonb_build_object('group', g)) ORDER BY g)
+                            FROM unnest(s.to_revoke) AS g)
+                    ELSE '[]' END
+            || CASE WHEN s.has_account AND s.planned_state = 'active' AND s.want_state = 'disabled'
+                    THEN '[{"kind": "disable", "payload": {"active": false}}]'::jsonb ELSE '[]' END
+               AS events
+         OFFSET 0) AS ev
      WHERE d.error IS NULL;
 END
 $$;
