@@ -39,6 +39,13 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                                                FROM identity_sync._compiled_expressions(target_id) AS e ORDER BY e.n)
 $$;
 
+-- One attribute of a compiled query: its name and its value, as jsonb_build_object's pair,
+-- preceded by its marker n.
+CREATE FUNCTION identity_sync._compiled_pair(attribute text, n int, expression text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT format('%L, CASE WHEN identity_sync._at(%s) THEN to_jsonb((%s%s)) END', attribute, n, expression, E'\n')
+$$;
+
 CREATE FUNCTION identity_sync._compile(target_id int)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -67,8 +74,7 @@ BEGIN
             rules := rules || format('CASE WHEN _q._r[%s] THEN %L::text END', cardinality(conditions), r.name);
             groups := groups || format(' || CASE WHEN _q._r[%s] THEN %L::text[] END', cardinality(conditions), r.groups);
         ELSE
-            pairs := pairs || format('%L, CASE WHEN identity_sync._at(%s) THEN to_jsonb((%s%s)) END',
-                                     r.name, r.n, r.expression, E'\n');
+            pairs := pairs || identity_sync._compiled_pair(r.name, r.n, r.expression);
             IF cardinality(pairs) = 50 THEN
                 attrs := attrs || ' || jsonb_build_object(' || array_to_string(pairs, ', ') || ')';
                 pairs := '{}';
@@ -102,16 +108,33 @@ BEGIN
 END
 $$;
 
--- Evaluate target t's compiled query for `keys` on `today` at `iteration`: as the role of
+-- A compiled query of target t that evaluates one mapped attribute alone (the other columns
+-- NULL): the unique search of _desired tries the next iteration of a taken value with it,
+-- without the rules and the other mappings (whose subqueries may cost as much for a few
+-- persons as for a whole batch). Markers and names as in the target's compiled query.
+CREATE FUNCTION identity_sync._compiled_attribute(t identity_sync.target, attribute text) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format('SELECT %s AS person_key, NULL::text[] AS rules, NULL::text[] AS groups, '
+                  'jsonb_build_object(%s) AS attributes, NULL::boolean AS exists_now, NULL::boolean AS enabled_now, '
+                  'CASE WHEN identity_sync._at(0) THEN NULL::boolean END AS creatable_now ',
+                  identity_sync._person_key_expr(), identity_sync._compiled_pair(e.name, e.n, e.expression))
+           || identity_sync._from_clause(t.options)
+      FROM identity_sync._compiled_expressions(t.id) AS e
+     WHERE e.kind = 'mapping' AND e.name = attribute
+$$;
+
+-- Evaluate target t's compiled query (or `compiled`, one of _compiled_attribute) for `keys` on
+-- `today` at `iteration`: as the role of
 -- identity_sync.run_as, read-only, bounded by the target's statement_timeout (src/evaluate.rs).
 -- An error names the mapping or rule it came from.
-CREATE FUNCTION identity_sync._evaluate_compiled(t identity_sync.target, keys text[], today date, iteration int)
+CREATE FUNCTION identity_sync._evaluate_compiled(t identity_sync.target, keys text[], today date, iteration int,
+                                                 compiled text DEFAULT NULL)
 RETURNS identity_sync._desired_row[] LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM identity_sync._use_user_search_path();
     RETURN identity_sync._evaluate(
         format('SELECT coalesce(array_agg(ROW(%1$s)::identity_sync._desired_row), ''{}'') FROM (%2$s) AS q',
-               identity_sync._compiled_columns(), t.compiled),
+               identity_sync._compiled_columns(), coalesce(compiled, t.compiled)),
         NULL::identity_sync._desired_row[], identity_sync._compiled_names(t.id), keys, today, iteration,
         identity_sync._links_of(keys),
         timeout_ms => identity_sync._statement_timeout_ms(t.options),

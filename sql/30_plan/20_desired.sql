@@ -15,6 +15,7 @@ DECLARE
     culprit text;
     detail text;
     hint text;
+    one_attribute text;
     -- The compiled query's columns, by name (_compiled_columns, 30_plan/10_compile.sql).
     ins text := format('INSERT INTO pg_temp._is_desired (%1$s) SELECT %1$s FROM unnest($1) AS q',
                        identity_sync._compiled_columns());
@@ -58,6 +59,7 @@ BEGIN
         -- at iteration 0): continuing from where the previous unique attribute stopped gave
         -- values a re-plan would change.
         UPDATE pg_temp._is_desired SET iteration = 0 WHERE iteration <> 0;
+        one_attribute := NULL;   -- this attribute's query, made at its first taken value
         -- On-create-only values of existing accounts are fixed: keep them.
         -- (Sublinks with OFFSET 0 stay index probes per person: the registry outgrows its
         -- statistics during a resync, and a hash of it per batch would be quadratic.)
@@ -71,27 +73,26 @@ BEGIN
                           AND a.planned_state <> 'deleted' AND a.planned_attributes ? m.attribute OFFSET 0);
         loops := 0;
         LOOP
+            -- The value's holder, read once per person (the primary key of _unique): a
+            -- person already holding its value keeps it; others in the batch vary theirs (else
+            -- a re-plan could move a value between persons); a value held by anyone else (NULL:
+            -- an account we do not manage) is taken.
             SELECT array_agg(x.person_key) INTO conflicted
-              FROM (SELECT d.person_key, d.attributes->>m.attribute AS v,
-                           -- The person already holding the value keeps it; others in the batch
-                           -- vary theirs (else a re-plan could move a value between persons).
+              FROM (SELECT d.person_key, coalesce(h.found, false) AND h.person_key IS DISTINCT FROM d.person_key AS taken,
                            row_number() OVER (PARTITION BY d.attributes->>m.attribute
-                                              ORDER BY EXISTS (SELECT FROM identity_sync._unique h
-                                                                WHERE h.target_id = t.id AND h.attribute = m.attribute
-                                                                  AND h.value = d.attributes->>m.attribute
-                                                                  AND h.person_key = d.person_key) DESC,
+                                              ORDER BY coalesce(h.person_key = d.person_key, false) DESC,
                                                        d.person_key) AS rn
                       FROM pg_temp._is_desired d
+                      LEFT JOIN LATERAL (SELECT true AS found, u.person_key FROM identity_sync._unique u
+                                          WHERE u.target_id = t.id AND u.attribute = m.attribute
+                                            AND u.value = d.attributes->>m.attribute OFFSET 0) AS h ON true
                      WHERE d.error IS NULL AND d.rules <> '{}' AND d.attributes->>m.attribute IS NOT NULL
                        AND NOT (m.on_create_only AND EXISTS (
                                 SELECT FROM identity_sync.account a
                                  WHERE a.target_id = t.id AND a.person_key = d.person_key
                                    AND a.planned_state <> 'deleted' AND a.planned_attributes ? m.attribute
                                 OFFSET 0))) AS x
-             WHERE x.rn > 1
-                OR EXISTS (SELECT FROM identity_sync._unique u
-                            WHERE u.target_id = t.id AND u.attribute = m.attribute AND u.value = x.v
-                              AND u.person_key IS DISTINCT FROM x.person_key OFFSET 0);
+             WHERE x.rn > 1 OR x.taken;
             EXIT WHEN conflicted IS NULL;
             loops := loops + 1;
             FOR it IN SELECT DISTINCT d.iteration + 1 FROM pg_temp._is_desired d WHERE d.person_key = ANY (conflicted) LOOP
@@ -102,12 +103,13 @@ BEGIN
                      WHERE d.person_key = ANY (conflicted) AND d.iteration + 1 = it;
                     CONTINUE;
                 END IF;
+                one_attribute := coalesce(one_attribute, identity_sync._compiled_attribute(t, m.attribute));
                 UPDATE pg_temp._is_desired d
                    SET attributes = d.attributes || jsonb_build_object(m.attribute, q.attributes->m.attribute), iteration = it
                   FROM unnest(identity_sync._evaluate_compiled(
                            t, ARRAY(SELECT x.person_key FROM pg_temp._is_desired x
                                      WHERE x.person_key = ANY (conflicted) AND x.iteration + 1 = it),
-                           today, it)) AS q
+                           today, it, one_attribute)) AS q
                  WHERE q.person_key = d.person_key;
             END LOOP;
         END LOOP;
